@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny offline models and tokenizers built in-process."""
+
+import os
+
+os.environ.setdefault("MLX_KTO_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mlx_kto  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+import pytest  # noqa: E402
+
+from mlx_kto.toy import build_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """Path of a random-init 2-layer Llama (HF format) with a toy BPE tokenizer."""
+    return build_model(tmp_path_factory.mktemp("tiny_llama"), family="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """Path of a random-init 2-layer Qwen2 (tied embeddings, qkv bias)."""
+    return build_model(tmp_path_factory.mktemp("tiny_qwen2"), family="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tmp_path_factory):
+    """The toy tokenizer as a transformers tokenizer (BOS `<s>`, EOS `</s>`, chat template)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama):
+    """The toy tokenizer wrapped as mlx-lm's TokenizerWrapper (what training uses)."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_llama)
