@@ -94,6 +94,7 @@ def model_config(
         "qwen2": "Qwen2ForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
     }[family]
     cfg = {
         "architectures": [arch],
@@ -120,6 +121,12 @@ def model_config(
     if family == "llama":
         cfg["attention_bias"] = False
         cfg["mlp_bias"] = False
+    if family == "phi3":
+        # Fused qkv_proj / gate_up_proj; no rope scaling (plain RoPE).
+        cfg["original_max_position_embeddings"] = max_position_embeddings
+        cfg["rope_scaling"] = None
+        cfg["partial_rotary_factor"] = 1.0
+        cfg["sliding_window"] = None
     return cfg
 
 

@@ -1,0 +1,105 @@
+"""Resumable checkpoints: adapter, optimizer state, step, data position, RNG.
+
+The RNG needs no file: the trainer reseeds MLX's generator from (seed, step) at
+every step, so the stored seed and step determine it.
+
+A checkpoint is a folder `checkpoints/step_0000100/` written to a temporary
+folder first and renamed into place, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_kto.errors import UserError
+from mlx_kto.model import trainable_lora
+
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    state: dict,
+    adapter_config: dict,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoints/step_{step:07d} atomically; prune to the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
+    try:
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable_lora(model))
+        opt_state = dict(tree_flatten(optimizer.state))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under run_dir, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists())
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise UserError(f"resume: {path} holds no checkpoint ({STATE_FILE} not found)")
+    return found[-1]
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
+    """Restore adapter weights and optimizer state; return the trainer state."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        weights = mx.load(str(ckpt / "adapters.safetensors"))
+        opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"resume: {ckpt} is unreadable ({e})") from None
+    expected = trainable_lora(model)
+    bad = [
+        k
+        for k in set(expected) | set(weights)
+        if k not in expected or k not in weights or expected[k].shape != weights[k].shape
+    ]
+    if bad:
+        raise UserError(
+            f"resume: {ckpt} does not match this model/LoRA setup ({len(bad)} tensors differ, "
+            f"e.g. {sorted(bad)[0]})"
+        )
+    model.update(tree_unflatten(list(weights.items())))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return state

@@ -1,0 +1,108 @@
+"""Batched sampling from a chat model and the style shares of what it says.
+
+The demo measures the effect of training by sampling, not by reading the loss:
+`n` completions per held-out prompt at temperature 1 (the model's own
+distribution), classified by `task.classify`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_kto.demo.task import STYLES, classify  # noqa: E402
+
+
+def _ids(out) -> list[int]:
+    """Token ids from apply_chat_template (a list, or a dict with input_ids)."""
+    if hasattr(out, "keys") and "input_ids" in out:
+        out = out["input_ids"]
+    out = list(out.tolist() if hasattr(out, "tolist") else out)
+    if out and isinstance(out[0], (list, tuple)):
+        out = list(out[0])
+    return [int(t) for t in out]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The chat-formatted prompt, ending with the assistant's turn marker."""
+    msgs = [{"role": "user", "content": prompt}]
+    return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+
+
+def sample_completions(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    n: int = 16,
+    max_tokens: int = 40,
+    temp: float = 1.0,
+    seed: int = 0,
+    max_rows: int = 128,
+) -> list[list[str]]:
+    """`n` sampled completions for each prompt (a list of n strings per prompt).
+
+    Prompts of equal token length are stacked into one batch (up to `max_rows`
+    rows) and decoded together with a KV cache; sampling stops at EOS.
+    Deterministic for a given seed (keys are derived from it, not global state)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    eos = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    jobs = [(i, encoded[i]) for i in range(len(prompts)) for _ in range(n)]
+    jobs.sort(key=lambda j: len(j[1]))  # stable: equal lengths stay together
+    results: list[list[str]] = [[] for _ in prompts]
+    key = mx.random.key(seed)
+    start = 0
+    while start < len(jobs):
+        length = len(jobs[start][1])
+        end = start
+        while end < len(jobs) and end - start < max_rows and len(jobs[end][1]) == length:
+            end += 1
+        chunk = jobs[start:end]
+        start = end
+        key, sub = mx.random.split(key)
+        out = _decode(model, make_prompt_cache(model), [ids for _, ids in chunk], eos,
+                      max_tokens, temp, sub)
+        for (i, _), toks in zip(chunk, out):
+            results[i].append(tokenizer.decode(toks))
+    model.train(was_training)
+    return results
+
+
+def _decode(model, cache, rows: list[list[int]], eos: int, max_tokens: int, temp: float, key):
+    """Sample up to max_tokens for equal-length prompt rows; returns tokens before EOS."""
+    tokens = mx.array(rows, dtype=mx.int32)  # [B, P]
+    B = tokens.shape[0]
+    logits = model(tokens, cache=cache)[:, -1, :]  # [B, V]
+    out = np.zeros((B, max_tokens), dtype=np.int64)  # [B, max_tokens]
+    done = np.zeros(B, dtype=bool)
+    lengths = np.full(B, max_tokens)
+    for t in range(max_tokens):
+        key, sub = mx.random.split(key)
+        if temp <= 0:
+            nxt = mx.argmax(logits, axis=-1)
+        else:
+            nxt = mx.random.categorical(logits.astype(mx.float32) / temp, key=sub)  # [B]
+        nxt_np = np.array(nxt)
+        out[:, t] = nxt_np
+        newly = (~done) & (nxt_np == eos)
+        lengths[newly] = t
+        done |= newly
+        if done.all():
+            break
+        logits = model(nxt[:, None].astype(mx.int32), cache=cache)[:, -1, :]
+    return [out[b, : lengths[b]].tolist() for b in range(B)]
+
+
+def style_shares(completions: list[list[str]]) -> dict[str, float]:
+    """Share of each style over all completions (keys: STYLES + mixed, empty)."""
+    flat = [c for per_prompt in completions for c in per_prompt]
+    counts = Counter(classify(c) for c in flat)
+    total = max(len(flat), 1)
+    return {s: counts.get(s, 0) / total for s in (*STYLES, "mixed", "empty")}

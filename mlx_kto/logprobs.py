@@ -1,0 +1,196 @@
+"""Sequence log-probabilities of completions under a causal LM (policy or reference).
+
+    seq_logp(x, y) = sum_{t in completion} log softmax(logits_{t-1})[tokens_t]
+
+Standard causal shift (the logits at position t-1 predict token t), a plain sum over the
+completion tokens (no length normalisation), prompt and padding masked out; computed in
+float32 as `logit[target] - logsumexp(logits)` (TRL 1.16.0 `_compute_loss` / kto-spec.md 2.3).
+
+For mlx-lm models whose head is a plain `lm_head` / tied embedding, the trunk and the head run
+separately so that the head + logsumexp can run over sequence chunks: only one chunk of float32
+logits exists at a time, and under `mx.grad` each chunk is recomputed in the backward pass
+(`mx.checkpoint`) instead of being kept. Other models fall back to `model(inputs)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm model types whose `Model.__call__` is exactly `h = self.model(x)` followed by
+# `lm_head(h)` or `embed_tokens.as_linear(h)` (no logit scaling or soft-capping after the head).
+SPLIT_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "ministral3",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "smollm3",
+        "phi3",
+        "phimoe",
+        "olmo2",
+        "olmo3",
+        "olmoe",
+        "starcoder2",
+        "internlm3",
+        "helium",
+        "exaone4",
+        "ernie4_5",
+        "ernie4_5_moe",
+        "glm",
+        "glm4",
+        "glm4_moe",
+        "deepseek",
+        "deepseek_v2",
+        "deepseek_v3",
+        "mimo",
+    }
+)
+
+# Vocabularies above this size get a default chunk size (full fp32 logits would dominate memory).
+LARGE_VOCAB = 32_768
+# Float32 logits per default chunk: 2**24 floats = 64 MiB.
+CHUNK_LOGITS = 1 << 24
+
+
+def _model_type(model) -> str | None:
+    mt = getattr(model, "model_type", None)
+    if mt is None:
+        mt = getattr(getattr(model, "args", None), "model_type", None)
+    return mt
+
+
+def _head(model) -> tuple[nn.Module, Callable] | None:
+    """(module holding the output projection, hidden -> logits), or None when the model
+    cannot be split."""
+    if _model_type(model) not in SPLIT_MODEL_TYPES or not isinstance(
+        getattr(model, "model", None), nn.Module
+    ):
+        return None
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    head = getattr(model, "lm_head", None)
+    if not tied and isinstance(head, nn.Module):
+        return head, head
+    emb = getattr(model.model, "embed_tokens", None)
+    if tied and isinstance(emb, nn.Module) and hasattr(emb, "as_linear"):
+        return emb, emb.as_linear
+    return None
+
+
+def can_split(model) -> bool:
+    """True when `hidden_states` returns trunk outputs (not logits) for this model."""
+    return _head(model) is not None
+
+
+def lm_head(model) -> Callable[[mx.array], mx.array]:
+    """The output projection hidden -> logits: `model.lm_head`, or the tied embedding's
+    `as_linear` (Linear, QuantizedLinear, LoRALinear, Embedding, QuantizedEmbedding alike).
+    For models that cannot be split this is the identity, so that
+    `lm_head(model)(hidden_states(model, x))` equals `model(x)` for every model."""
+    split = _head(model)
+    return (lambda h: h) if split is None else split[1]
+
+
+def hidden_states(model, inputs: mx.array) -> mx.array:
+    """Final hidden states `model.model(inputs)` [B, T, H] (after the last norm), or the full
+    logits `model(inputs)` [B, T, V] for models that cannot be split (see `lm_head`)."""
+    if can_split(model):
+        return model.model(inputs)
+    return model(inputs)
+
+
+def vocab_size(model) -> int | None:
+    """The output vocabulary size, when known without running the model."""
+    v = getattr(getattr(model, "args", None), "vocab_size", None)
+    if v is None:
+        split = _head(model)
+        w = None if split is None else getattr(split[0], "weight", None)
+        v = None if w is None else w.shape[0]
+    return v
+
+
+def default_chunk_size(batch: int, vocab: int | None) -> int | None:
+    """Sequence positions per chunk when the caller gives none: None (no chunking) for
+    vocabularies up to LARGE_VOCAB, else about CHUNK_LOGITS float32 logits per chunk."""
+    if vocab is None or vocab <= LARGE_VOCAB:
+        return None
+    return max(16, CHUNK_LOGITS // (batch * vocab))
+
+
+def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
+    """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
+    logits = head(h).astype(mx.float32)  # [B, C, V]
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def _checkpointed_head(module: nn.Module, head: Callable, targets: mx.array) -> Callable:
+    """`_target_logps` for one chunk, recomputed in the backward pass (mlx-lm
+    `grad_checkpoint` style: trainable head parameters are explicit inputs)."""
+
+    def inner(params, h):
+        module.update(params)
+        return _target_logps(head, h, targets)
+
+    fn = mx.checkpoint(inner)
+    return lambda h: fn(module.trainable_parameters(), h)
+
+
+def token_logps(
+    model, tokens: mx.array, completion_mask: mx.array, chunk_size: int | None = None
+) -> mx.array:
+    """Masked per-token log-probs [B, T-1] in float32: entry t is log p(tokens[:, t+1] | tokens[:, :t+1])
+    where completion_mask[:, t+1] is set, else exactly 0 (also when the logits there are inf/NaN).
+
+    tokens [B, T] int; completion_mask [B, T] bool/int/float aligned with tokens (1 = completion
+    token; position 0 is never a target). chunk_size: sequence positions per LM-head chunk
+    (None: `default_chunk_size`)."""
+    if tokens.ndim != 2 or tuple(completion_mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"tokens must be [B, T] and completion_mask the same shape, got "
+            f"{tuple(tokens.shape)} and {tuple(completion_mask.shape)}"
+        )
+    B, T = tokens.shape
+    if T < 2:
+        return mx.zeros((B, 0), dtype=mx.float32)
+    mask = completion_mask[:, 1:].astype(mx.bool_)  # [B, T-1]
+    # Masked targets point at id 0 so the gather stays in range whatever the padding id is.
+    targets = mx.where(mask, tokens[:, 1:], 0)  # [B, T-1]
+    # The last position predicts nothing: a causal model's states for [:, :-1] are unchanged.
+    h = hidden_states(model, tokens[:, :-1])  # [B, T-1, H] (or [B, T-1, V] logits)
+    split = _head(model)
+    module, head = split if split is not None else (None, lambda x: x)
+
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
+    n = T - 1
+    if chunk_size is None or chunk_size >= n:
+        logps = _target_logps(head, h, targets)  # [B, T-1]
+    else:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        parts = []
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            if module is None:  # h are logits already: only the fp32 cast is chunked
+                parts.append(_target_logps(head, h[:, s:e], targets[:, s:e]))
+            else:
+                parts.append(_checkpointed_head(module, head, targets[:, s:e])(h[:, s:e]))
+        logps = mx.concatenate(parts, axis=1)  # [B, T-1]
+    return mx.where(mask, logps, 0.0)
+
+
+def sequence_logps(
+    model, tokens: mx.array, completion_mask: mx.array, chunk_size: int | None = None
+) -> mx.array:
+    """Sum of completion-token log-probs per row, float32 [B] (see module docstring):
+
+        seq_logp[b] = sum_t mask[b, t] * log softmax(logits[b, t-1])[tokens[b, t]]
+
+    Differentiable (nn.value_and_grad, mx.compile); prompt and padding contribute exactly 0."""
+    return token_logps(model, tokens, completion_mask, chunk_size).sum(axis=-1)

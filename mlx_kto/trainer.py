@@ -1,0 +1,287 @@
+"""The KTO training loop: compiled step, accumulation, schedule, eval, checkpoints.
+
+Per micro-batch: reference log-probs (adapter off, through ReferenceScorer, so
+a cache can answer), the policy's KL-sequence log-probs (no gradient), then one
+compiled forward/backward of the policy on the main sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from mlx_kto.batches import Batch, iterate_batches, num_batches
+from mlx_kto.checkpoint import save_checkpoint
+from mlx_kto.config import KTOConfig
+from mlx_kto.logprobs import sequence_logps
+from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
+from mlx_kto.reference import ReferenceScorer
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: next micro-batch to read
+    batch: int = 0
+    trained_tokens: int = 0
+    history: list = field(default_factory=list)  # last eval metrics etc.
+
+
+def make_schedule(cfg: KTOConfig, total_steps: int):
+    """Linear warmup from 0, then cosine/linear decay to 0 or constant."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.1 * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        main = optim.cosine_decay(lr, decay_steps, 0.0)
+    elif cfg.lr_schedule == "linear":
+        main = optim.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        main = lambda _: lr  # noqa: E731
+    if warmup <= 0:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def total_steps(cfg: KTOConfig, n_train_rows: int) -> int:
+    if cfg.iters:
+        return cfg.iters
+    per_epoch = num_batches(n_train_rows, cfg.batch_size, _min_batch(cfg))
+    return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accumulation_steps))
+
+
+def _min_batch(cfg: KTOConfig) -> int:
+    return 2 if cfg.loss_type == "kto" else 1
+
+
+def _loss_kwargs(cfg: KTOConfig, desirable_weight: float) -> dict:
+    return dict(
+        beta=cfg.beta,
+        desirable_weight=float(desirable_weight),
+        undesirable_weight=cfg.undesirable_weight,
+        loss_type=cfg.loss_type,
+    )
+
+
+def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
+    """The policy's KL-sequence log-probs: used only as the (detached) reference point."""
+    if batch.kl_tokens is None:
+        return None
+    return mx.stop_gradient(sequence_logps(model, batch.kl_tokens, batch.kl_mask))
+
+
+def evaluate(
+    model: nn.Module,
+    rows,
+    cfg: KTOConfig,
+    scorer: ReferenceScorer,
+    desirable_weight: float,
+    max_batches: int = -1,
+    pad_id: int = 0,
+) -> dict:
+    """KTO loss, rewards, margins, kl and reward accuracy over `rows` (eval mode)."""
+    with_kl = cfg.loss_type == "kto"
+    was_training = model.training
+    model.eval()
+    total = None
+    for i, (_, _, batch) in enumerate(
+        iterate_batches(
+            rows, cfg.batch_size, seed=cfg.seed, shuffle=False, pad_multiple=cfg.pad_multiple,
+            pad_id=pad_id, with_kl=with_kl, min_size=_min_batch(cfg), loop=False,
+        )
+    ):
+        if max_batches > 0 and i >= max_batches:
+            break
+        ref, ref_kl = scorer(batch)
+        pol = sequence_logps(model, batch.tokens, batch.mask)
+        kl_pol = policy_kl_logps(model, batch)
+        _, metrics = kto_loss(pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight))
+        m = metrics_to_floats(metrics)
+        total = m if total is None else merge_metrics(total, m)
+    model.train(was_training)
+    return total or {}
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (one JSON object per line, flushed each write)."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # On resume, drop lines from steps the checkpoint never reached.
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
+            ]
+            path.write_text("".join(k + "\n" for k in keep))
+        self.f = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train_loop(
+    model: nn.Module,
+    cfg: KTOConfig,
+    train_rows,
+    valid_rows,
+    scorer: ReferenceScorer,
+    optimizer: optim.Optimizer,
+    state: TrainState,
+    run_dir: Path,
+    adapter_config: dict,
+    desirable_weight: float,
+    n_steps: int,
+    pad_id: int = 0,
+    log=print,
+    progress: bool = True,
+) -> dict:
+    """Run optimizer steps state.step..n_steps; returns the last step's metrics."""
+    from mlx_kto.model import save_adapter
+
+    with_kl = cfg.loss_type == "kto"
+    accum = cfg.grad_accumulation_steps
+    loss_kw = _loss_kwargs(cfg, desirable_weight)
+
+    def loss_fn(model, tokens, mask, labels, ref, kl_pol, kl_ref):
+        pol = sequence_logps(model, tokens, mask)
+        return kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(tokens, mask, labels, ref, kl_pol, kl_ref, prev_grad, do_update):
+        (loss, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, kl_pol, kl_ref)
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        norm = mx.array(0.0)
+        if do_update:
+            if accum > 1:
+                grad = tree_map(lambda g: g / accum, grad)
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
+            else:
+                norm = optim.clip_grad_norm(grad, float("inf"))[1]
+            optimizer.update(model, grad)
+            grad = None
+        return loss, metrics, grad, norm
+
+    if cfg.compile:
+        cstate = [model.state, optimizer.state, mx.random.state]
+        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
+
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
+    batches = iterate_batches(
+        train_rows, cfg.batch_size, seed=cfg.seed, start_epoch=state.epoch,
+        start_batch=state.batch, pad_multiple=cfg.pad_multiple, pad_id=pad_id,
+        with_kl=with_kl, min_size=_min_batch(cfg),
+    )
+    bar = None
+    if progress and not cfg.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, initial=state.step, desc="kto", dynamic_ncols=True, leave=True)
+
+    model.train()
+    last = {}
+    mx.reset_peak_memory()
+    t_window, tok_window = time.perf_counter(), 0
+    while state.step < n_steps:
+        t0 = time.perf_counter()
+        ref_s0 = scorer.seconds
+        grad, agg, ntoks = None, None, 0
+        # Dropout randomness is a function of (seed, step), so a resumed run replays it.
+        mx.random.seed(cfg.seed * 1_000_003 + state.step)
+        for micro in range(accum):
+            epoch, bidx, batch = next(batches)
+            ref, ref_kl = scorer(batch)
+            kl_pol = policy_kl_logps(model, batch) if with_kl else None
+            loss, metrics, grad, norm = step(
+                batch.tokens, batch.mask, batch.labels, ref, kl_pol, ref_kl, grad, micro == accum - 1
+            )
+            mx.eval(loss, metrics, grad, norm, model.trainable_parameters(), optimizer.state)
+            m = metrics_to_floats(metrics)
+            agg = m if agg is None else merge_metrics(agg, m)
+            ntoks += batch.ntoks
+            state.epoch, state.batch = epoch, bidx + 1
+        state.step += 1
+        state.trained_tokens += ntoks
+        dt = time.perf_counter() - t0
+        tok_window += ntoks
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            **agg,
+            "lr": float(optimizer.learning_rate),
+            "grad_norm": float(norm),
+            "tokens": ntoks,
+            "step_time": round(dt, 4),
+            "tokens_per_sec": round(ntoks / dt, 1),
+            "ref_time": round(scorer.seconds - ref_s0, 4),
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
+            **{k: v for k, v in scorer.stats().items() if k != "ref_seconds"},
+        }
+        last = record
+        if cfg.steps_per_eval and valid_rows and state.step % cfg.steps_per_eval == 0:
+            ev = evaluate(model, valid_rows, cfg, scorer, desirable_weight, cfg.eval_batches, pad_id)
+            record.update({f"eval/{k}": v for k, v in ev.items()})
+            if not bar:
+                log(_fmt_eval(state.step, ev))
+        metrics_log.write(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(_postfix(record), refresh=False)
+        elif state.step % cfg.steps_per_report == 0 or state.step == n_steps:
+            elapsed = time.perf_counter() - t_window
+            log(f"step {state.step}/{n_steps} {_postfix(record)} {tok_window / elapsed:.0f} tok/s")
+            t_window, tok_window = time.perf_counter(), 0
+        if cfg.steps_per_save and state.step % cfg.steps_per_save == 0 and state.step < n_steps:
+            save_checkpoint(run_dir, state.step, model, optimizer, _ckpt_state(state, cfg),
+                            adapter_config, keep=cfg.keep_checkpoints)
+            save_adapter(model, run_dir, adapter_config)
+    if bar is not None:
+        bar.close()
+    # The final state is always checkpointed so `--resume` can extend a finished run.
+    save_checkpoint(run_dir, state.step, model, optimizer, _ckpt_state(state, cfg), adapter_config,
+                    keep=cfg.keep_checkpoints)
+    metrics_log.close()
+    return last
+
+
+def _ckpt_state(state: TrainState, cfg: KTOConfig) -> dict:
+    return {
+        "epoch": state.epoch,
+        "batch": state.batch,
+        "trained_tokens": state.trained_tokens,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+    }
+
+
+def _postfix(r: dict) -> str:
+    parts = [f"loss {r['loss']:.4f}", f"kl {r.get('kl', 0):.3f}"]
+    if "rewards/margins" in r:
+        parts.append(f"margin {r['rewards/margins']:+.3f}")
+    parts.append(f"{r['tokens_per_sec']:.0f} tok/s")
+    if "eval/loss" in r:
+        parts.append(f"eval {r['eval/loss']:.4f}")
+    return " ".join(parts)
+
+
+def _fmt_eval(step: int, ev: dict) -> str:
+    keys = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+    return f"eval @ {step}: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)

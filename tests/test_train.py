@@ -1,0 +1,212 @@
+"""End-to-end training: learning, adapters mlx-lm can load, reference = base, resume, CLI."""
+
+import json
+import random
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.errors import UserError
+from mlx_kto.train import train
+
+GOOD = [" Sure, I would be happy to help you.", " Of course! Here is what you need to know."]
+BAD = [" Go away, I do not care.", " No. Figure it out yourself."]
+TOPICS = ["sky", "sea", "cat", "hat", "story", "poem", "answer", "homework", "grass", "light"]
+
+
+def write_feedback(path, n, seed):
+    """Separable synthetic feedback: polite completions good, rude ones bad."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            topic = " ".join(rng.sample(TOPICS, 2))
+            label = i % 2 == 0
+            completion = rng.choice(GOOD if label else BAD)
+            f.write(json.dumps({"prompt": f"Tell me about the {topic}.", "completion": completion, "label": label}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("feedback")
+    write_feedback(d / "train.jsonl", 64, seed=0)
+    write_feedback(d / "valid.jsonl", 16, seed=1)
+    return d
+
+
+def quick_cfg(model, data, out, **kw):
+    base = dict(
+        model=str(model), data=str(data), adapter_path=str(out), batch_size=4, iters=30,
+        learning_rate=2e-3, lora_rank=4, lora_alpha=8.0, steps_per_eval=0, steps_per_save=10,
+        max_length=64, quiet=True, seed=0, warmup_steps=3,
+    )
+    base.update(kw)
+    return make_config(None, **base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = quick_cfg(tiny_llama, data_dir, out)
+    return cfg, train(cfg, log=lambda *_: None)
+
+
+def test_learning_separates_rewards_on_held_out(trained):
+    _, result = trained
+    ev = result.eval_metrics
+    # Held-out desirable rows gain reward, undesirable rows lose it.
+    assert ev["rewards/chosen"] > ev["rewards/rejected"], ev
+    assert ev["rewards/margins"] > 0.05, ev
+    assert ev["rewards/accuracy"] > 0.8, ev
+
+
+def test_metrics_jsonl_has_every_step(trained):
+    cfg, result = trained
+    lines = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, cfg.iters + 1))
+    for key in ("loss", "kl", "lr", "grad_norm", "tokens_per_sec", "peak_memory_gb", "ref_forwards"):
+        assert key in lines[-1]
+    # A side's metrics appear only on steps whose batch had rows of that side.
+    assert any("logps/chosen" in r for r in lines) and any("logps/rejected" in r for r in lines)
+    # Step 0 has r = 0 for every row, so the first loss is 0.5 (weights 1) up to the first update.
+    assert abs(lines[0]["loss"] - 0.5) < 1e-5
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_adapter_loads_in_mlx_lm_and_changes_outputs(trained, tiny_llama):
+    from mlx_lm import load
+
+    cfg, result = trained
+    base, tok = load(str(tiny_llama))
+    tuned, _ = load(str(tiny_llama), adapter_path=str(result.adapter_path))
+    x = mx.array([tok.encode("Tell me about the sky sea.")])
+    diff = mx.abs(base(x) - tuned(x)).max().item()
+    assert diff > 1e-3
+    conf = json.loads((result.adapter_path / "adapter_config.json").read_text())
+    assert conf["lora_parameters"]["rank"] == 4 and conf["lora_parameters"]["scale"] == 2.0
+
+
+def test_reference_is_base_model(tiny_llama):
+    """LoRA switched off (with non-zero LoRA weights) gives exactly the base model."""
+    from mlx_lm import load
+    from mlx.utils import tree_flatten
+
+    from mlx_kto.logprobs import sequence_logps
+    from mlx_kto.model import apply_lora, lora_modules, reference_mode
+
+    base, tok = load(str(tiny_llama))
+    toks = mx.array([tok.encode("The sky is blue. Hello!")] * 2)
+    mask = mx.ones(toks.shape, dtype=mx.bool_)
+    want = sequence_logps(base, toks, mask)
+    model, _ = load(str(tiny_llama))
+    apply_lora(model, KTOConfig(lora_dropout=0.5))
+    for m in lora_modules(model):
+        m.lora_b = mx.random.normal(m.lora_b.shape)
+    model.train()
+    assert mx.abs(sequence_logps(model, toks, mask) - want).max().item() > 1e-3
+    with reference_mode(model):
+        got = sequence_logps(model, toks, mask)
+    assert mx.allclose(got, want, atol=1e-5)
+    assert model.training and all(m.scale == 2.0 for m in lora_modules(model))
+    assert len(tree_flatten(model.trainable_parameters())) > 0
+
+
+def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
+    """Resuming from the step-10 checkpoint of a 20-step run reproduces its final adapter."""
+    from mlx_kto.checkpoint import list_checkpoints
+
+    straight = train(quick_cfg(tiny_llama, data_dir, tmp_path / "a", iters=20), log=lambda *_: None)
+    ckpts = list_checkpoints(tmp_path / "a")
+    assert [c.name for c in ckpts] == ["step_0000010", "step_0000020"]
+    resumed = train(
+        quick_cfg(tiny_llama, data_dir, tmp_path / "c", iters=20, resume=str(ckpts[0])),
+        log=lambda *_: None,
+    )
+    a = mx.load(str(straight.adapter_path / "adapters.safetensors"))
+    c = mx.load(str(resumed.adapter_path / "adapters.safetensors"))
+    assert a.keys() == c.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(c[k]), atol=1e-5, rtol=1e-4)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(11, 21))
+
+
+def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
+    cfg = quick_cfg(tiny_qwen2, data_dir / "train.jsonl", tmp_path, iters=4, batch_size=1,
+                    loss_type="apo_zero_unpaired", grad_accumulation_steps=2)
+    res = train(cfg, log=lambda *_: None)
+    assert res.steps == 4 and (tmp_path / "adapters.safetensors").exists()
+    assert res.final_metrics["kl"] == 0.0
+
+
+def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path):
+    """QLoRA (8-bit base) trains; starting from an adapter makes that adapter the reference."""
+    _, first = trained
+    cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
+    assert train(cfg, log=lambda *_: None).steps == 2
+    cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "i", iters=1, learning_rate=1e-12,
+                    init_adapter=str(first.adapter_path), warmup_steps=0)
+    res = train(cfg, log=lambda *_: None)
+    # Policy == frozen starting adapter at step 1, so every reward is ~0 even though the adapter is far from base.
+    assert abs(res.final_metrics["rewards/chosen"]) < 1e-4
+    assert abs(res.final_metrics["loss"] - 0.5) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"batch_size": 1}, "apo_zero_unpaired"),
+        ({"loss_type": "dpo"}, "loss_type"),
+        ({"quantize": 3}, "quantize"),
+        ({"desirable_weight": "lots"}, "desirable_weight"),
+    ],
+)
+def test_config_errors(overrides, match):
+    with pytest.raises(UserError, match=match):
+        make_config(None, model="m", data="d", **overrides)
+
+
+def test_yaml_config_and_unknown_field(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("beta: 0.2\nbatch_size: 8\nlora_keys: [self_attn.q_proj]\n")
+    cfg = make_config(good, beta=0.3)
+    assert cfg.beta == 0.3 and cfg.batch_size == 8 and cfg.lora_keys == ["self_attn.q_proj"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("betta: 0.2\n")
+    with pytest.raises(UserError, match="unknown field 'betta'"):
+        make_config(bad)
+    worse = tmp_path / "worse.yaml"
+    worse.write_text("batch_size: many\n")
+    with pytest.raises(UserError, match="batch_size"):
+        make_config(worse)
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_llama):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b", "label": "maybe"}\n')
+    for args, needle in [
+        (["train", "--model", str(tiny_llama), "--data", str(bad)], "bad.jsonl:1"),
+        (["train", "--model", str(tmp_path / "nope"), "--data", str(bad)], "model"),
+        (["train", "--model", str(tiny_llama), "--data", str(bad), "--batch-size", "1"], "batch_size"),
+    ]:
+        p = subprocess.run(
+            [sys.executable, "-m", "mlx_kto.cli", *args], capture_output=True, text=True, timeout=120
+        )
+        assert p.returncode == 2, p.stderr
+        err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and needle in err[0], p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_python_m_train_matches_cli_help():
+    from mlx_kto.cli import cli
+
+    out = CliRunner().invoke(cli, ["train", "--help"]).output
+    for flag in ("--beta", "--desirable-weight", "--resume", "--quantize", "--grad-checkpoint", "-c"):
+        assert flag in out
+    p = subprocess.run([sys.executable, "-m", "mlx_kto.train", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--beta" in p.stdout
