@@ -151,6 +151,9 @@ def data_check(path, model, max_length):
 
             tok = load_tokenizer(resolve_model_path(model))
             rows, st = tokenize_examples(examples, tok, max_length)
+            if not rows:
+                click.echo(f"  tokens: no usable rows ({'; '.join(st.lines())})")
+                continue
             lengths = sorted(len(r.tokens) for r in rows)
             click.echo(
                 f"  tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "

@@ -177,10 +177,11 @@ def token_logps(
         parts = []
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
+            hs = h[:, s:e] if not parts else mx.depends(h[:, s:e], parts[-1])
             if module is None:  # h are logits already: only the fp32 cast is chunked
-                parts.append(_target_logps(head, h[:, s:e], targets[:, s:e]))
+                parts.append(_target_logps(head, hs, targets[:, s:e]))
             else:
-                parts.append(_checkpointed_head(module, head, targets[:, s:e])(h[:, s:e]))
+                parts.append(_checkpointed_head(module, head, targets[:, s:e])(hs))
         logps = mx.concatenate(parts, axis=1)  # [B, T-1]
     return mx.where(mask, logps, 0.0)
 

@@ -176,7 +176,7 @@ def tokenize_examples(
             prompt_ids = _keep_end(prompt_ids, max_prompt_length, bos_id)
             stats.n_prompt_truncated += 1
         if max_length is not None:
-            if len(prompt_ids) > max_length:
+            if len(prompt_ids) >= max_length:
                 stats.n_dropped_long_prompt += 1
                 continue
             room = max_length - len(prompt_ids)

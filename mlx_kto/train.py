@@ -69,6 +69,13 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
             )
         if stats.n_truncated:
             log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
+        if stats.n_dropped_empty:
+            log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
+        if stats.n_boundary_merge:
+            log(
+                f"{name}: {stats.n_boundary_merge} rows: prompt tokens were not a prefix of "
+                "prompt+completion tokens; split at the common prefix (as TRL does)"
+            )
         min_rows = 2 if cfg.loss_type == "kto" else 1
         if len(rows) < min_rows:
             raise UserError(f"data: {name} split has {len(rows)} usable rows; need at least {min_rows}")
