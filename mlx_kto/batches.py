@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-BUCKET_WINDOW = 16  # batches per sort window: big enough to cut padding, small enough to stay random
+BUCKET_WINDOW = (
+    16  # batches per sort window: big enough to cut padding, small enough to stay random
+)
 
 
 @dataclass
@@ -43,7 +45,9 @@ def _pack(seqs: list[list[int]], starts: list[int], pad_multiple: int, pad_id: i
     return mx.array(toks), mx.array(mask)
 
 
-def make_batch(rows, index: list[int], pad_multiple: int = 16, pad_id: int = 0, with_kl=True) -> Batch:
+def make_batch(
+    rows, index: list[int], pad_multiple: int = 16, pad_id: int = 0, with_kl=True
+) -> Batch:
     """Collate rows[index] into a Batch (padding to a multiple limits compiled shapes)."""
     sel = [rows[i] for i in index]
     starts = [len(r.prompt_ids) for r in sel]

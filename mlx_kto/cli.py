@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import click
-
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig, load_yaml, make_config
 from mlx_kto.errors import UserError
+
+import click
 
 
 def _option_for(f: dataclasses.Field):
@@ -41,7 +41,11 @@ def config_options(func):
     for f in reversed(dataclasses.fields(KTOConfig)):
         func = _option_for(f)(func)
     return click.option(
-        "-c", "--config", "config_file", type=click.Path(), default=None,
+        "-c",
+        "--config",
+        "config_file",
+        type=click.Path(),
+        default=None,
         help="YAML file of config fields; flags given on the command line override it.",
     )(func)
 
@@ -95,6 +99,33 @@ def train_command(config_file, **flags):
     train(cfg, log=lambda msg: click.echo(msg, err=True))
 
 
+@cli.command("eval")
+@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.option("--adapter-path", required=True, help="Adapter folder to score.")
+@click.option(
+    "--data", required=True, help="Feedback file or folder (uses valid.jsonl if present)."
+)
+@click.option("--split", default="valid", show_default=True, help="train, valid or test.")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--max-length", default=1024, show_default=True, type=int)
+@click.option("--beta", default=0.1, show_default=True, type=float)
+@click.option("--loss-type", default="kto", show_default=True)
+def eval_command(model, adapter_path, data, split, batch_size, max_length, beta, loss_type):
+    """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data."""
+    from mlx_kto.evaluate import evaluate_adapter
+
+    cfg = make_config(
+        None,
+        model=model,
+        data=data,
+        batch_size=batch_size,
+        max_length=max_length,
+        beta=beta,
+        loss_type=loss_type,
+    )
+    click.echo(json.dumps(evaluate_adapter(cfg, adapter_path, split), indent=2))
+
+
 @cli.command("generate")
 @click.option("--model", required=True, help="Base model folder or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
@@ -105,11 +136,11 @@ def train_command(config_file, **flags):
 @click.option("--seed", default=0, show_default=True, type=int)
 def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
     """Generate text with a base model and (optionally) a trained adapter."""
+    from mlx_kto.model import resolve_model_path
+
     import mlx.core as mx
     from mlx_lm import generate, load
     from mlx_lm.sample_utils import make_sampler
-
-    from mlx_kto.model import resolve_model_path
 
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
@@ -145,9 +176,9 @@ def data_check(path, model, max_length):
         for line in balance_report(n_d, len(examples) - n_d, 1.0, 1.0):
             click.echo(f"  {line}")
         if model:
-            from mlx_lm.utils import load_tokenizer
-
             from mlx_kto.model import resolve_model_path
+
+            from mlx_lm.utils import load_tokenizer
 
             tok = load_tokenizer(resolve_model_path(model))
             rows, st = tokenize_examples(examples, tok, max_length)

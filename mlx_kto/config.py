@@ -43,7 +43,9 @@ class KTOConfig:
         None, "Resume from a checkpoint folder (or a run folder: its latest checkpoint)."
     )
     # KTO objective
-    loss_type: str = _f("kto", "Loss: 'kto' or 'apo_zero_unpaired' (no KL term; allows micro-batch 1).")
+    loss_type: str = _f(
+        "kto", "Loss: 'kto' or 'apo_zero_unpaired' (no KL term; allows micro-batch 1)."
+    )
     beta: float = _f(0.1, "KTO beta: scale of the implied reward (paper: 0.1 close to best).")
     desirable_weight: Any = _f(
         1.0, "lambda_D, weight of desirable rows; 'auto' picks it from the class balance."
@@ -79,7 +81,9 @@ class KTOConfig:
     quantize: int | None = _f(None, "Quantize the base to 4 or 8 bits at load (QLoRA).")
     q_group_size: int = _f(64, "Quantization group size.")
     dtype: str | None = _f(None, "Cast base weights: float16, bfloat16 or float32 (default: keep).")
-    grad_checkpoint: bool = _f(False, "Recompute block activations in the backward pass (less memory).")
+    grad_checkpoint: bool = _f(
+        False, "Recompute block activations in the backward pass (less memory)."
+    )
     compile: bool = _f(True, "Compile the training step with mx.compile.")
     trust_remote_code: bool = _f(False, "Allow models whose config asks to run custom code.")
     # reference cache
@@ -91,7 +95,9 @@ class KTOConfig:
     steps_per_report: int = _f(10, "Print a progress line every N steps.")
     steps_per_eval: int = _f(50, "Evaluate on the validation split every N steps (0 = never).")
     eval_batches: int = _f(-1, "Validation micro-batches per evaluation (-1 = all).")
-    steps_per_save: int = _f(100, "Write a resumable checkpoint every N steps (0 = only at the end).")
+    steps_per_save: int = _f(
+        100, "Write a resumable checkpoint every N steps (0 = only at the end)."
+    )
     keep_checkpoints: int = _f(2, "Keep only the newest N checkpoints (0 = keep all).")
     pad_multiple: int = _f(16, "Pad batch lengths to a multiple of this (fewer compiled shapes).")
     wired_limit_mb: int | None = _f(
@@ -196,7 +202,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if t.startswith("str"):
             return str(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}: field '{name}' has a bad value {value!r} (expected {t})") from None
+        raise UserError(
+            f"{where}: field '{name}' has a bad value {value!r} (expected {t})"
+        ) from None
     return value
 
 

@@ -37,7 +37,9 @@ def resolve_model_path(model: str) -> Path:
     try:
         return _download(model)
     except Exception as e:  # network, auth, missing repo: one line for the user
-        raise UserError(f"model: could not fetch '{model}' from the Hugging Face hub ({e})") from None
+        raise UserError(
+            f"model: could not fetch '{model}' from the Hugging Face hub ({e})"
+        ) from None
 
 
 def load_base(cfg: KTOConfig):

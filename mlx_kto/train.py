@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 
 
 @dataclass
@@ -78,7 +78,9 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
             )
         min_rows = 2 if cfg.loss_type == "kto" else 1
         if len(rows) < min_rows:
-            raise UserError(f"data: {name} split has {len(rows)} usable rows; need at least {min_rows}")
+            raise UserError(
+                f"data: {name} split has {len(rows)} usable rows; need at least {min_rows}"
+            )
         if cfg.loss_type == "kto":
             assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
         out[name] = rows
@@ -103,7 +105,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         save_adapter,
         trainable_lora,
     )
-    from mlx_kto.reference import ReferenceScorer
+    from mlx_kto.reference import make_scorer
     from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
 
     cfg.validate()
@@ -140,7 +142,9 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log)
     n_steps = total_steps(cfg, len(train_rows))
-    optimizer = optim.AdamW(learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay)
+    optimizer = optim.AdamW(
+        learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay
+    )
     optimizer.init(model.trainable_parameters())
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
@@ -158,7 +162,9 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         )
         log(f"resumed from {ckpt} at step {state.step}")
         if state.step >= n_steps:
-            log(f"nothing to do: the checkpoint is at step {state.step} of {n_steps} (raise --iters)")
+            log(
+                f"nothing to do: the checkpoint is at step {state.step} of {n_steps} (raise --iters)"
+            )
 
     n_params = sum(v.size for v in trainable_lora(model).values())
     log(
@@ -166,10 +172,22 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
     (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    scorer = ReferenceScorer(model, frozen)
+    # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
+    scorer = make_scorer(cfg, model, frozen, model_path, log)
     last = train_loop(
-        model, cfg, train_rows, valid_rows, scorer, optimizer, state, run_dir, a_config,
-        dw, n_steps, pad_id=pad_id, log=log,
+        model,
+        cfg,
+        train_rows,
+        valid_rows,
+        scorer,
+        optimizer,
+        state,
+        run_dir,
+        a_config,
+        dw,
+        n_steps,
+        pad_id=pad_id,
+        log=log,
     )
     save_adapter(model, run_dir, a_config)
     ev = {}

@@ -96,8 +96,15 @@ def evaluate(
     total = None
     for i, (_, _, batch) in enumerate(
         iterate_batches(
-            rows, cfg.batch_size, seed=cfg.seed, shuffle=False, pad_multiple=cfg.pad_multiple,
-            pad_id=pad_id, with_kl=with_kl, min_size=_min_batch(cfg), loop=False,
+            rows,
+            cfg.batch_size,
+            seed=cfg.seed,
+            shuffle=False,
+            pad_multiple=cfg.pad_multiple,
+            pad_id=pad_id,
+            with_kl=with_kl,
+            min_size=_min_batch(cfg),
+            loop=False,
         )
     ):
         if max_batches > 0 and i >= max_batches:
@@ -105,7 +112,9 @@ def evaluate(
         ref, ref_kl = scorer(batch)
         pol = sequence_logps(model, batch.tokens, batch.mask)
         kl_pol = policy_kl_logps(model, batch)
-        _, metrics = kto_loss(pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight))
+        _, metrics = kto_loss(
+            pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight)
+        )
         m = metrics_to_floats(metrics)
         total = m if total is None else merge_metrics(total, m)
     model.train(was_training)
@@ -186,9 +195,15 @@ def train_loop(
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
     batches = iterate_batches(
-        train_rows, cfg.batch_size, seed=cfg.seed, start_epoch=state.epoch,
-        start_batch=state.batch, pad_multiple=cfg.pad_multiple, pad_id=pad_id,
-        with_kl=with_kl, min_size=_min_batch(cfg),
+        train_rows,
+        cfg.batch_size,
+        seed=cfg.seed,
+        start_epoch=state.epoch,
+        start_batch=state.batch,
+        pad_multiple=cfg.pad_multiple,
+        pad_id=pad_id,
+        with_kl=with_kl,
+        min_size=_min_batch(cfg),
     )
     bar = None
     if progress and not cfg.quiet:
@@ -200,6 +215,8 @@ def train_loop(
     last = {}
     mx.reset_peak_memory()
     t_window, tok_window = time.perf_counter(), 0
+    per_epoch = num_batches(len(train_rows), cfg.batch_size, _min_batch(cfg))
+    epoch_ref = scorer.stats()
     while state.step < n_steps:
         t0 = time.perf_counter()
         ref_s0 = scorer.seconds
@@ -211,13 +228,22 @@ def train_loop(
             ref, ref_kl = scorer(batch)
             kl_pol = policy_kl_logps(model, batch) if with_kl else None
             loss, metrics, grad, norm = step(
-                batch.tokens, batch.mask, batch.labels, ref, kl_pol, ref_kl, grad, micro == accum - 1
+                batch.tokens,
+                batch.mask,
+                batch.labels,
+                ref,
+                kl_pol,
+                ref_kl,
+                grad,
+                micro == accum - 1,
             )
             mx.eval(loss, metrics, grad, norm, model.trainable_parameters(), optimizer.state)
             m = metrics_to_floats(metrics)
             agg = m if agg is None else merge_metrics(agg, m)
             ntoks += batch.ntoks
             state.epoch, state.batch = epoch, bidx + 1
+            if bidx + 1 == per_epoch:  # an epoch ended: report its reference-pass work
+                epoch_ref = _log_epoch_ref(epoch, scorer.stats(), epoch_ref, log, bar)
         state.step += 1
         state.trained_tokens += ntoks
         dt = time.perf_counter() - t0
@@ -237,7 +263,9 @@ def train_loop(
         }
         last = record
         if cfg.steps_per_eval and valid_rows and state.step % cfg.steps_per_eval == 0:
-            ev = evaluate(model, valid_rows, cfg, scorer, desirable_weight, cfg.eval_batches, pad_id)
+            ev = evaluate(
+                model, valid_rows, cfg, scorer, desirable_weight, cfg.eval_batches, pad_id
+            )
             record.update({f"eval/{k}": v for k, v in ev.items()})
             if not bar:
                 log(_fmt_eval(state.step, ev))
@@ -250,14 +278,28 @@ def train_loop(
             log(f"step {state.step}/{n_steps} {_postfix(record)} {tok_window / elapsed:.0f} tok/s")
             t_window, tok_window = time.perf_counter(), 0
         if cfg.steps_per_save and state.step % cfg.steps_per_save == 0 and state.step < n_steps:
-            save_checkpoint(run_dir, state.step, model, optimizer, _ckpt_state(state, cfg),
-                            adapter_config, keep=cfg.keep_checkpoints)
+            save_checkpoint(
+                run_dir,
+                state.step,
+                model,
+                optimizer,
+                _ckpt_state(state, cfg),
+                adapter_config,
+                keep=cfg.keep_checkpoints,
+            )
             save_adapter(model, run_dir, adapter_config)
     if bar is not None:
         bar.close()
     # The final state is always checkpointed so `--resume` can extend a finished run.
-    save_checkpoint(run_dir, state.step, model, optimizer, _ckpt_state(state, cfg), adapter_config,
-                    keep=cfg.keep_checkpoints)
+    save_checkpoint(
+        run_dir,
+        state.step,
+        model,
+        optimizer,
+        _ckpt_state(state, cfg),
+        adapter_config,
+        keep=cfg.keep_checkpoints,
+    )
     metrics_log.close()
     return last
 
@@ -272,6 +314,22 @@ def _ckpt_state(state: TrainState, cfg: KTOConfig) -> dict:
     }
 
 
+def _log_epoch_ref(epoch: int, now: dict, before: dict, log, bar) -> dict:
+    """One line per epoch: reference cache hits, misses, forwards and seconds in that epoch."""
+    keys = ("ref_hits", "ref_misses", "ref_forwards", "ref_seconds")
+    d = {k: now.get(k, 0) - before.get(k, 0) for k in keys}
+    msg = (
+        f"epoch {epoch + 1}: reference {d['ref_hits']} hits, {d['ref_misses']} misses, "
+        f"{d['ref_forwards']} forwards, {d['ref_seconds']:.2f}s"
+    )
+    if bar is None:
+        log(msg)
+    else:
+        with bar.external_write_mode():
+            log(msg)
+    return now
+
+
 def _postfix(r: dict) -> str:
     parts = [f"loss {r['loss']:.4f}", f"kl {r.get('kl', 0):.3f}"]
     if "rewards/margins" in r:
@@ -283,5 +341,12 @@ def _postfix(r: dict) -> str:
 
 
 def _fmt_eval(step: int, ev: dict) -> str:
-    keys = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+    keys = (
+        "loss",
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracy",
+    )
     return f"eval @ {step}: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)

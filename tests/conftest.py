@@ -7,9 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx_kto  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
-import pytest  # noqa: E402
-
 from mlx_kto.toy import build_model, build_tokenizer  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,14 @@ import random
 import subprocess
 import sys
 
+from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.errors import UserError
+from mlx_kto.train import train
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from mlx_kto.config import KTOConfig, make_config
-from mlx_kto.errors import UserError
-from mlx_kto.train import train
 
 GOOD = [" Sure, I would be happy to help you.", " Of course! Here is what you need to know."]
 BAD = [" Go away, I do not care.", " No. Figure it out yourself."]
@@ -27,7 +27,16 @@ def write_feedback(path, n, seed):
             topic = " ".join(rng.sample(TOPICS, 2))
             label = i % 2 == 0
             completion = rng.choice(GOOD if label else BAD)
-            f.write(json.dumps({"prompt": f"Tell me about the {topic}.", "completion": completion, "label": label}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Tell me about the {topic}.",
+                        "completion": completion,
+                        "label": label,
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +49,20 @@ def data_dir(tmp_path_factory):
 
 def quick_cfg(model, data, out, **kw):
     base = dict(
-        model=str(model), data=str(data), adapter_path=str(out), batch_size=4, iters=30,
-        learning_rate=2e-3, lora_rank=4, lora_alpha=8.0, steps_per_eval=0, steps_per_save=10,
-        max_length=64, quiet=True, seed=0, warmup_steps=3,
+        model=str(model),
+        data=str(data),
+        adapter_path=str(out),
+        batch_size=4,
+        iters=30,
+        learning_rate=2e-3,
+        lora_rank=4,
+        lora_alpha=8.0,
+        steps_per_eval=0,
+        steps_per_save=10,
+        max_length=64,
+        quiet=True,
+        seed=0,
+        warmup_steps=3,
     )
     base.update(kw)
     return make_config(None, **base)
@@ -68,7 +88,15 @@ def test_metrics_jsonl_has_every_step(trained):
     cfg, result = trained
     lines = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, cfg.iters + 1))
-    for key in ("loss", "kl", "lr", "grad_norm", "tokens_per_sec", "peak_memory_gb", "ref_forwards"):
+    for key in (
+        "loss",
+        "kl",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "peak_memory_gb",
+        "ref_forwards",
+    ):
         assert key in lines[-1]
     # A side's metrics appear only on steps whose batch had rows of that side.
     assert any("logps/chosen" in r for r in lines) and any("logps/rejected" in r for r in lines)
@@ -92,11 +120,11 @@ def test_adapter_loads_in_mlx_lm_and_changes_outputs(trained, tiny_llama):
 
 def test_reference_is_base_model(tiny_llama):
     """LoRA switched off (with non-zero LoRA weights) gives exactly the base model."""
-    from mlx_lm import load
-    from mlx.utils import tree_flatten
-
     from mlx_kto.logprobs import sequence_logps
     from mlx_kto.model import apply_lora, lora_modules, reference_mode
+
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
 
     base, tok = load(str(tiny_llama))
     toks = mx.array([tok.encode("The sky is blue. Hello!")] * 2)
@@ -131,13 +159,22 @@ def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
     assert a.keys() == c.keys()
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(c[k]), atol=1e-5, rtol=1e-4)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(11, 21))
 
 
 def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
-    cfg = quick_cfg(tiny_qwen2, data_dir / "train.jsonl", tmp_path, iters=4, batch_size=1,
-                    loss_type="apo_zero_unpaired", grad_accumulation_steps=2)
+    cfg = quick_cfg(
+        tiny_qwen2,
+        data_dir / "train.jsonl",
+        tmp_path,
+        iters=4,
+        batch_size=1,
+        loss_type="apo_zero_unpaired",
+        grad_accumulation_steps=2,
+    )
     res = train(cfg, log=lambda *_: None)
     assert res.steps == 4 and (tmp_path / "adapters.safetensors").exists()
     assert res.final_metrics["kl"] == 0.0
@@ -148,8 +185,15 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
     _, first = trained
     cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
     assert train(cfg, log=lambda *_: None).steps == 2
-    cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "i", iters=1, learning_rate=1e-12,
-                    init_adapter=str(first.adapter_path), warmup_steps=0)
+    cfg = quick_cfg(
+        tiny_llama,
+        data_dir,
+        tmp_path / "i",
+        iters=1,
+        learning_rate=1e-12,
+        init_adapter=str(first.adapter_path),
+        warmup_steps=0,
+    )
     res = train(cfg, log=lambda *_: None)
     # Policy == frozen starting adapter at step 1, so every reward is ~0 even though the adapter is far from base.
     assert abs(res.final_metrics["rewards/chosen"]) < 1e-4
@@ -191,10 +235,16 @@ def test_cli_errors_are_one_line(tmp_path, tiny_llama):
     for args, needle in [
         (["train", "--model", str(tiny_llama), "--data", str(bad)], "bad.jsonl:1"),
         (["train", "--model", str(tmp_path / "nope"), "--data", str(bad)], "model"),
-        (["train", "--model", str(tiny_llama), "--data", str(bad), "--batch-size", "1"], "batch_size"),
+        (
+            ["train", "--model", str(tiny_llama), "--data", str(bad), "--batch-size", "1"],
+            "batch_size",
+        ),
     ]:
         p = subprocess.run(
-            [sys.executable, "-m", "mlx_kto.cli", *args], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "mlx_kto.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert p.returncode == 2, p.stderr
         err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
@@ -206,7 +256,39 @@ def test_python_m_train_matches_cli_help():
     from mlx_kto.cli import cli
 
     out = CliRunner().invoke(cli, ["train", "--help"]).output
-    for flag in ("--beta", "--desirable-weight", "--resume", "--quantize", "--grad-checkpoint", "-c"):
+    for flag in (
+        "--beta",
+        "--desirable-weight",
+        "--resume",
+        "--quantize",
+        "--grad-checkpoint",
+        "-c",
+    ):
         assert flag in out
-    p = subprocess.run([sys.executable, "-m", "mlx_kto.train", "--help"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.train", "--help"], capture_output=True, text=True
+    )
     assert p.returncode == 0 and "--beta" in p.stdout
+
+
+def test_eval_command_scores_trained_adapter(trained, tiny_llama, data_dir):
+    from mlx_kto.cli import cli
+
+    _, result = trained
+    out = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--model",
+            str(tiny_llama),
+            "--adapter-path",
+            str(result.adapter_path),
+            "--data",
+            str(data_dir),
+            "--max-length",
+            "64",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    scores = json.loads(out.output[out.output.index("{") :])
+    assert scores["rows"] == 16 and scores["rewards/margins"] > 0.05

@@ -38,7 +38,9 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"{out}: folder exists and is not empty (pass --overwrite to write into it)")
+            raise UserError(
+                f"{out}: folder exists and is not empty (pass --overwrite to write into it)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_kto.convert._io import atomic_write, atomic_write_json
@@ -32,6 +31,18 @@ def split_block_path(path: str) -> tuple[int, str] | None:
     """(block index, block-relative path) of a module inside `...layers.N.`, else None."""
     m = _BLOCK_RE.match(path)
     return (int(m["idx"]), m["rel"]) if m else None
+
+
+def block_prefix(path: str) -> str | None:
+    """The block list's path ("model.layers") of a module inside one, else None."""
+    m = _BLOCK_RE.match(path)
+    return m["prefix"] if m else None
+
+
+def module_sort_key(path: str):
+    """Block modules by (index, relative path), then top-level modules by name."""
+    blk = split_block_path(path)
+    return (0, blk[0], blk[1]) if blk else (1, 0, path)
 
 
 @dataclass
@@ -156,11 +167,13 @@ def read_adapter(adapter_dir: str | Path) -> MlxAdapter:
         if leaf not in ("lora_a", "lora_b", "m") or not path:
             raise UserError(f"{wfile}: tensor '{name}' is not a LoRA leaf (lora_a, lora_b, m)")
         if leaf == "m" and ftype != "dora":
-            raise UserError(f"{wfile}: tensor '{name}' is a DoRA magnitude but fine_tune_type is '{ftype}'")
+            raise UserError(
+                f"{wfile}: tensor '{name}' is a DoRA magnitude but fine_tune_type is '{ftype}'"
+            )
         leaves.setdefault(path, {})[leaf] = w
 
     modules = {}
-    for path in sorted(leaves, key=_module_sort_key):
+    for path in sorted(leaves, key=module_sort_key):
         d = leaves[path]
         for need in ("lora_a", "lora_b") + (("m",) if ftype == "dora" else ()):
             if need not in d:
@@ -177,7 +190,9 @@ def read_adapter(adapter_dir: str | Path) -> MlxAdapter:
                 f"have rank {rank} (expected [in, {rank}] and [{rank}, out])"
             )
         if m is not None and tuple(m.shape) != (b.shape[1],):
-            raise UserError(f"{wfile}: '{path}.m' has shape {tuple(m.shape)}, expected ({b.shape[1]},)")
+            raise UserError(
+                f"{wfile}: '{path}.m' has shape {tuple(m.shape)}, expected ({b.shape[1]},)"
+            )
         modules[path] = LoraModule(path, a, b, m)
     if not modules:
         raise UserError(f"{wfile}: no LoRA tensors")
@@ -192,11 +207,6 @@ def read_adapter(adapter_dir: str | Path) -> MlxAdapter:
         model=model if isinstance(model, str) else None,
         modules=modules,
     )
-
-
-def _module_sort_key(path: str):
-    blk = split_block_path(path)
-    return (0, blk[0], blk[1]) if blk else (1, 0, path)
 
 
 def write_adapter(adapter: MlxAdapter, out_dir: Path) -> None:

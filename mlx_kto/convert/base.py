@@ -13,7 +13,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -126,9 +125,7 @@ def check_adapter(adapter: MlxAdapter, base: BaseModel, where: str = "adapter") 
         errors.append(f"num_layers {adapter.num_layers} > the base's {base.n_layers} blocks")
     if errors:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise UserError(
-            f"{where} does not fit base '{base.ref}': " + "; ".join(errors[:3]) + more
-        )
+        raise UserError(f"{where} does not fit base '{base.ref}': " + "; ".join(errors[:3]) + more)
 
 
 def safetensors_header(path: Path) -> dict:

@@ -1,0 +1,51 @@
+"""Hugging Face checkpoint -> MLX folder, optionally quantized (mlx-lm's own conversion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlx_kto.errors import UserError
+
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def hf_to_mlx(
+    model: str,
+    out_dir: str | Path,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+) -> Path:
+    """Convert a Hugging Face checkpoint (folder or hub id) to an MLX folder with
+    `mlx_lm.convert`, quantized (affine, `q_bits`, `q_group_size`) when `quantize`.
+    `dtype` casts the float weights (default: the checkpoint's `torch_dtype`). A model
+    quantized here can be trained as QLoRA; fuse it later with --dequantize."""
+    from mlx_lm.convert import convert
+
+    out = Path(out_dir)
+    if out.exists():
+        raise UserError(f"{out}: already exists (mlx-lm refuses to write into it)")
+    if q_bits not in Q_BITS:
+        raise UserError(f"--q-bits {q_bits}: expected one of {Q_BITS}")
+    if q_group_size not in Q_GROUP_SIZES:
+        raise UserError(f"--q-group-size {q_group_size}: expected one of {Q_GROUP_SIZES}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    src = Path(model).expanduser()
+    if src.exists() and not (src / "config.json").is_file():
+        raise UserError(f"{src}: no config.json (not a Hugging Face model folder)")
+    try:
+        convert(
+            str(src) if src.exists() else model,
+            mlx_path=str(out),
+            quantize=quantize,
+            q_group_size=q_group_size if quantize else None,
+            q_bits=q_bits if quantize else None,
+            dtype=dtype,
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(f"hf-to-mlx {model}: {e}") from None
+    return out

@@ -1,0 +1,34 @@
+"""`mlx-kto demo`: the one-command demo (attached to the CLI by mlx_kto.cli)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default=None, help="Run folder for the adapter, metrics and plot.  [default: kto-demo]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps.  [default: 120; 50 with --quick]")
+@click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and sampling.  [default: 0]")
+@click.option("--quick", is_flag=True, help="A shortened run (fewer steps and samples), as the test runs it.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Samples per held-out question.  [default: 16; 6 with --quick]")
+def demo(out, steps, seed, quick, samples):
+    """Train the shipped tiny model on shipped feedback and show what changed.
+
+    No download, no data of your own: a tiny Llama that answers politely, tersely
+    or rudely learns from ~400 thumbs-up/down ratings to answer politely. Prints
+    the share of polite answers before and after (measured by sampling held-out
+    questions), the reward margin and a few samples; writes the adapter,
+    metrics.jsonl and training.png. `mlx-kto train` with no --model/--data runs
+    the same demo.
+    """
+    from mlx_kto.demo.run import run_demo
+
+    run_demo(
+        out=out,
+        steps=steps,
+        seed=seed,
+        quick=quick,
+        samples_per_prompt=samples,
+        echo=click.echo,
+        log=lambda msg: click.echo(msg, err=True),
+    )
