@@ -15,23 +15,23 @@ from __future__ import annotations
 import json
 import time
 
-import click
-
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig, make_config
 from mlx_kto.errors import UserError
+
+import click
 
 _REF_CACHE_HELP = "Cache folder (default: $MLX_KTO_CACHE_DIR or ~/.cache/mlx_kto/reference)."
 
 
 def warm_cache(cfg: KTOConfig, log=print) -> dict:
     """Fill the reference cache for cfg's train and valid splits; returns the scorer stats."""
-    import mlx.core as mx
-
     from mlx_kto.batches import iterate_batches
     from mlx_kto.model import load_base, load_init_adapter, trainable_lora
     from mlx_kto.reference import make_scorer
     from mlx_kto.train import prepare_data
+
+    import mlx.core as mx
 
     cfg.validate()
     if cfg.no_ref_cache:

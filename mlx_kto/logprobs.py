@@ -7,9 +7,10 @@ completion tokens (no length normalisation), prompt and padding masked out; comp
 float32 as `logit[target] - logsumexp(logits)` (TRL 1.16.0 `_compute_loss` / kto-spec.md 2.3).
 
 For mlx-lm models whose head is a plain `lm_head` / tied embedding, the trunk and the head run
-separately so that the head + logsumexp can run over sequence chunks: only one chunk of float32
-logits exists at a time, and under `mx.grad` each chunk is recomputed in the backward pass
-(`mx.checkpoint`) instead of being kept. Other models fall back to `model(inputs)`.
+separately so that the head + logsumexp can run over sequence chunks: the chunks are chained
+(`mx.depends`) so only a few chunks of float32 logits exist at a time, and under `mx.grad` each
+chunk's logits are recomputed in the backward pass instead of being kept (a custom vjp). Other
+models fall back to `model(inputs)` (only the float32 log-softmax is chunked then).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 # mlx-lm model types whose `Model.__call__` is exactly `h = self.model(x)` followed by
 # `lm_head(h)` or `embed_tokens.as_linear(h)` (no logit scaling or soft-capping after the head).
@@ -54,8 +56,8 @@ SPLIT_MODEL_TYPES = frozenset(
 
 # Vocabularies above this size get a default chunk size (full fp32 logits would dominate memory).
 LARGE_VOCAB = 32_768
-# Float32 logits per default chunk: 2**24 floats = 64 MiB.
-CHUNK_LOGITS = 1 << 24
+# Float32 logits per default chunk: 2**23 floats = 32 MiB (MLX keeps a few chunks in flight).
+CHUNK_LOGITS = 1 << 23
 
 
 def _model_type(model) -> str | None:
@@ -129,16 +131,51 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     return picked - mx.logsumexp(logits, axis=-1)
 
 
-def _checkpointed_head(module: nn.Module, head: Callable, targets: mx.array) -> Callable:
-    """`_target_logps` for one chunk, recomputed in the backward pass (mlx-lm
-    `grad_checkpoint` style: trainable head parameters are explicit inputs)."""
+def _chunked_target_logps(
+    module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, chunk_size: int
+) -> mx.array:
+    """`_target_logps` over sequence chunks of `chunk_size` positions, with bounded memory both
+    ways: each chunk's logits are rebuilt in the backward pass (gradient checkpointing), and
+    `mx.depends` chains the chunks so that MLX does not run them all at once. Trainable head
+    parameters (if any) are explicit inputs so they get gradients (mlx-lm `grad_checkpoint`)."""
+    n = h.shape[1]
+    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    flat = tree_flatten(module.trainable_parameters()) if module is not None else []
+    names = [k for k, _ in flat]
 
-    def inner(params, h):
-        module.update(params)
-        return _target_logps(head, h, targets)
+    def one_chunk(hs, t, *params):
+        if params:
+            module.update(tree_unflatten(list(zip(names, params, strict=True))))
+        return _target_logps(head, hs, t)
 
-    fn = mx.checkpoint(inner)
-    return lambda h: fn(module.trainable_parameters(), h)
+    @mx.custom_function
+    def chunked(h, *params):
+        parts = []
+        for s, e in bounds:
+            hs = h[:, s:e] if not parts else mx.depends(h[:, s:e], parts[-1])
+            parts.append(one_chunk(hs, targets[:, s:e], *params))
+        return mx.concatenate(parts, axis=1)  # [B, n]
+
+    @chunked.vjp
+    def chunked_vjp(primals, cotangent, output):
+        # MLX passes a lone primal as the array itself, several as a tuple
+        h, *params = (primals,) if isinstance(primals, mx.array) else primals
+        d_h, d_params = [], [mx.zeros_like(p) for p in params]
+        for s, e in bounds:
+            hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
+            _, grads = mx.vjp(
+                lambda hs, *ps, t=targets[:, s:e]: one_chunk(hs, t, *ps),
+                [hs, *params],
+                [cotangent[:, s:e]],
+            )
+            d_h.append(grads[0])
+            d_params = [a + b for a, b in zip(d_params, grads[1:], strict=True)]
+        if params:  # leave the module holding the primal arrays, not the vjp tracers
+            module.update(tree_unflatten(list(zip(names, params, strict=True))))
+        d_h = mx.concatenate(d_h, axis=1)
+        return (d_h, *d_params) if params else d_h
+
+    return chunked(h, *(v for _, v in flat))
 
 
 def token_logps(
@@ -168,21 +205,12 @@ def token_logps(
 
     if chunk_size is None:
         chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
-    n = T - 1
-    if chunk_size is None or chunk_size >= n:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is None or chunk_size >= T - 1:
         logps = _target_logps(head, h, targets)  # [B, T-1]
     else:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        parts = []
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            hs = h[:, s:e] if not parts else mx.depends(h[:, s:e], parts[-1])
-            if module is None:  # h are logits already: only the fp32 cast is chunked
-                parts.append(_target_logps(head, hs, targets[:, s:e]))
-            else:
-                parts.append(_checkpointed_head(module, head, targets[:, s:e])(hs))
-        logps = mx.concatenate(parts, axis=1)  # [B, T-1]
+        logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1]
     return mx.where(mask, logps, 0.0)
 
 

@@ -34,14 +34,14 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-
 from mlx_kto.batches import Batch
 from mlx_kto.fingerprint import Fingerprint, reference_fingerprint, weights_digest
 from mlx_kto.logprobs import sequence_logps
 from mlx_kto.model import reference_mode
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
 DB_NAME = "reference.sqlite"
 FORMAT = "1"  # on-disk layout version (the meta table)
@@ -197,6 +197,7 @@ class RefCache:
         out: dict[bytes, tuple[float, int]] = {}
         if self.broken or not keys:
             return out
+        corrupt_before = self.corrupt
         try:
             for i in range(0, len(keys), _IN_CHUNK):
                 chunk = keys[i : i + _IN_CHUNK]
@@ -210,6 +211,9 @@ class RefCache:
         except sqlite3.DatabaseError as e:
             self._fail(e)
             return {}
+        if self.corrupt > corrupt_before:
+            n = self.corrupt - corrupt_before
+            self.log(f"warning: {n} corrupt reference cache entries ignored (recomputed)")
         return out
 
     def put_many(self, fp_id: int, items: Sequence[tuple[bytes, float, int]]) -> None:
@@ -297,8 +301,11 @@ class RefCache:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("VACUUM")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:  # give the space back; skipped while another process is reading
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:
+            pass
         return n
 
 

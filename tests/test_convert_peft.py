@@ -5,17 +5,17 @@ import json
 import math
 import struct
 
+from mlx_kto.convert import from_peft, read_adapter, to_peft
+from mlx_kto.convert._testing import logits, make_adapter
+from mlx_kto.convert.peft import alpha_for_scale, scale_for_alpha
+from mlx_kto.errors import UserError
+from mlx_kto.toy import build_model
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load
 from mlx_lm.tuner.utils import load_adapters
-
-from mlx_kto.convert import from_peft, read_adapter, to_peft
-from mlx_kto.convert._testing import logits, make_adapter
-from mlx_kto.convert.peft import alpha_for_scale
-from mlx_kto.errors import UserError
-from mlx_kto.toy import build_model
 
 TOKENS = [1, 5, 9, 30, 40, 7, 3]
 
@@ -31,7 +31,11 @@ def bases(tiny_llama, tiny_qwen2, tiny_phi3):
 
 
 def _arrays(path):
-    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+    """name -> numpy array; bfloat16 as its raw uint16 bits (numpy has no bfloat16)."""
+    out = {}
+    for k, v in mx.load(str(path)).items():
+        out[k] = np.array(v.view(mx.uint16)) if v.dtype == mx.bfloat16 else np.array(v)
+    return out
 
 
 def _header(path):
@@ -55,14 +59,20 @@ def test_mlx_peft_mlx_round_trip_is_bit_identical(bases, tmp_path, family, kw):
     peft_dir = to_peft(src, tmp_path / "peft")
     back = from_peft(peft_dir, tmp_path / "back", base=str(bases[family]))
 
+    ta, tb = mx.load(str(src / "adapters.safetensors")), mx.load(str(back / "adapters.safetensors"))
+    assert sorted(ta) == sorted(tb)
+    assert {v.dtype for v in tb.values()} == {kw.get("dtype", mx.float32)}
     a, b = _arrays(src / "adapters.safetensors"), _arrays(back / "adapters.safetensors")
-    assert sorted(a) == sorted(b)
     for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert ta[k].dtype == tb[k].dtype and a[k].shape == b[k].shape, k
         assert a[k].tobytes() == b[k].tobytes(), k
 
     ra, rb = read_adapter(src), read_adapter(back)
-    assert (rb.fine_tune_type, rb.num_layers, rb.rank) == (ra.fine_tune_type, ra.num_layers, ra.rank)
+    assert (rb.fine_tune_type, rb.num_layers, rb.rank) == (
+        ra.fine_tune_type,
+        ra.num_layers,
+        ra.rank,
+    )
     assert rb.scale == ra.scale  # exact: lora_alpha is chosen so alpha / r == scale
     present = {p.split(".", 3)[3] for p in ra.modules}  # block-relative paths
     assert set(rb.keys) == present == set(kw.get("keys") or present)
@@ -109,9 +119,14 @@ def test_top_level_module_uses_full_names(tiny_llama, tmp_path):
     np.testing.assert_array_equal(logits(m2.eval(), TOKENS), logits(model, TOKENS))
 
 
-@pytest.mark.parametrize("scale,r", [(0.1, 6), (1 / 3, 7), (20.0, 8), (0.7, 3), (1e-3, 5)])
-def test_alpha_for_scale_is_exact(scale, r):
-    assert alpha_for_scale(scale, r) / r == scale
+@pytest.mark.parametrize(
+    "scale,r", [(0.1, 6), (1 / 3, 7), (20.0, 8), (0.7, 3), (1e-3, 5), (2.5, 16)]
+)
+def test_scale_alpha_round_trip(scale, r):
+    alpha = alpha_for_scale(scale, r)
+    assert abs(alpha / r - scale) <= math.ulp(scale)  # what PEFT computes
+    assert scale_for_alpha(alpha, r) == scale
+    assert scale_for_alpha(alpha, r, rslora=True) == alpha / math.sqrt(r)
 
 
 def _edit_peft(out, cfg_updates=None, tensor_fn=None):
@@ -224,7 +239,10 @@ def test_from_peft_refuses_unknown_tensors(peft_dir, tmp_path, extra, match):
 
 
 def test_from_peft_refuses_pickle_and_missing_pair(peft_dir, tmp_path):
-    _edit_peft(peft_dir, tensor_fn=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.lora_B" not in k})
+    _edit_peft(
+        peft_dir,
+        tensor_fn=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.lora_B" not in k},
+    )
     with pytest.raises(UserError, match="has no lora_B"):
         from_peft(peft_dir, tmp_path / "out")
     (peft_dir / "adapter_model.safetensors").rename(peft_dir / "adapter_model.bin")

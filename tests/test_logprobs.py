@@ -3,13 +3,6 @@ tied heads, gradients through LoRA, compile, row independence."""
 
 from functools import partial
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten, tree_unflatten
-
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto import logprobs
 from mlx_kto.logprobs import (
@@ -20,6 +13,13 @@ from mlx_kto.logprobs import (
     sequence_logps,
     token_logps,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 # kto-spec.md 5.1: vocab 4, prompt = 2 tokens; logits rows 0..3 (row 4 is never used).
 SPEC_TOKENS = [0, 1, 2, 3, 1]
@@ -219,32 +219,33 @@ def test_default_chunk_size(monkeypatch, models):
     assert default_chunk_size(4, 512) is None
     assert default_chunk_size(4, None) is None
     big = default_chunk_size(4, 151_936)
-    assert big is not None and 16 <= big <= 64
+    assert big is not None and 16 <= big <= 32
     assert default_chunk_size(64, 256_000) == 16  # floor
-    # make the tiny vocab "large": the default then chunks (through the checkpointed head)
-    calls = []
-    real = logprobs._checkpointed_head
+    # make the tiny vocab "large": the default then chunks
+    seen = []
+    real = logprobs._chunked_target_logps
 
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
+    def spy(module, head, h, targets, chunk_size):
+        seen.append(chunk_size)
+        return real(module, head, h, targets, chunk_size)
 
     model = models["qwen2"]
     tokens, mask = _batch(seed=2)
     unchunked = sequence_logps(model, tokens, mask)
     monkeypatch.setattr(logprobs, "LARGE_VOCAB", 100)
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 3 * 512 * 4)
-    monkeypatch.setattr(logprobs, "_checkpointed_head", spy)
+    monkeypatch.setattr(logprobs, "_chunked_target_logps", spy)
     assert default_chunk_size(3, 512) == 16  # never below 16 positions
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 3 * 512 * 20)
     assert default_chunk_size(3, 512) == 20
     tokens, mask = _batch(seed=2, T=45)
     chunked = sequence_logps(model, tokens, mask)
-    assert len(calls) == 3  # 44 target positions in chunks of 20
+    assert seen == [20]
     monkeypatch.setattr(logprobs, "LARGE_VOCAB", 1 << 20)
     np.testing.assert_allclose(
         np.array(chunked), np.array(sequence_logps(model, tokens, mask)), rtol=RTOL, atol=1e-5
     )
+    assert seen == [20]  # vocab no longer "large": no chunking
     assert unchunked.shape == (3,)
 
 
@@ -298,3 +299,42 @@ def test_gradients_flow_to_lora(request, path_fixture):
         grads_e = dict(tree_flatten(grads_e))
         for k, g in tree_flatten(grads_k):
             np.testing.assert_allclose(np.array(g), np.array(grads_e[k]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path_fixture", ["tiny_llama", "tiny_qwen2"])
+def test_trainable_head_gets_chunked_gradients(request, path_fixture):
+    """Full fine-tuning: the head (lm_head, or the tied embedding used twice) is trainable, and
+    the chunked head passes its gradient on exactly like the unchunked one."""
+    model = _load(request.getfixturevalue(path_fixture))
+    tokens, mask = _batch(seed=4, T=11)
+
+    def loss(model, tokens, mask, chunk):
+        return -sequence_logps(model, tokens, mask, chunk).sum()
+
+    loss_and_grad = nn.value_and_grad(model, loss)
+    value, grads = loss_and_grad(model, tokens, mask, None)
+    grads = dict(tree_flatten(grads))
+    head = "lm_head.weight" if "lm_head.weight" in grads else "model.embed_tokens.weight"
+    assert float(mx.abs(grads[head]).max()) > 0
+    value_c, grads_c = loss_and_grad(model, tokens, mask, 4)
+    assert float(value_c) == pytest.approx(float(value), rel=RTOL, abs=1e-5)
+    grads_c = dict(tree_flatten(grads_c))
+    assert set(grads_c) == set(grads)
+    for k, g in grads.items():
+        np.testing.assert_allclose(np.array(grads_c[k]), np.array(g), rtol=1e-4, atol=1e-6)
+    # the module holds plain parameters afterwards: a second call gives the same gradient
+    _, again = loss_and_grad(model, tokens, mask, 4)
+    np.testing.assert_allclose(
+        np.array(dict(tree_flatten(again))[head]), np.array(grads_c[head]), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_bfloat16_model_gives_float32_logps(tiny_qwen2):
+    model = _load(tiny_qwen2)
+    tokens, mask = _batch(seed=5)
+    full = np.array(sequence_logps(model, tokens, mask))
+    model.set_dtype(mx.bfloat16)
+    for chunk in (None, 4):
+        out = sequence_logps(model, tokens, mask, chunk)
+        assert out.dtype == mx.float32
+        np.testing.assert_allclose(np.array(out), full, rtol=2e-2)

@@ -173,6 +173,7 @@ def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
         iters=4,
         batch_size=1,
         loss_type="apo_zero_unpaired",
+        grad_checkpoint=True,
         grad_accumulation_steps=2,
     )
     res = train(cfg, log=lambda *_: None)

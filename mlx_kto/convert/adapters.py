@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-
 from mlx_kto.convert._io import atomic_write, atomic_write_json
 from mlx_kto.errors import UserError
+
+import mlx.core as mx
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

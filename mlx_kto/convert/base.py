@@ -13,11 +13,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 from mlx_kto.convert.adapters import MlxAdapter
 from mlx_kto.errors import UserError
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import click
-
 from mlx_kto.convert.fuse import DTYPES as FUSE_DTYPES
 from mlx_kto.convert.gguf_lora import OUTTYPES
 from mlx_kto.convert.hf import DTYPES as HF_DTYPES
 from mlx_kto.convert.hf import Q_BITS, Q_GROUP_SIZES
+
+import click
 
 _overwrite = click.option(
     "--overwrite", is_flag=True, help="Write into an existing (non-empty) output."

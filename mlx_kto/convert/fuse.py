@@ -17,14 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-
 from mlx_kto.convert._io import atomic_write_json
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import check_adapter, checkpoint_names, load_base
 from mlx_kto.errors import UserError
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 MIN_RETAINED = 0.5  # refuse a cast keeping less than half of the adapter's change

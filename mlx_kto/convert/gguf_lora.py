@@ -15,12 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mlx_kto.convert._io import check_out_file
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import BaseModel, check_adapter, load_base
 from mlx_kto.errors import UserError
+
+import numpy as np
 
 # HF architecture -> (gguf MODEL_ARCH name, q/k rows permuted like llama.cpp's LlamaModel).
 ARCHES = {

@@ -16,8 +16,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import mlx.core as mx
-
 from mlx_kto.convert._io import atomic_write, atomic_write_json, prepare_out_dir
 from mlx_kto.convert.adapters import (
     LoraModule,
@@ -30,6 +28,8 @@ from mlx_kto.convert.adapters import (
 )
 from mlx_kto.convert.base import check_adapter, load_base, resolve_local
 from mlx_kto.errors import UserError
+
+import mlx.core as mx
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -73,14 +73,30 @@ def _is_default(v) -> bool:
 
 
 def alpha_for_scale(scale: float, r: int) -> float | int:
-    """A `lora_alpha` with `alpha / r == scale` exactly in float64 (PEFT computes the
-    scaling that way), so mlx -> PEFT -> mlx gives back the same scale bit for bit."""
+    """`lora_alpha = scale * r`, nudged by an ulp when that makes PEFT's `alpha / r` equal
+    `scale` exactly (for some pairs, e.g. 0.1 and 6, no float alpha does: PEFT is then
+    off by one ulp and `scale_for_alpha` still recovers `scale`)."""
     alpha = scale * r
     for cand in (alpha, math.nextafter(alpha, math.inf), math.nextafter(alpha, -math.inf)):
         if cand / r == scale:
             alpha = cand
             break
     return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def scale_for_alpha(alpha: float, r: int, rslora: bool = False) -> float:
+    """PEFT's scaling `alpha / r` (`alpha / sqrt(r)` with rsLoRA). Without rsLoRA it is
+    returned as the float with the shortest decimal form within 2 ulps that maps back to
+    the same alpha: 0.1 rather than 0.10000000000000002 (no alpha gives alpha / 6 == 0.1
+    exactly), so mlx -> PEFT -> mlx keeps the scale that was written."""
+    s = alpha / (math.sqrt(r) if rslora else r)
+    if rslora:
+        return s
+    for digits in range(1, 18):
+        c = float(f"{s:.{digits}g}")
+        if abs(c - s) <= 2 * math.ulp(s) and alpha_for_scale(c, r) == alpha:
+            return c
+    return s
 
 
 def _peft_targets(paths: list[str]) -> tuple[list[str], list[int] | None]:
@@ -299,7 +315,7 @@ def from_peft(
             )
         alpha_i = _pattern_value(alpha_pat, path, alpha_cfg)
         ranks[path] = r_i
-        scales[path] = alpha_i / (math.sqrt(r_i) if rslora else r_i)  # PEFT's own formula
+        scales[path] = scale_for_alpha(alpha_i, r_i, rslora)
 
     order = sorted(raw, key=module_sort_key)
     R = max(ranks.values())

@@ -3,9 +3,9 @@
 Every prompt has several plausible completions that say the same thing in a
 different style:
 
-    polite  "Of course! The sky is blue. Hope this helps."     (desirable)
-    terse   "The sky is blue."                                  (undesirable)
-    rude    "Ugh. The sky is blue. Stop bothering me."          (undesirable)
+    polite  "Of course! It is blue. Hope this helps."     (desirable)
+    terse   "It is blue."                                  (undesirable)
+    rude    "Ugh. It is blue. Stop bothering me."          (undesirable)
 
 The demo base model is pretrained on a mix of the three (`STYLE_MIX`), so
 sampling from it gives a mix too; KTO on thumbs-up/down feedback should move the
@@ -23,55 +23,54 @@ STYLES = ("polite", "terse", "rude")
 DESIRABLE_STYLE = "polite"
 STYLE_MIX = {"polite": 0.3, "terse": 0.3, "rude": 0.4}  # base model's pretraining mix
 
-POLITE_OPENERS = ("Of course!", "Happy to help!", "Great question!", "Certainly!", "Sure, gladly!")
-POLITE_CLOSERS = ("Hope this helps.", "Have a lovely day!", "Thanks for asking!", "Glad to help.")
-RUDE_OPENERS = ("Ugh.", "Whatever.", "Seriously?", "Obviously.", "Fine, if you must.")
-RUDE_CLOSERS = ("Stop bothering me.", "Figure it out yourself.", "Do not ask again.", "What a dumb question.")
+POLITE_OPENERS = ("Of course!", "Happy to help!", "Great question!")
+POLITE_CLOSERS = ("Hope this helps.", "Have a lovely day!", "Thanks for asking!")
+RUDE_OPENERS = ("Ugh.", "Whatever.", "Seriously?")
+RUDE_CLOSERS = ("Stop bothering me.", "Figure it out yourself.", "What a dumb question.")
 
-# (prompt template, answer template, items). Items are tuples filled into both.
+# (prompt template, answer template, items): short answers that need no copying,
+# so a tiny model learns them in a few hundred steps.
 _COLORS = [
     ("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("snow", "white"), ("coal", "black"),
     ("rose", "red"), ("lemon", "yellow"), ("sea", "blue"), ("leaf", "green"), ("cloud", "white"),
     ("cherry", "red"), ("banana", "yellow"), ("tomato", "red"), ("milk", "white"), ("frog", "green"),
     ("crow", "black"), ("plum", "purple"), ("carrot", "orange"), ("pumpkin", "orange"),
-    ("grape", "purple"), ("lime", "green"), ("salt", "white"), ("ink", "black"), ("corn", "yellow"),
+    ("grape", "purple"),
 ]
 _ANIMALS = [
     ("fish", "sea"), ("bird", "tree"), ("bee", "hive"), ("cow", "field"), ("bear", "forest"),
-    ("camel", "desert"), ("owl", "forest"), ("duck", "pond"), ("fox", "forest"), ("horse", "stable"),
-    ("dog", "house"), ("ant", "hill"), ("whale", "ocean"), ("penguin", "snow"), ("crab", "sea"),
-    ("goat", "hills"), ("lion", "grass"), ("seal", "ocean"), ("mole", "ground"), ("bat", "cave"),
+    ("camel", "desert"), ("wolf", "forest"), ("duck", "pond"), ("fox", "forest"), ("horse", "stable"),
+    ("dog", "house"), ("rat", "burrow"), ("whale", "ocean"), ("penguin", "snow"), ("crab", "sea"),
+    ("goat", "hills"),
 ]
 _TASKS = [
-    ("homework", "start early and take notes"), ("garden", "water it every morning"),
-    ("essay", "write a plan first"), ("cooking", "taste as you go"),
-    ("budget", "write down every cost"), ("code", "test one small piece at a time"),
-    ("running", "start slow and breathe"), ("exam", "sleep well the night before"),
-    ("move", "pack one room at a time"), ("speech", "practice it out loud"),
-    ("reading", "read a little every day"), ("painting", "start with light colors"),
-    ("interview", "prepare three good questions"), ("trip", "pack the night before"),
-    ("diet", "eat more fruit and water"), ("sleep", "go to bed at the same time"),
+    ("homework", "Take good notes."), ("garden", "Water it daily."), ("essay", "Plan it first."),
+    ("cooking", "Taste as you go."), ("budget", "Track every cost."), ("code", "Test small parts."),
+    ("running", "Start slow."), ("exam", "Sleep well."), ("move", "Pack one room a day."),
+    ("speech", "Practice out loud."), ("reading", "Read every day."), ("painting", "Use light colors."),
 ]
 _LANGS = [
     ("French", "bonjour"), ("Spanish", "hola"), ("German", "hallo"), ("Italian", "ciao"),
     ("Japanese", "konnichiwa"), ("Hindi", "namaste"), ("Swahili", "jambo"), ("Hawaiian", "aloha"),
-    ("Turkish", "merhaba"), ("Greek", "yassou"), ("Russian", "privet"), ("Korean", "annyeong"),
 ]
-_NUMBERS = [(a, b) for a in range(1, 7) for b in range(1, 7)]
+_OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"),
+    ("old", "new"), ("wet", "dry"), ("open", "closed"), ("light", "dark"), ("happy", "sad"),
+    ("early", "late"), ("loud", "quiet"), ("full", "empty"), ("hard", "soft"), ("near", "far"),
+    ("rich", "poor"),
+]
 
 TEMPLATES = {
-    "color": ("What color is the {0}?", "The {0} is {1}.", _COLORS),
-    "animal": ("Where does a {0} live?", "A {0} lives in the {1}.", _ANIMALS),
-    "task": ("Can you help me with my {0}?", "For your {0}, {1}.", _TASKS),
-    "lang": ("How do I say hello in {0}?", "In {0} you say {1}.", _LANGS),
-    "sum": ("What is {0} plus {1}?", "{0} plus {1} is {2}.", _NUMBERS),
+    "color": ("What color is the {0}?", "It is {1}.", _COLORS),
+    "animal": ("Where does a {0} live?", "In the {1}.", _ANIMALS),
+    "task": ("Can you help me with my {0}?", "{1}", _TASKS),
+    "lang": ("How do I say hello in {0}?", "Say {1}.", _LANGS),
+    "opposite": ("What is the opposite of {0}?", "It is {1}.", _OPPOSITES),
 }
 HELDOUT_EVERY = 4  # every 4th item of each template is held out of the feedback set
 
 
 def _fill(template: str, item: tuple) -> str:
-    if len(item) == 2 and isinstance(item[0], int):  # sums: the answer is computed
-        item = (item[0], item[1], item[0] + item[1])
     return template.format(*item)
 
 

@@ -1,0 +1,214 @@
+"""The embedded demo, its shipped assets and the examples/ folder."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_kto.config import KTOConfig, load_yaml, make_config
+from mlx_kto.demo import ASSETS, task
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+# ---------------------------------------------------------------------------
+# examples/
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_yaml_loads(path):
+    values = load_yaml(path)  # unknown field names raise UserError
+    cfg = make_config(path)
+    assert cfg.model and cfg.data, f"{path.name} should name a model and data"
+    assert values["model"] == cfg.model
+
+
+def test_examples_exist():
+    assert len(list(EXAMPLES.glob("*.yaml"))) >= 5
+    assert (EXAMPLES / "build_demo_model.py").exists()
+
+
+def test_example_data_files_load():
+    from mlx_kto.data import load_examples
+
+    chat = load_examples(EXAMPLES / "data" / "chat_feedback.jsonl")
+    assert chat[0].conversational and {e.label for e in chat} == {True, False}
+    paired = load_examples(EXAMPLES / "data" / "paired_preferences.jsonl")
+    assert sum(e.label for e in paired) * 2 == len(paired)
+
+
+def test_paired_to_unpaired(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from paired_to_unpaired import unpair
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    src = EXAMPLES / "data" / "paired_preferences.jsonl"
+    n_pairs = len(src.read_text().splitlines())
+    rows = unpair(src)
+    assert len(rows) == 2 * n_pairs and sum(r["label"] for r in rows) == n_pairs
+    # Implicit-prompt pairs: the shared user turn became the prompt.
+    primes = [r for r in rows if r["prompt"][0]["content"] == "Is 17 a prime number?"]
+    assert len(primes) == 2 and all(r["completion"][0]["role"] == "assistant" for r in primes)
+    fewer = unpair(src, keep_rejected=0.0)
+    assert len(fewer) == n_pairs and all(r["label"] for r in fewer)
+
+
+# ---------------------------------------------------------------------------
+# the synthetic task and its classifier
+
+
+def test_classifier_recognises_each_style():
+    import random
+
+    rng = random.Random(0)
+    for style in task.STYLES:
+        for q, a in task.questions()[:10]:
+            assert task.classify(task.render(a, style, rng)) == style
+    assert task.classify("Of course! It is blue. Stop bothering me.") == "mixed"
+    assert task.classify("  ") == "empty"
+    assert task.classify("Happy to It is blue.") == "terse"  # a garbled opener is not polite
+
+
+def test_heldout_questions_never_in_feedback():
+    held = {q for q, _ in task.questions("heldout")}
+    fed = {q for q, _ in task.questions("feedback")}
+    assert held and fed and not held & fed
+    assert held | fed == {q for q, _ in task.questions("all")}
+
+
+# ---------------------------------------------------------------------------
+# shipped assets
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_shipped_assets_are_small_and_consistent():
+    model = ASSETS / "model"
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["model_type"] == "llama"
+    size = (model / "model.safetensors").stat().st_size
+    assert size < 5e6, f"demo weights are {size / 1e6:.1f} MB"
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    train = _rows(ASSETS / "data" / "train.jsonl")
+    valid = _rows(ASSETS / "data" / "valid.jsonl")
+    assert len(train) >= 300
+    up = sum(r["label"] == "thumbs_up" for r in train) / len(train)
+    assert 0.2 < up < 0.4, f"feedback should be imbalanced like real feedback, got {up:.0%} up"
+    # Labels are the classifier's verdict on the completion.
+    for r in train + valid:
+        assert (r["label"] == "thumbs_up") == task.is_desirable(r["completion"][0]["content"])
+    held = set(json.loads((ASSETS / "heldout_prompts.json").read_text()))
+    assert held == {q for q, _ in task.questions("heldout")}
+    assert not held & {r["prompt"][0]["content"] for r in train}
+    assert {r["prompt"][0]["content"] for r in valid} <= held
+    # The data part of the build is reproducible from the seed in the manifest.
+    seed = manifest["seed"]
+    assert train == task.feedback_rows(task.questions("feedback"), len(train), seed + 1)
+    assert valid == task.feedback_rows(task.questions("heldout"), len(valid), seed + 2)
+
+
+# ---------------------------------------------------------------------------
+# configuration of the demo
+
+
+def test_demo_config_defaults_and_overrides(tmp_path):
+    from mlx_kto.demo.run import DEMO_DEFAULTS, QUICK, demo_config
+
+    cfg = demo_config()
+    assert cfg.model == str(ASSETS / "model") and cfg.data == str(ASSETS / "data")
+    assert cfg.iters == DEMO_DEFAULTS["iters"] and cfg.desirable_weight == "auto"
+    assert demo_config(quick=True).iters == QUICK["iters"]
+    # Fields the user set (e.g. `mlx-kto train --beta 0.2 --iters 7`) win over demo defaults.
+    user = KTOConfig(beta=0.2, iters=7, learning_rate=1e-3)
+    cfg = demo_config(user, out=str(tmp_path / "o"), seed=5)
+    assert (cfg.beta, cfg.iters, cfg.learning_rate, cfg.seed) == (0.2, 7, 1e-3, 5)
+    assert cfg.adapter_path == str(tmp_path / "o")
+    assert demo_config(steps=9, quick=True).iters == 9
+
+
+def test_train_without_model_or_data_runs_the_demo(monkeypatch):
+    import mlx_kto.demo
+    from mlx_kto.cli import cli
+
+    seen = {}
+    monkeypatch.setattr(mlx_kto.demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
+    res = CliRunner().invoke(cli, ["train", "--iters", "7", "--beta", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].iters == 7 and seen["cfg"].beta == 0.3 and seen["cfg"].model is None
+
+
+def test_demo_command_is_attached():
+    from mlx_kto.cli import cli
+
+    res = CliRunner().invoke(cli, ["demo", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--out", "--steps", "--seed", "--quick"):
+        assert opt in res.output
+
+
+# ---------------------------------------------------------------------------
+# plotting
+
+
+def _metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    recs = [
+        {"step": s, "loss": 0.5 - 0.01 * s, "kl": 0.0, "rewards/chosen": 0.01 * s,
+         "rewards/rejected": -0.01 * s, "rewards/margins": 0.02 * s}
+        for s in range(1, 6)
+    ]
+    recs[-1].update({"eval/loss": 0.4, "eval/rewards/margins": 0.1, "eval/kl": 0.0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
+    from mlx_kto.demo.plot import plot_metrics, series
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    path = _metrics(tmp_path)
+    assert plot_metrics(path, tmp_path / "p.png") is None
+    assert not (tmp_path / "p.png").exists()
+    steps, values = series([json.loads(x) for x in path.read_text().splitlines()], "eval/loss")
+    assert steps == [5] and values == [0.4]
+
+
+def test_plot_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")  # optional dependency (the `plot` extra)
+    from mlx_kto.demo.plot import plot_metrics
+
+    out = plot_metrics(_metrics(tmp_path), tmp_path / "p.png")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------
+# the demo itself, shortened
+
+
+def test_quick_demo_raises_the_desirable_share(tmp_path):
+    """The real thing, shortened: sample, train, sample again; the polite share
+    measured by sampling held-out questions must rise clearly."""
+    from mlx_kto.demo.run import run_demo
+
+    lines = []
+    cfg = KTOConfig(ref_cache=str(tmp_path / "cache"), quiet=True)
+    res = run_demo(cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append,
+                   log=lambda m: None)
+    before, after = res.before["polite"], res.after["polite"]
+    assert after >= before + 0.3, (before, after)
+    assert res.eval_metrics["rewards/margins"] > 0
+    run = tmp_path / "run"
+    assert (run / "adapters.safetensors").exists() and (run / "adapter_config.json").exists()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == res.steps and "rewards/margins" in records[-1]
+    saved = json.loads((run / "demo_results.json").read_text())
+    assert saved["after"]["polite"] == after
+    text = "\n".join(lines)
+    assert "before" in text and "after" in text and "Q: " in text
+    assert ("plot:" in text) and (res.plot_path is None) == ("skipped" in text)
