@@ -7,8 +7,21 @@
 # pip caches the llama-cpp-python wheel it builds (~15-20 min on 2 cores the first time).
 # Exits non-zero if something could not be installed; the tests then skip and say why.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python}
+# The project's venv: $VENV, else ./.venv, else the `python` on PATH (.ci/run puts the venv
+# first). Never a system interpreter: the guard below refuses one.
+if [ -n "${VENV:-}" ] && [ -x "$VENV/bin/python" ]; then
+  PY="$VENV/bin/python"
+elif [ -x .venv/bin/python ]; then
+  PY="$PWD/.venv/bin/python"
+else
+  PY=python
+fi
+if ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  echo "interop: $PY is not a virtualenv's python; not installing into it"
+  exit 1
+fi
 TORCH_VERSION=2.13.0
 PEFT_VERSION=0.21.2
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -67,5 +80,8 @@ else
   echo "interop: llama-cpp-python step took $(( $(date +%s) - start ))s"
 fi
 
-"$PY" -c "import torch, peft, llama_cpp" 2>/dev/null || status=1
+# Cheap final check: llama_cpp's shared library loads; torch/peft are at least findable
+# (importing torch takes seconds; the tests import it anyway).
+"$PY" -c "import importlib.util as u, llama_cpp; assert u.find_spec('torch') and u.find_spec('peft')" \
+  || { echo "interop: consumers not importable"; status=1; }
 exit $status

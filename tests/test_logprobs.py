@@ -331,10 +331,28 @@ def test_trainable_head_gets_chunked_gradients(request, path_fixture):
 
 def test_bfloat16_model_gives_float32_logps(tiny_qwen2):
     model = _load(tiny_qwen2)
-    tokens, mask = _batch(seed=5)
+    tokens, mask = _batch(seed=5, B=2, T=8)
     full = np.array(sequence_logps(model, tokens, mask))
     model.set_dtype(mx.bfloat16)
     for chunk in (None, 4):
         out = sequence_logps(model, tokens, mask, chunk)
         assert out.dtype == mx.float32
         np.testing.assert_allclose(np.array(out), full, rtol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_other_toy_families_split_exactly(tmp_path, tiny_llama, family):
+    from mlx_kto.toy import build_model
+
+    path = build_model(tmp_path / family, family=family, seed=6, tokenizer_dir=tiny_llama)
+    model = _load(path)
+    assert can_split(model)
+    tokens, mask = _batch(seed=6, B=2, T=9)
+    logits = lm_head(model)(hidden_states(model, tokens))
+    np.testing.assert_allclose(np.array(logits), np.array(model(tokens)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array(sequence_logps(model, tokens, mask, 2)),
+        _reference(model, tokens, mask),
+        rtol=1e-6,
+        atol=2e-5,
+    )

@@ -3,12 +3,12 @@
 import math
 from functools import partial
 
+import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
 
 ATOL = 1e-6  # spec values are double; float32 reaches them at this tolerance
 

@@ -57,7 +57,7 @@ class DemoResult:
     adapter_path: Path
     metrics_path: Path
     plot_path: Path | None
-    before: dict  # style -> share of sampled completions, base model
+    before: dict  # style -> share of sampled completions, base model (+ "correct")
     after: dict  # the same with the trained adapter
     eval_metrics: dict  # final eval on the held-out feedback (reward margin, accuracy, ...)
     samples: list = field(default_factory=list)  # [(prompt, before, after)]
@@ -128,7 +128,7 @@ def run_demo(
     """Run the demo end to end and print the before/after table (`echo`, stdout);
     training progress goes to `log` (stderr)."""
     from mlx_kto.demo.plot import plot_metrics
-    from mlx_kto.demo.sample import sample_completions, style_shares
+    from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
     from mlx_kto.train import train
 
     echo = echo or (lambda msg="": print(msg, flush=True))
@@ -145,6 +145,7 @@ def run_demo(
     model, tokenizer = load_policy(cfg)
     before_samples = sample_completions(model, tokenizer, prompts, **sample_kw)
     before = style_shares(before_samples)
+    before["correct"] = correct_share(prompts, before_samples)
     echo(f"  {DESIRABLE_STYLE} share before training: {before[DESIRABLE_STYLE]:.1%}")
     del model
 
@@ -154,6 +155,7 @@ def run_demo(
     model, tokenizer = load_policy(cfg, result.adapter_path)
     after_samples = sample_completions(model, tokenizer, prompts, **sample_kw)
     after = style_shares(after_samples)
+    after["correct"] = correct_share(prompts, after_samples)
     run_dir = Path(cfg.adapter_path)
     plot_path = plot_metrics(result.metrics_path, run_dir / "training.png")
     pairs = _pick_pairs(prompts, before_samples, after_samples, k=4, seed=cfg.seed)
@@ -191,6 +193,7 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
     other_a = res.after["mixed"] + res.after["empty"]
     if other_b or other_a:
         lines.append(f"  {'mixed or empty':34}{other_b:>9.1%}{other_a:>9.1%}")
+    lines.append(f"  {'right answer (any style)':34}{res.before['correct']:>9.1%}{res.after['correct']:>9.1%}")
     if "rewards/margins" in ev:
         # Before training the policy is the reference, so every implied reward is 0.
         lines.append(f"  {'mean reward margin (held-out rows)':34}{0.0:>9.3f}{ev['rewards/margins']:>+9.3f}")

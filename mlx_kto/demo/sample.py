@@ -14,7 +14,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_kto.demo.task import STYLES, classify  # noqa: E402
+from mlx_kto.demo.task import STYLES, classify, is_correct  # noqa: E402
 
 
 def _ids(out) -> list[int]:
@@ -106,3 +106,9 @@ def style_shares(completions: list[list[str]]) -> dict[str, float]:
     counts = Counter(classify(c) for c in flat)
     total = max(len(flat), 1)
     return {s: counts.get(s, 0) / total for s in (*STYLES, "mixed", "empty")}
+
+
+def correct_share(prompts: list[str], completions: list[list[str]]) -> float:
+    """Share of completions that contain the right answer (content kept intact)."""
+    pairs = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
+    return sum(is_correct(p, c) for p, c in pairs) / max(len(pairs), 1)

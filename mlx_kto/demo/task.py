@@ -86,6 +86,17 @@ def questions(split: str = "all") -> list[tuple[str, str]]:
     return out
 
 
+def answer_of(prompt: str) -> str | None:
+    """The correct plain answer to a task question (None for an unknown prompt)."""
+    return dict(questions("all")).get(prompt)
+
+
+def is_correct(prompt: str, completion: str) -> bool:
+    """Whether the completion contains the right answer, whatever its style."""
+    answer = answer_of(prompt)
+    return answer is not None and answer in completion
+
+
 def render(answer: str, style: str, rng: random.Random) -> str:
     """The answer in `style`, with a randomly chosen opener and closer."""
     if style == "polite":
