@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mlx_kto.config import KTOConfig
@@ -16,12 +17,12 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
     import mlx.core as mx
 
     from mlx_kto.model import load_base, load_init_adapter
-    from mlx_kto.reference import ReferenceScorer
+    from mlx_kto.reference import make_scorer
     from mlx_kto.train import prepare_data
     from mlx_kto.trainer import evaluate
 
     cfg.validate()
-    model, tokenizer, _, _ = load_base(cfg)
+    model, tokenizer, model_path, _ = load_base(cfg)
     load_init_adapter(model, adapter_path)
     model.eval()
     mx.eval(model.parameters())
@@ -33,7 +34,9 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
         else:
             raise UserError(f"split: '{split}' not found in {cfg.data}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scorer = ReferenceScorer(model)
+    # The reference is the base model, so the adapter stays out of the cache fingerprint.
+    ref_cfg = dataclasses.replace(cfg, init_adapter=None)
+    scorer = make_scorer(ref_cfg, model, None, model_path, log=lambda *_: None)
     out = evaluate(model, rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
     out["rows"] = len(rows)
     return out

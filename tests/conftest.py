@@ -1,10 +1,13 @@
 """Shared fixtures: tiny offline models and tokenizers built in-process."""
 
 import os
+import tempfile
 
 os.environ.setdefault("MLX_KTO_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never touch the user's reference cache from tests.
+os.environ.setdefault("MLX_KTO_CACHE_DIR", tempfile.mkdtemp(prefix="mlx_kto_test_refcache_"))
 
 import mlx_kto  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
 from mlx_kto.toy import build_model, build_tokenizer  # noqa: E402

@@ -101,8 +101,18 @@ def test_fuse_refusals(tiny_llama, tmp_path):
         fuse(src, tmp_path / "o", dtype="int8")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
+    (tmp_path / "busy" / "model-00001-of-00002.safetensors").write_text("stale")
     with pytest.raises(UserError, match="not empty"):
         fuse(src, tmp_path / "busy")
+    fuse(src, tmp_path / "busy", overwrite=True)
+    names = sorted(p.name for p in (tmp_path / "busy").iterdir())
+    assert (
+        "f" in names
+        and "model.safetensors" in names
+        and "model-00001-of-00002.safetensors" not in names
+    )
+    with pytest.raises(UserError, match="base or adapter folder"):
+        fuse(src, tiny_llama, overwrite=True)
     cfg = json.loads((src / "adapter_config.json").read_text())
     cfg.pop("model")
     (src / "adapter_config.json").write_text(json.dumps(cfg))

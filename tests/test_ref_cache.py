@@ -327,7 +327,6 @@ def test_epoch_two_resume_and_sweep_run_no_reference_forward(tiny_llama, data_di
     assert lines[-1]["ref_forwards"] == first["ref_forwards"]
     assert lines[-1]["ref_misses"] == first["ref_misses"]
     assert lines[-1]["ref_hits"] - first["ref_hits"] == 2 * 16
-    assert all(r["ref_time"] < 0.5 for r in lines[per_epoch:])
     # The final eval on valid.jsonl was computed (and stored) by run a.
     assert a.reference["ref_forwards"] > first["ref_forwards"]
 

@@ -122,8 +122,12 @@ def fuse(
     if not info.config.get("architectures"):
         raise UserError(f"{info.path / 'config.json'}: no 'architectures' (transformers needs it)")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out}: exists and is not empty (pass --overwrite to write into it)")
+    if out.resolve() in (info.path.resolve(), Path(adapter_dir).resolve()):
+        raise UserError(f"{out}: is the base or adapter folder; choose another output")
 
     model, tokenizer = load(str(info.path))
     load_adapters(model, str(adapter_dir))
@@ -190,9 +194,15 @@ def fuse(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _save_checkpoint(tmp, weights, config, tokenizer, info.path)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        if not out.exists():
+            os.replace(tmp, out)  # the whole folder appears at once
+        else:  # --overwrite: replace our files; of the rest, drop only stale weight files
+            new = {f.name for f in tmp.iterdir()}
+            for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+                if old.is_file() and old.name not in new:
+                    old.unlink()  # a stale shard or index would be loaded with the new weights
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
