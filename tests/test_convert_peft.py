@@ -274,6 +274,11 @@ def test_to_peft_refusals(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         to_peft(src, tmp_path / "busy")
     to_peft(src, tmp_path / "busy", overwrite=True)
+    assert (tmp_path / "busy" / "x").read_text() == "x"  # --overwrite deletes nothing
+    with pytest.raises(UserError, match="input folder"):
+        to_peft(src, src, overwrite=True)
+    with pytest.raises(UserError, match="input folder"):
+        from_peft(tmp_path / "busy", tmp_path / "busy", overwrite=True)
 
 
 @pytest.mark.parametrize(

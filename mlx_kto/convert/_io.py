@@ -29,11 +29,13 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+def prepare_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Path:
     """An output folder that exists and is empty; a non-empty one only with `overwrite`
     (stale files from another conversion would otherwise be mixed in silently). With
     `overwrite` nothing is deleted: the files we write replace their namesakes."""
     out = Path(out)
+    if any(out.resolve() == Path(i).resolve() for i in inputs):
+        raise UserError(f"{out}: is an input folder; choose another output")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):

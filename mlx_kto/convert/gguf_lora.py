@@ -184,7 +184,10 @@ def to_gguf(
     """Convert an mlx-lm LoRA adapter to a llama.cpp LoRA GGUF for the Hugging Face base
     `base` (folder or cached hub id; its config.json decides the architecture; default:
     the adapter's `model`). Load it with `llama-cli -m base.gguf --lora OUT.gguf`."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("to-gguf needs the gguf package: pip install 'mlx-kto[convert]'") from None
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")

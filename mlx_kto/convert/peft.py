@@ -157,6 +157,7 @@ def to_peft(
         if mod.m is not None:
             state[f"{PREFIX}{p}.lora_magnitude_vector"] = mod.m  # [out]
     targets, layers = _peft_targets(list(ad.modules))
+    inputs = (adapter_dir,)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -177,7 +178,7 @@ def to_peft(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    out = prepare_out_dir(out_dir, overwrite)
+    out = prepare_out_dir(out_dir, overwrite, inputs)
     atomic_write(
         out / PEFT_WEIGHTS,
         lambda p: mx.save_safetensors(str(p), state, metadata={"format": "pt"}),
@@ -370,6 +371,6 @@ def from_peft(
     )
     if info is not None:
         check_adapter(ad, info, where=str(peft_dir))
-    out = prepare_out_dir(out_dir, overwrite)
+    out = prepare_out_dir(out_dir, overwrite, (peft_dir,))
     write_adapter(ad, out)
     return out
