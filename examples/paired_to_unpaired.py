@@ -44,8 +44,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="paired .jsonl/.json file")
     ap.add_argument("dst", help="output .jsonl (unpaired prompt/completion/label rows)")
-    ap.add_argument("--keep-rejected", type=float, default=1.0,
-                    help="share of undesirable rows to keep (1.0 = all)")
+    ap.add_argument(
+        "--keep-rejected",
+        type=float,
+        default=1.0,
+        help="share of undesirable rows to keep (1.0 = all)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     try:

@@ -131,62 +131,139 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     return picked - mx.logsumexp(logits, axis=-1)
 
 
+def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
+    """Cotangent of the logits for out = log softmax(logits)[targets] with cotangent g:
+
+        d logits[b, c, v] = g[b, c] * (1[v == targets[b, c]] - softmax(logits)[b, c, v])
+
+    probs [B, C, V], targets and g [B, C]. Written as one broadcast elementwise expression so
+    that mx.compile fuses it into a single pass (no one-hot or scatter array)."""
+    iota = mx.arange(probs.shape[-1], dtype=targets.dtype)  # [V]
+    onehot = iota == targets[..., None]  # [B, C, V] (fused, never materialised when compiled)
+    return g[..., None] * (onehot.astype(probs.dtype) - probs)
+
+
+class _Head:
+    """The output projection as a function of explicit (trainable) parameters, so that a custom
+    vjp can return their gradients (mlx-lm `grad_checkpoint` style)."""
+
+    def __init__(self, module: nn.Module | None, head: Callable):
+        self.module, self.head = module, head
+        flat = tree_flatten(module.trainable_parameters()) if module is not None else []
+        self.names = [k for k, _ in flat]
+        self.params = [v for _, v in flat]
+
+    def logits(self, h: mx.array, params) -> mx.array:
+        if params:
+            self.module.update(tree_unflatten(list(zip(self.names, params, strict=True))))
+        return self.head(h).astype(mx.float32)  # [B, C, V]
+
+    def restore(self, params) -> None:
+        """Leave the module holding the primal arrays, not vjp tracers."""
+        if params:
+            self.module.update(tree_unflatten(list(zip(self.names, params, strict=True))))
+
+    def vjp(self, h: mx.array, params, d_logits: mx.array):
+        """(d h, d params) of the projection at h for the logits cotangent. The projection's own
+        forward inside mx.vjp is never evaluated (a matmul's vjp does not read its output)."""
+        _, grads = mx.vjp(lambda hs, *ps: self.logits(hs, ps), [h, *params], [d_logits])
+        return grads[0], list(grads[1:])
+
+
+def _head_target_logps(
+    module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, keep_probs: bool
+) -> mx.array:
+    """`_target_logps` with an analytic backward (custom vjp): d logits = g * (onehot - softmax),
+    then the projection's vjp. Against autograd through logsumexp + take_along_axis this skips
+    the scatter of the gather's gradient and (keep_probs) the backward's second exp pass:
+
+    keep_probs=True  forward exp(logits - max) once, keep it; backward = one multiply
+    keep_probs=False forward logsumexp (cheapest forward), keep the logits; backward softmax
+
+    Either way one [B, C, V] float32 array lives until the backward, as with plain autograd;
+    in a forward-only call it is never kept."""
+    proj = _Head(module, head)
+
+    @mx.custom_function
+    def fn(h, *params):
+        logits = proj.logits(h, params)  # [B, C, V]
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
+        if keep_probs:
+            m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+            e = mx.exp(logits - m)  # [B, C, V]
+            s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
+            return picked - (m + mx.log(s)).squeeze(-1), e, s
+        return picked - mx.logsumexp(logits, axis=-1), logits, logits
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        h, *params = (primals,) if isinstance(primals, mx.array) else primals
+        _, a, b = outputs
+        # softmax as autograd through logsumexp forms it, so the gradients agree bit for bit
+        probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
+        d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
+        proj.restore(params)
+        return (d_h, *d_params) if params else d_h
+
+    return fn(h, *proj.params)[0]
+
+
 def _chunked_target_logps(
     module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, chunk_size: int
 ) -> mx.array:
     """`_target_logps` over sequence chunks of `chunk_size` positions, with bounded memory both
-    ways: each chunk's logits are rebuilt in the backward pass (gradient checkpointing), and
-    `mx.depends` chains the chunks so that MLX does not run them all at once. Trainable head
-    parameters (if any) are explicit inputs so they get gradients (mlx-lm `grad_checkpoint`)."""
+    ways: each chunk's logits are rebuilt in the backward pass (gradient checkpointing) and
+    turned into d logits analytically (softmax - onehot: no autograd through logsumexp and the
+    gather), and `mx.depends` chains the chunks so that MLX does not run them all at once. Trainable head parameters (if any) are explicit
+    inputs so they get gradients (mlx-lm `grad_checkpoint`)."""
     n = h.shape[1]
     bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    flat = tree_flatten(module.trainable_parameters()) if module is not None else []
-    names = [k for k, _ in flat]
-
-    def one_chunk(hs, t, *params):
-        if params:
-            module.update(tree_unflatten(list(zip(names, params, strict=True))))
-        return _target_logps(head, hs, t)
+    proj = _Head(module, head)
 
     @mx.custom_function
     def chunked(h, *params):
         parts = []
         for s, e in bounds:
             hs = h[:, s:e] if not parts else mx.depends(h[:, s:e], parts[-1])
-            parts.append(one_chunk(hs, targets[:, s:e], *params))
+            parts.append(_target_logps(lambda x: proj.logits(x, params), hs, targets[:, s:e]))
         return mx.concatenate(parts, axis=1)  # [B, n]
 
     @chunked.vjp
-    def chunked_vjp(primals, cotangent, output):
+    def chunked_vjp(primals, cotangents, outputs):
         # MLX passes a lone primal as the array itself, several as a tuple
         h, *params = (primals,) if isinstance(primals, mx.array) else primals
+        g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
         d_h, d_params = [], [mx.zeros_like(p) for p in params]
         for s, e in bounds:
             hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-            _, grads = mx.vjp(
-                lambda hs, *ps, t=targets[:, s:e]: one_chunk(hs, t, *ps),
-                [hs, *params],
-                [cotangent[:, s:e]],
-            )
-            d_h.append(grads[0])
-            d_params = [a + b for a, b in zip(d_params, grads[1:], strict=True)]
-        if params:  # leave the module holding the primal arrays, not the vjp tracers
-            module.update(tree_unflatten(list(zip(names, params, strict=True))))
+            probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
+            d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
+            d_hs, d_ps = proj.vjp(hs, params, d_logits)
+            d_h.append(d_hs)
+            d_params = [a + b for a, b in zip(d_params, d_ps, strict=True)]
+        proj.restore(params)
         d_h = mx.concatenate(d_h, axis=1)
         return (d_h, *d_params) if params else d_h
 
-    return chunked(h, *(v for _, v in flat))
+    return chunked(h, *proj.params)
 
 
 def token_logps(
-    model, tokens: mx.array, completion_mask: mx.array, chunk_size: int | None = None
+    model,
+    tokens: mx.array,
+    completion_mask: mx.array,
+    chunk_size: int | None = None,
+    *,
+    for_grad: bool = False,
 ) -> mx.array:
     """Masked per-token log-probs [B, T-1] in float32: entry t is log p(tokens[:, t+1] | tokens[:, :t+1])
     where completion_mask[:, t+1] is set, else exactly 0 (also when the logits there are inf/NaN).
 
     tokens [B, T] int; completion_mask [B, T] bool/int/float aligned with tokens (1 = completion
     token; position 0 is never a target). chunk_size: sequence positions per LM-head chunk
-    (None: `default_chunk_size`)."""
+    (None: `default_chunk_size`). for_grad: the caller differentiates the result; the unchunked
+    head then keeps its softmax from the forward so the backward needs no second exp pass
+    (a little slower forward; any value gives the same numbers and correct gradients)."""
     if tokens.ndim != 2 or tuple(completion_mask.shape) != tuple(tokens.shape):
         raise ValueError(
             f"tokens must be [B, T] and completion_mask the same shape, got "
@@ -208,18 +285,24 @@ def token_logps(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if chunk_size is None or chunk_size >= T - 1:
-        logps = _target_logps(head, h, targets)  # [B, T-1]
+        logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1]
     else:
         logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1]
     return mx.where(mask, logps, 0.0)
 
 
 def sequence_logps(
-    model, tokens: mx.array, completion_mask: mx.array, chunk_size: int | None = None
+    model,
+    tokens: mx.array,
+    completion_mask: mx.array,
+    chunk_size: int | None = None,
+    *,
+    for_grad: bool = False,
 ) -> mx.array:
     """Sum of completion-token log-probs per row, float32 [B] (see module docstring):
 
         seq_logp[b] = sum_t mask[b, t] * log softmax(logits[b, t-1])[tokens[b, t]]
 
-    Differentiable (nn.value_and_grad, mx.compile); prompt and padding contribute exactly 0."""
-    return token_logps(model, tokens, completion_mask, chunk_size).sum(axis=-1)
+    Differentiable (nn.value_and_grad, mx.compile; pass for_grad=True when differentiating);
+    prompt and padding contribute exactly 0."""
+    return token_logps(model, tokens, completion_mask, chunk_size, for_grad=for_grad).sum(axis=-1)

@@ -4,11 +4,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
-
 from mlx_kto.config import KTOConfig, load_yaml, make_config
 from mlx_kto.demo import ASSETS, task
+
+import pytest
+from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -66,7 +66,7 @@ def test_classifier_recognises_each_style():
 
     rng = random.Random(0)
     for style in task.STYLES:
-        for q, a in task.questions()[:10]:
+        for _q, a in task.questions()[:10]:
             assert task.classify(task.render(a, style, rng)) == style
     assert task.classify("Of course! It is blue. Stop bothering me.") == "mixed"
     assert task.classify("  ") == "empty"
@@ -159,8 +159,14 @@ def test_demo_command_is_attached():
 def _metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     recs = [
-        {"step": s, "loss": 0.5 - 0.01 * s, "kl": 0.0, "rewards/chosen": 0.01 * s,
-         "rewards/rejected": -0.01 * s, "rewards/margins": 0.02 * s}
+        {
+            "step": s,
+            "loss": 0.5 - 0.01 * s,
+            "kl": 0.0,
+            "rewards/chosen": 0.01 * s,
+            "rewards/rejected": -0.01 * s,
+            "rewards/margins": 0.02 * s,
+        }
         for s in range(1, 6)
     ]
     recs[-1].update({"eval/loss": 0.4, "eval/rewards/margins": 0.1, "eval/kl": 0.0})
@@ -198,8 +204,9 @@ def test_quick_demo_raises_the_desirable_share(tmp_path):
 
     lines = []
     cfg = KTOConfig(ref_cache=str(tmp_path / "cache"), quiet=True)
-    res = run_demo(cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append,
-                   log=lambda m: None)
+    res = run_demo(
+        cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append, log=lambda m: None
+    )
     before, after = res.before["polite"], res.after["polite"]
     assert after >= before + 0.3, (before, after)
     assert res.eval_metrics["rewards/margins"] > 0
@@ -212,3 +219,13 @@ def test_quick_demo_raises_the_desirable_share(tmp_path):
     text = "\n".join(lines)
     assert "before" in text and "after" in text and "Q: " in text
     assert ("plot:" in text) and (res.plot_path is None) == ("skipped" in text)
+
+
+def test_demo_yaml_matches_the_demo_settings():
+    from mlx_kto.demo.run import DEMO_DEFAULTS
+
+    values = load_yaml(EXAMPLES / "demo-model.yaml")
+    for name, value in values.items():
+        if name in DEMO_DEFAULTS and name != "adapter_path":
+            assert DEMO_DEFAULTS[name] == value, name
+    assert (ROOT / values["model"]) == ASSETS / "model"

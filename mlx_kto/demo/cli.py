@@ -6,11 +6,30 @@ import click
 
 
 @click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", default=None, help="Run folder for the adapter, metrics and plot.  [default: kto-demo]")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps.  [default: 120; 50 with --quick]")
-@click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and sampling.  [default: 0]")
-@click.option("--quick", is_flag=True, help="A shortened run (fewer steps and samples), as the test runs it.")
-@click.option("--samples", type=click.IntRange(min=1), default=None, help="Samples per held-out question.  [default: 16; 6 with --quick]")
+@click.option(
+    "--out", default=None, help="Run folder for the adapter, metrics and plot.  [default: kto-demo]"
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training steps.  [default: 120; 40 with --quick]",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for data order, LoRA init and sampling.  [default: 0]",
+)
+@click.option(
+    "--quick", is_flag=True, help="A shortened run (fewer steps and samples), as the test runs it."
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Samples per held-out question.  [default: 16; 6 with --quick]",
+)
 def demo(out, steps, seed, quick, samples):
     """Train the shipped tiny model on shipped feedback and show what changed.
 

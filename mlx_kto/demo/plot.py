@@ -33,6 +33,17 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (per-step metrics of small batches are noisy)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """Write a 3-panel PNG (loss, rewards, kl vs step). Returns its path, or None
     when matplotlib is not installed (`pip install matplotlib`, or the `plot` extra)."""
@@ -48,8 +59,15 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     for ax, (title, keys) in zip(axes, PANELS):
         for key, label in keys:
             steps, values = series(records, key)
-            if steps:
-                ax.plot(steps, values, label=label, marker="o" if key.startswith("eval/") else None)
+            if not steps:
+                continue
+            if key.startswith("eval/"):
+                ax.plot(steps, values, label=label, marker="o")
+                continue
+            # Raw per-step values faint, their moving average solid, same colour.
+            (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+            window = max(1, len(values) // 15)
+            ax.plot(steps, smooth(values, window), color=line.get_color(), label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

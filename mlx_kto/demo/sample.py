@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections import Counter
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto.demo.task import STYLES, classify, is_correct  # noqa: E402
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-
-from mlx_kto.demo.task import STYLES, classify, is_correct  # noqa: E402
 
 
 def _ids(out) -> list[int]:
@@ -67,8 +67,9 @@ def sample_completions(
         chunk = jobs[start:end]
         start = end
         key, sub = mx.random.split(key)
-        out = _decode(model, make_prompt_cache(model), [ids for _, ids in chunk], eos,
-                      max_tokens, temp, sub)
+        out = _decode(
+            model, make_prompt_cache(model), [ids for _, ids in chunk], eos, max_tokens, temp, sub
+        )
         for (i, _), toks in zip(chunk, out):
             results[i].append(tokenizer.decode(toks))
     model.train(was_training)
