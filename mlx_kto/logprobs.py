@@ -15,7 +15,11 @@ models fall back to `model(inputs)` (only the float32 log-softmax is chunked the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -183,6 +187,7 @@ def _head_target_logps(
     Either way one [B, C, V] float32 array lives until the backward, as with plain autograd;
     in a forward-only call it is never kept."""
     proj = _Head(module, head)
+    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
 
     @mx.custom_function
     def fn(h, *params):
@@ -199,9 +204,10 @@ def _head_target_logps(
     def fn_vjp(primals, cotangents, outputs):
         h, *params = (primals,) if isinstance(primals, mx.array) else primals
         _, a, b = outputs
-        # softmax as autograd through logsumexp forms it, so the gradients agree bit for bit
-        probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
-        d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
+        with mx.stream(stream):
+            # softmax as autograd through logsumexp forms it: the gradients agree bit for bit
+            probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
+            d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
         proj.restore(params)
         return (d_h, *d_params) if params else d_h
 
@@ -219,6 +225,7 @@ def _chunked_target_logps(
     n = h.shape[1]
     bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     proj = _Head(module, head)
+    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
 
     @mx.custom_function
     def chunked(h, *params):
@@ -233,19 +240,90 @@ def _chunked_target_logps(
         # MLX passes a lone primal as the array itself, several as a tuple
         h, *params = (primals,) if isinstance(primals, mx.array) else primals
         g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
-        d_h, d_params = [], [mx.zeros_like(p) for p in params]
-        for s, e in bounds:
-            hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-            probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
-            d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
-            d_hs, d_ps = proj.vjp(hs, params, d_logits)
-            d_h.append(d_hs)
-            d_params = [a + b for a, b in zip(d_params, d_ps, strict=True)]
+        with mx.stream(stream):
+            d_h, d_params = [], [mx.zeros_like(p) for p in params]
+            for s, e in bounds:
+                hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
+                probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
+                d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
+                d_hs, d_ps = proj.vjp(hs, params, d_logits)
+                d_h.append(d_hs)
+                d_params = [a + b for a, b in zip(d_params, d_ps, strict=True)]
+            d_h = mx.concatenate(d_h, axis=1)
         proj.restore(params)
-        d_h = mx.concatenate(d_h, axis=1)
         return (d_h, *d_params) if params else d_h
 
     return chunked(h, *proj.params)
+
+
+# -- rows in parallel on CPU streams ----------------------------------------------------------
+
+# MLX's CPU backend runs each stream's ops on one thread and only its matmuls (BLAS) use more
+# cores; elementwise ops (softmax, silu, masking) dominate a small model's step and run on one
+# core. Spreading a batch's rows over one stream per core, each with single-threaded BLAS, puts
+# every core to work on every op (and backward ops stay on their forward's stream).
+_STREAMS: list = []  # CPU streams of the current `cpu_row_parallel` context (empty: off)
+_THREAD_STREAMS: dict[int, list] = {}  # streams made per thread (MLX never frees a stream)
+
+
+def _row_groups(B: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per stream (a single range when parallelism is off)."""
+    n = min(len(_STREAMS), B)
+    if n < 2 or mx.default_device() != mx.cpu:
+        return [(0, B)]
+    bounds = [round(i * B / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _blas_threads(n: int | None) -> int | None:
+    """Set OpenBLAS's thread count (when mlx_kto preloaded OpenBLAS); returns the previous."""
+    from mlx_kto import _blas
+
+    if not _blas.loaded:
+        return None
+    try:
+        lib = ctypes.CDLL(_blas.loaded)
+        prev = lib.openblas_get_num_threads()
+        if n is not None:
+            lib.openblas_set_num_threads(int(n))
+        return prev
+    except (OSError, AttributeError):
+        return None
+
+
+def default_streams() -> int:
+    """Streams `cpu_row_parallel` uses by default: one per core on the CPU backend (at most 8;
+    $MLX_KTO_CPU_STREAMS overrides, 1 = off), else 1 (a GPU runs rows in parallel already)."""
+    env = os.environ.get("MLX_KTO_CPU_STREAMS")
+    if env:
+        return max(1, int(env))
+    if mx.default_device() != mx.cpu:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@contextmanager
+def cpu_row_parallel(n: int | None = None) -> Iterator[int]:
+    """Within the context, every `token_logps` / `sequence_logps` call (policy, KL and reference
+    forwards, their backward passes, compiled or not) spreads its rows over `n` CPU streams
+    (default `default_streams()`), and OpenBLAS runs single-threaded per stream; both are
+    restored on exit. Results are the same rows, computed the same way (per-row independent).
+    Streams belong to the calling thread. Yields the number of streams in use."""
+    global _STREAMS
+    n = default_streams() if n is None else n
+    if n < 2 or mx.default_device() != mx.cpu or _STREAMS:
+        yield max(len(_STREAMS), 1)
+        return
+    prev = _blas_threads(max(1, (os.cpu_count() or n) // n))
+    made = _THREAD_STREAMS.setdefault(threading.get_ident(), [])
+    made += [mx.new_stream(mx.cpu) for _ in range(n - 1 - len(made))]
+    _STREAMS = [mx.default_stream(mx.cpu)] + made[: n - 1]
+    try:
+        yield n
+    finally:
+        _STREAMS = []
+        if prev is not None:
+            _blas_threads(prev)
 
 
 def token_logps(
@@ -272,6 +350,24 @@ def token_logps(
     B, T = tokens.shape
     if T < 2:
         return mx.zeros((B, 0), dtype=mx.float32)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    groups = _row_groups(B)
+    if len(groups) > 1:
+        if chunk_size is None:  # the whole batch's chunk size: same memory in total
+            chunk_size = default_chunk_size(B, vocab_size(model) if can_split(model) else None)
+        parts = []
+        for stream, (a, b) in zip(_STREAMS, groups):
+            with mx.stream(stream):
+                parts.append(
+                    _token_logps(model, tokens[a:b], completion_mask[a:b], chunk_size, for_grad)
+                )
+        return mx.concatenate(parts, axis=0)  # [B, T-1]
+    return _token_logps(model, tokens, completion_mask, chunk_size, for_grad)
+
+
+def _token_logps(model, tokens, completion_mask, chunk_size, for_grad) -> mx.array:
+    B, T = tokens.shape
     mask = completion_mask[:, 1:].astype(mx.bool_)  # [B, T-1]
     # Masked targets point at id 0 so the gather stays in range whatever the padding id is.
     targets = mx.where(mask, tokens[:, 1:], 0)  # [B, T-1]
@@ -282,8 +378,6 @@ def token_logps(
 
     if chunk_size is None:
         chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if chunk_size is None or chunk_size >= T - 1:
         logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1]
     else:
