@@ -29,18 +29,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-from fixture import BENCH_SHAPE, MAX_LENGTH, bench_model, bench_rows  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
 from mlx_kto.batches import make_batch  # noqa: E402
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.logprobs import hidden_states, sequence_logps  # noqa: E402
 from mlx_kto.model import adapter_config, apply_lora, load_base  # noqa: E402
 from mlx_kto.reference import ReferenceScorer  # noqa: E402
 from mlx_kto.trainer import TrainState, make_schedule, train_loop  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from fixture import BENCH_SHAPE, MAX_LENGTH, bench_model, bench_rows  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 LORA_KEYS = [f"self_attn.{p}_proj" for p in "qkvo"]
 MB = 2**20

@@ -17,6 +17,7 @@ import numpy as np
 BUCKET_WINDOW = (
     16  # batches per sort window: big enough to cut padding, small enough to stay random
 )
+HEAD_ALIGN = 16  # head_start is rounded down to this: few distinct shapes for mx.compile
 
 
 @dataclass
@@ -28,6 +29,9 @@ class Batch:
     labels: mx.array  # [B] bool, True = desirable
     index: list[int]  # row indices into the dataset
     ntoks: int  # real (non-padding) tokens of the main sequences
+    # Target positions before this one (in tokens[:, 1:], the same for the KL sequences) hold
+    # no completion token in any row: the LM head can skip them (a multiple of HEAD_ALIGN).
+    head_start: int = 0
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -57,7 +61,9 @@ def make_batch(
         kl_tokens, kl_mask = _pack([r.kl_tokens for r in sel], starts, pad_multiple, pad_id)
     labels = mx.array([bool(r.label) for r in sel])
     ntoks = sum(len(r.tokens) for r in sel)
-    return Batch(tokens, mask, kl_tokens, kl_mask, labels, list(index), ntoks)
+    # The first completion token at position s is the target of position s - 1.
+    head_start = max(0, min(starts) - 1) // HEAD_ALIGN * HEAD_ALIGN
+    return Batch(tokens, mask, kl_tokens, kl_mask, labels, list(index), ntoks, head_start)
 
 
 def _length(row) -> int:

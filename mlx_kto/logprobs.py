@@ -20,9 +20,11 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 # mlx-lm model types whose `Model.__call__` is exactly `h = self.model(x)` followed by
@@ -333,6 +335,7 @@ def token_logps(
     chunk_size: int | None = None,
     *,
     for_grad: bool = False,
+    head_start: int = 0,
 ) -> mx.array:
     """Masked per-token log-probs [B, T-1] in float32: entry t is log p(tokens[:, t+1] | tokens[:, :t+1])
     where completion_mask[:, t+1] is set, else exactly 0 (also when the logits there are inf/NaN).
@@ -341,7 +344,10 @@ def token_logps(
     token; position 0 is never a target). chunk_size: sequence positions per LM-head chunk
     (None: `default_chunk_size`). for_grad: the caller differentiates the result; the unchunked
     head then keeps its softmax from the forward so the backward needs no second exp pass
-    (a little slower forward; any value gives the same numbers and correct gradients)."""
+    (a little slower forward; any value gives the same numbers and correct gradients).
+    head_start: the caller knows that no row has a completion target before this position of
+    the [B, T-1] output (e.g. `Batch.head_start`: the shortest prompt): the LM head and its
+    log-softmax skip those positions (their entries are 0 as for any masked position)."""
     if tokens.ndim != 2 or tuple(completion_mask.shape) != tuple(tokens.shape):
         raise ValueError(
             f"tokens must be [B, T] and completion_mask the same shape, got "
@@ -352,6 +358,8 @@ def token_logps(
         return mx.zeros((B, 0), dtype=mx.float32)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not 0 <= head_start < T - 1:
+        head_start = 0 if head_start <= 0 else T - 2  # keep at least one position: valid shapes
     groups = _row_groups(B)
     if len(groups) > 1:
         if chunk_size is None:  # the whole batch's chunk size: same memory in total
@@ -360,13 +368,15 @@ def token_logps(
         for stream, (a, b) in zip(_STREAMS, groups):
             with mx.stream(stream):
                 parts.append(
-                    _token_logps(model, tokens[a:b], completion_mask[a:b], chunk_size, for_grad)
+                    _token_logps(
+                        model, tokens[a:b], completion_mask[a:b], chunk_size, for_grad, head_start
+                    )
                 )
         return mx.concatenate(parts, axis=0)  # [B, T-1]
-    return _token_logps(model, tokens, completion_mask, chunk_size, for_grad)
+    return _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_start)
 
 
-def _token_logps(model, tokens, completion_mask, chunk_size, for_grad) -> mx.array:
+def _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_start) -> mx.array:
     B, T = tokens.shape
     mask = completion_mask[:, 1:].astype(mx.bool_)  # [B, T-1]
     # Masked targets point at id 0 so the gather stays in range whatever the padding id is.
@@ -378,11 +388,50 @@ def _token_logps(model, tokens, completion_mask, chunk_size, for_grad) -> mx.arr
 
     if chunk_size is None:
         chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
-    if chunk_size is None or chunk_size >= T - 1:
-        logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1]
+    s = head_start
+    if s:
+        h, targets = h[:, s:], targets[:, s:]  # [B, T-1-s, H], [B, T-1-s]
+    if chunk_size is None or chunk_size >= T - 1 - s:
+        logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1-s]
     else:
-        logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1]
-    return mx.where(mask, logps, 0.0)
+        logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1-s]
+    if s:
+        logps = mx.concatenate([mx.zeros((B, s), dtype=logps.dtype), logps], axis=1)
+    return mx.where(mask, logps, 0.0)  # [B, T-1]
+
+
+def head_start_of(completion_mask, align: int = 16) -> int:
+    """The first [B, T-1] target position any row needs (the shortest prompt, minus one),
+    rounded down to `align`; from a concrete mask (host side)."""
+    m = np.asarray(completion_mask)[:, 1:]
+    cols = np.flatnonzero(m.any(axis=0))
+    return 0 if cols.size == 0 else int(cols[0]) // align * align
+
+
+def compiled_sequence_logps(model: nn.Module, pad_multiple: int = 16) -> Callable:
+    """`fn(tokens, mask) -> [B]`: `sequence_logps` for forward-only passes (reference, KL),
+    compiled with the model's parameters (and the random state) as inputs, on concrete arrays:
+    T is right-padded to a multiple of `pad_multiple` (fewer traces; padding changes nothing
+    for a causal model) and the head skips the prompt positions (`head_start_of`).
+
+    The LoRA scale and train/eval mode in effect when a shape is first traced are baked into
+    that trace: make one function per mode and only ever call it in that mode (e.g. make and
+    call the reference one only inside `reference_mode`, the KL one only in training)."""
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=[mx.random.state])
+    def fn(tokens, mask, head_start):
+        return sequence_logps(model, tokens, mask, head_start=head_start)
+
+    def call(tokens: mx.array, mask: mx.array) -> mx.array:
+        T = tokens.shape[1]
+        pad = -T % pad_multiple
+        if pad:
+            tokens = mx.pad(tokens, [(0, 0), (0, pad)])
+            mask = mx.pad(mask, [(0, 0), (0, pad)])
+        return fn(tokens, mask, head_start_of(mask))
+
+    return call
 
 
 def sequence_logps(
@@ -392,6 +441,7 @@ def sequence_logps(
     chunk_size: int | None = None,
     *,
     for_grad: bool = False,
+    head_start: int = 0,
 ) -> mx.array:
     """Sum of completion-token log-probs per row, float32 [B] (see module docstring):
 
@@ -399,4 +449,6 @@ def sequence_logps(
 
     Differentiable (nn.value_and_grad, mx.compile; pass for_grad=True when differentiating);
     prompt and padding contribute exactly 0."""
-    return token_logps(model, tokens, completion_mask, chunk_size, for_grad=for_grad).sum(axis=-1)
+    return token_logps(
+        model, tokens, completion_mask, chunk_size, for_grad=for_grad, head_start=head_start
+    ).sum(axis=-1)

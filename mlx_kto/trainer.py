@@ -77,7 +77,9 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
     """The policy's KL-sequence log-probs: used only as the (detached) reference point."""
     if batch.kl_tokens is None:
         return None
-    return mx.stop_gradient(sequence_logps(model, batch.kl_tokens, batch.kl_mask))
+    return mx.stop_gradient(
+        sequence_logps(model, batch.kl_tokens, batch.kl_mask, head_start=batch.head_start)
+    )
 
 
 def _row_parallel(fn):
@@ -100,13 +102,13 @@ def _compiled_kl_forward(model: nn.Module):
     kstate = [model.state, mx.random.state]  # parameters; dropout's random state
 
     @partial(mx.compile, inputs=kstate, outputs=[mx.random.state])
-    def kl_logps(tokens, mask):
-        return sequence_logps(model, tokens, mask)
+    def kl_logps(tokens, mask, head_start):
+        return sequence_logps(model, tokens, mask, head_start=head_start)
 
     def forward(model_, batch: Batch) -> mx.array | None:
         if batch.kl_tokens is None:
             return None
-        return mx.stop_gradient(kl_logps(batch.kl_tokens, batch.kl_mask))
+        return mx.stop_gradient(kl_logps(batch.kl_tokens, batch.kl_mask, batch.head_start))
 
     return forward
 
@@ -142,7 +144,7 @@ def evaluate(
         if max_batches > 0 and i >= max_batches:
             break
         ref, ref_kl = scorer(batch)
-        pol = sequence_logps(model, batch.tokens, batch.mask)
+        pol = sequence_logps(model, batch.tokens, batch.mask, head_start=batch.head_start)
         kl_pol = policy_kl_logps(model, batch)
         _, metrics = kto_loss(
             pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight)
@@ -176,6 +178,73 @@ class MetricsLog:
         self.f.close()
 
 
+def make_train_step(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: KTOConfig, desirable_weight: float
+):
+    """One micro-batch of training, `train_step(batch, scorer, prev_grad, do_update) ->
+    (loss, metrics, grad, norm)` (lazy arrays; the caller evaluates them):
+
+    1. reference log-probs of the sequences and KL sequences (`scorer`: cache or one batched
+       adapter-off forward, eager, outside every compiled function);
+    2. the policy's KL-sequence log-probs, no gradient (compiled on its own);
+    3. the compiled policy forward/backward on the main sequences, gradient accumulation
+       (`prev_grad`), and on the last micro-batch (`do_update`) averaging, clipping and AdamW.
+    Call inside `cpu_row_parallel()` (as `train_loop` does) to spread rows over CPU cores."""
+    accum = cfg.grad_accumulation_steps
+    loss_kw = _loss_kwargs(cfg, desirable_weight)
+
+    def loss_fn(model, tokens, mask, labels, ref, kl_pol, kl_ref, head_start):
+        pol = sequence_logps(model, tokens, mask, for_grad=True, head_start=head_start)
+        return kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(tokens, mask, labels, ref, kl_pol, kl_ref, head_start, prev_grad, do_update):
+        (loss, metrics), grad = loss_and_grad(
+            model, tokens, mask, labels, ref, kl_pol, kl_ref, head_start
+        )
+        if prev_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+        norm = mx.array(0.0)
+        if do_update:
+            if accum > 1:
+                grad = tree_map(lambda g: g / accum, grad)
+            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
+            else:
+                norm = optim.clip_grad_norm(grad, float("inf"))[1]
+            optimizer.update(model, grad)
+            grad = None
+        return loss, metrics, grad, norm
+
+    kl_forward = policy_kl_logps
+    if cfg.compile:
+        cstate = [model.state, optimizer.state, mx.random.state]
+        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
+        kl_forward = _compiled_kl_forward(model)
+
+    def train_step(batch: Batch, scorer: ReferenceScorer, prev_grad, do_update: bool):
+        ref, ref_kl = scorer(batch)
+        kl_pol = kl_forward(model, batch) if cfg.loss_type == "kto" else None
+        if kl_pol is not None:
+            # Evaluated first, on its own: left lazy, MLX interleaves it with the policy's
+            # forward, more activations live at once, and the step is ~25% slower on CPU.
+            mx.eval(kl_pol)
+        return step(
+            batch.tokens,
+            batch.mask,
+            batch.labels,
+            ref,
+            kl_pol,
+            ref_kl,
+            batch.head_start,  # a Python int: a compile-time constant (retraced per value)
+            prev_grad,
+            do_update,
+        )
+
+    return train_step
+
+
 @_row_parallel
 def train_loop(
     model: nn.Module,
@@ -198,35 +267,7 @@ def train_loop(
 
     with_kl = cfg.loss_type == "kto"
     accum = cfg.grad_accumulation_steps
-    loss_kw = _loss_kwargs(cfg, desirable_weight)
-
-    def loss_fn(model, tokens, mask, labels, ref, kl_pol, kl_ref):
-        pol = sequence_logps(model, tokens, mask, for_grad=True)
-        return kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-
-    def step(tokens, mask, labels, ref, kl_pol, kl_ref, prev_grad, do_update):
-        (loss, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, kl_pol, kl_ref)
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        norm = mx.array(0.0)
-        if do_update:
-            if accum > 1:
-                grad = tree_map(lambda g: g / accum, grad)
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
-            else:
-                norm = optim.clip_grad_norm(grad, float("inf"))[1]
-            optimizer.update(model, grad)
-            grad = None
-        return loss, metrics, grad, norm
-
-    kl_forward = policy_kl_logps
-    if cfg.compile:
-        cstate = [model.state, optimizer.state, mx.random.state]
-        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
-        kl_forward = _compiled_kl_forward(model)
+    train_step = make_train_step(model, optimizer, cfg, desirable_weight)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
     batches = iterate_batches(
@@ -260,18 +301,7 @@ def train_loop(
         mx.random.seed(cfg.seed * 1_000_003 + state.step)
         for micro in range(accum):
             epoch, bidx, batch = next(batches)
-            ref, ref_kl = scorer(batch)
-            kl_pol = kl_forward(model, batch) if with_kl else None
-            loss, metrics, grad, norm = step(
-                batch.tokens,
-                batch.mask,
-                batch.labels,
-                ref,
-                kl_pol,
-                ref_kl,
-                grad,
-                micro == accum - 1,
-            )
+            loss, metrics, grad, norm = train_step(batch, scorer, grad, micro == accum - 1)
             mx.eval(loss, metrics, grad, norm, model.trainable_parameters(), optimizer.state)
             m = metrics_to_floats(metrics)
             agg = m if agg is None else merge_metrics(agg, m)
