@@ -27,8 +27,10 @@ LoRA matmul weights) per token + causal attention; a LoRA backward = the input g
 forward-equivalents, a warm KTO step 3 (+ the KL forward), a cold one 5.
 
 --baseline times the trainer as it was before issue 6 (autograd through logsumexp, the eager
-KL forward evaluated together with the step, LM head over every position, one CPU stream) for
-before/after figures. The reference scorer is today's in both.
+KL forward evaluated together with the step, LM head over every position, one CPU stream,
+MLX's exp, glibc's default malloc) for before/after figures. The reference scorer is today's
+in both. The SFT step runs in the same process, so it shares the malloc setting (its ceiling
+is the faster for it: the ratios are conservative).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import logprobs, trainer  # noqa: E402
+from mlx_kto import fastops, logprobs, trainer  # noqa: E402
 from mlx_kto.batches import iterate_batches  # noqa: E402
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.fingerprint import reference_fingerprint  # noqa: E402
@@ -157,11 +159,14 @@ def step_flops(fm: FlopModel, rows, index, phase: str) -> float:
 
 
 def use_baseline() -> None:
-    """The log-prob head as before issue 6 (autograd through logsumexp) and one CPU stream."""
+    """The log-prob head as before issue 6 (autograd through logsumexp), one CPU stream,
+    MLX's own exp, glibc's default malloc thresholds."""
     logprobs._head_target_logps = lambda module, head, h, t, keep: logprobs._target_logps(
         head, h, t
     )
     os.environ["MLX_KTO_CPU_STREAMS"] = "1"
+    os.environ["MLX_KTO_FAST_EXP"] = "0"
+    mlx_kto._heap.untune()
 
 
 def baseline_train_step(model, optimizer, cfg):
@@ -219,7 +224,7 @@ def kto_runner(model_path: Path, args, tmp: Path):
 
     def run(batch, phase: str) -> float:
         t0 = time.perf_counter()
-        with logprobs.cpu_row_parallel():  # what train_loop does around its steps
+        with trainer.fast_paths(model):  # what train_loop does around its steps
             loss, metrics, grad, norm = step(batch, scorers[phase], None, True)
             mx.eval(loss, metrics, grad, norm, model.trainable_parameters(), optimizer.state)
             metrics_to_floats(metrics)
@@ -361,6 +366,8 @@ def main() -> None:
         "model": str(model_path),
         "trainer": "baseline (before issue 6)" if args.baseline else "current",
         "cpu_streams": 1 if args.baseline else logprobs.default_streams(),
+        "fast_exp": fastops.wanted(),
+        "malloc_tuned": mlx_kto._heap.tuned,
         "batch_size": args.batch_size,
         "timed_batches": len(batches),
         "warmup_s": round(warmup_s, 1),

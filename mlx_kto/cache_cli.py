@@ -30,6 +30,7 @@ def warm_cache(cfg: KTOConfig, log=print) -> dict:
     from mlx_kto.model import load_base, load_init_adapter, trainable_lora
     from mlx_kto.reference import make_scorer
     from mlx_kto.train import prepare_data
+    from mlx_kto.trainer import fast_paths
 
     import mlx.core as mx
 
@@ -51,11 +52,12 @@ def warm_cache(cfg: KTOConfig, log=print) -> dict:
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         if not rows:
             continue
-        for _, _, batch in iterate_batches(
-            rows, cfg.batch_size, shuffle=False, pad_id=pad_id, with_kl=with_kl,
-            min_size=2 if with_kl else 1, loop=False,
-        ):  # fmt: skip
-            scorer(batch)
+        with fast_paths(model):  # computed as training computes them
+            for _, _, batch in iterate_batches(
+                rows, cfg.batch_size, shuffle=False, pad_id=pad_id, with_kl=with_kl,
+                min_size=2 if with_kl else 1, loop=False,
+            ):  # fmt: skip
+                scorer(batch)
         log(f"{name}: {len(rows)} rows scored ({scorer.hits} hits, {scorer.misses} misses so far)")
     stats = scorer.stats()
     log(

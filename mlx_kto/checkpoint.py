@@ -15,13 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mlx_kto.errors import UserError
+from mlx_kto.model import trainable_lora
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
-
-from mlx_kto.errors import UserError
-from mlx_kto.model import trainable_lora
 
 STATE_FILE = "trainer_state.json"
 

@@ -14,12 +14,12 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
 
     The reference is the base model (adapter off), as in training from scratch;
     reward accuracy = share of rows whose reward sign matches the label."""
-    import mlx.core as mx
-
     from mlx_kto.model import load_base, load_init_adapter
     from mlx_kto.reference import make_scorer
     from mlx_kto.train import prepare_data
     from mlx_kto.trainer import evaluate
+
+    import mlx.core as mx
 
     cfg.validate()
     model, tokenizer, model_path, _ = load_base(cfg)

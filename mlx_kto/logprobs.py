@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
+from mlx_kto import fastops
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -134,7 +136,12 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
     logits = head(h).astype(mx.float32)  # [B, C, V]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - fastops.lse(logits)
+
+
+def _softmax(logits: mx.array) -> mx.array:
+    """softmax over the last axis (fastops' arithmetic exp inside `fastops.fast_ops`)."""
+    return fastops.softmax(logits) if fastops.active() else mx.softmax(logits, axis=-1)
 
 
 def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
@@ -197,10 +204,10 @@ def _head_target_logps(
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         if keep_probs:
             m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-            e = mx.exp(logits - m)  # [B, C, V]
+            e = fastops.exp_shifted(logits - m)  # [B, C, V]
             s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
             return picked - (m + mx.log(s)).squeeze(-1), e, s
-        return picked - mx.logsumexp(logits, axis=-1), logits, logits
+        return picked - fastops.lse(logits), logits, logits
 
     @fn.vjp
     def fn_vjp(primals, cotangents, outputs):
@@ -208,7 +215,7 @@ def _head_target_logps(
         _, a, b = outputs
         with mx.stream(stream):
             # softmax as autograd through logsumexp forms it: the gradients agree bit for bit
-            probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
+            probs = a * (1.0 / b) if keep_probs else _softmax(a)  # [B, C, V]
             d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
         proj.restore(params)
         return (d_h, *d_params) if params else d_h
@@ -246,7 +253,7 @@ def _chunked_target_logps(
             d_h, d_params = [], [mx.zeros_like(p) for p in params]
             for s, e in bounds:
                 hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-                probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
+                probs = _softmax(proj.logits(hs, params))  # [B, C, V]
                 d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
                 d_hs, d_ps = proj.vjp(hs, params, d_logits)
                 d_h.append(d_hs)
@@ -419,9 +426,14 @@ def compiled_sequence_logps(model: nn.Module, pad_multiple: int = 16) -> Callabl
     call the reference one only inside `reference_mode`, the KL one only in training)."""
     state = [model.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=[mx.random.state])
-    def fn(tokens, mask, head_start):
-        return sequence_logps(model, tokens, mask, head_start=head_start)
+    def make():
+        @partial(mx.compile, inputs=state, outputs=[mx.random.state])
+        def fn(tokens, mask, head_start):
+            return sequence_logps(model, tokens, mask, head_start=head_start)
+
+        return fn
+
+    fn = fastops.per_mode(make)  # one trace cache inside `fastops.fast_ops`, one outside
 
     def call(tokens: mx.array, mask: mx.array) -> mx.array:
         T = tokens.shape[1]

@@ -13,12 +13,12 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlx_kto.config import KTOConfig
+from mlx_kto.errors import UserError
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-
-from mlx_kto.config import KTOConfig
-from mlx_kto.errors import UserError
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
 

@@ -21,7 +21,7 @@ import time
 
 from mlx_kto.batches import Batch
 from mlx_kto.fingerprint import Fingerprint, reference_fingerprint
-from mlx_kto.logprobs import sequence_logps
+from mlx_kto.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.model import reference_mode
 from mlx_kto.refcache import DB_NAME, RefCache, default_cache_dir, entry_key  # noqa: F401
 
@@ -37,11 +37,18 @@ def reference_forward(
     tokens: mx.array,
     mask: mx.array,
     frozen: dict[str, mx.array] | None = None,
+    forward=None,
 ) -> mx.array:
     """log pi_ref(y|x) for each row of tokens [B, T]: adapter off (or the frozen
-    starting adapter), dropout off, no gradient. Returns [B] float32."""
+    starting adapter), dropout off, no gradient. Returns [B] float32. `forward(tokens, mask)`
+    (e.g. `compiled_sequence_logps(model)`, only ever called in reference mode) replaces the
+    eager `sequence_logps`."""
     with reference_mode(model, frozen):
-        out = mx.stop_gradient(sequence_logps(model, tokens, mask))
+        if forward is None:
+            out = sequence_logps(model, tokens, mask)
+        else:
+            out = forward(tokens, mask)
+        out = mx.stop_gradient(out)
         mx.eval(out)
     return out
 
@@ -77,10 +84,13 @@ class ReferenceScorer:
         frozen: dict[str, mx.array] | None = None,
         cache: RefCache | None = None,
         fingerprint: Fingerprint | str | None = None,
+        compile: bool = True,
     ):
         if cache is not None and fingerprint is None:
             raise ValueError("a RefCache needs the reference fingerprint")
         self.model = model
+        # Compiled (fused elementwise ops), traced and called only inside reference_mode.
+        self._forward = compiled_sequence_logps(model) if compile else None
         self.frozen = frozen
         self.cache = cache
         self.fingerprint = fingerprint.id if isinstance(fingerprint, Fingerprint) else fingerprint
@@ -104,14 +114,16 @@ class ReferenceScorer:
     def _uncached(self, batch: Batch) -> tuple[mx.array, mx.array | None]:
         B = batch.tokens.shape[0]
         if batch.kl_tokens is None:
-            ref = reference_forward(self.model, batch.tokens, batch.mask, self.frozen)
+            ref = reference_forward(
+                self.model, batch.tokens, batch.mask, self.frozen, self._forward
+            )
             kl = None
         else:
             # One forward over [main; KL] rows: fewer, larger matmuls.
             T = max(batch.tokens.shape[1], batch.kl_tokens.shape[1])
             toks = mx.concatenate([_pad_cols(batch.tokens, T), _pad_cols(batch.kl_tokens, T)])
             mask = mx.concatenate([_pad_cols(batch.mask, T), _pad_cols(batch.kl_mask, T)])
-            out = reference_forward(self.model, toks, mask, self.frozen)  # [2B]
+            out = reference_forward(self.model, toks, mask, self.frozen, self._forward)  # [2B]
             ref, kl = out[:B], out[B:]
         self.forwards += 1
         self.rows_computed += B if kl is None else 2 * B
@@ -148,7 +160,9 @@ class ReferenceScorer:
                 toks[j, : len(ids)] = ids
                 mask[j, : len(m)] = m
             vals = np.array(
-                reference_forward(self.model, mx.array(toks), mx.array(mask), self.frozen)
+                reference_forward(
+                    self.model, mx.array(toks), mx.array(mask), self.frozen, self._forward
+                )
             )  # [M] float32
             self.forwards += 1
             self.rows_computed += len(first)
@@ -178,15 +192,15 @@ def make_scorer(
     """The scorer a run uses: cached under cfg.ref_cache (or the default folder) unless
     cfg.no_ref_cache. A cache that cannot be opened is reported and skipped."""
     if cfg.no_ref_cache:
-        return ReferenceScorer(model, frozen)
+        return ReferenceScorer(model, frozen, compile=cfg.compile)
     try:
         cache = RefCache(cfg.ref_cache, log=log)
         fp = reference_fingerprint(
             model_path, cfg.quantize, cfg.q_group_size, cfg.dtype, cfg.init_adapter, memo=cache
         )
-        scorer = ReferenceScorer(model, frozen, cache=cache, fingerprint=fp)
+        scorer = ReferenceScorer(model, frozen, cache=cache, fingerprint=fp, compile=cfg.compile)
     except (OSError, sqlite3.Error) as e:
         log(f"warning: reference cache unavailable ({e}); computing reference log-probs uncached")
-        return ReferenceScorer(model, frozen)
+        return ReferenceScorer(model, frozen, compile=cfg.compile)
     log(f"reference cache: {cache.root} (fingerprint {fp.id[:12]})")
     return scorer

@@ -10,21 +10,24 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-from mlx.utils import tree_map
-
+from mlx_kto import fastops
 from mlx_kto.batches import Batch, iterate_batches, num_batches
 from mlx_kto.checkpoint import save_checkpoint
 from mlx_kto.config import KTOConfig
 from mlx_kto.logprobs import cpu_row_parallel, sequence_logps
 from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
 from mlx_kto.reference import ReferenceScorer
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
 
 
 @dataclass
@@ -82,14 +85,24 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
     )
 
 
+@contextmanager
+def fast_paths(model: nn.Module) -> Iterator[None]:
+    """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
+    already inside): every log-prob pass spreads its rows over one stream per core
+    (`cpu_row_parallel`), and on x86 the model's attention / SwiGLU and the LM head use
+    fastops' arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
+    all run inside, so the policy and its reference compute the same way."""
+    with cpu_row_parallel(), fastops.fast_ops(model):
+        yield
+
+
 def _row_parallel(fn):
-    """Run fn inside `cpu_row_parallel()`: on the CPU backend every log-prob pass spreads its
-    rows over one stream per core (a no-op on a GPU, and when already inside)."""
+    """Run fn(model, ...) inside `fast_paths(model)`."""
 
     @wraps(fn)
-    def wrapper(*args, **kwargs):
-        with cpu_row_parallel():
-            return fn(*args, **kwargs)
+    def wrapper(model, *args, **kwargs):
+        with fast_paths(model):
+            return fn(model, *args, **kwargs)
 
     return wrapper
 
@@ -101,9 +114,14 @@ def _compiled_kl_forward(model: nn.Module):
     KL shape alone, not on (main, KL) shape pairs."""
     kstate = [model.state, mx.random.state]  # parameters; dropout's random state
 
-    @partial(mx.compile, inputs=kstate, outputs=[mx.random.state])
-    def kl_logps(tokens, mask, head_start):
-        return sequence_logps(model, tokens, mask, head_start=head_start)
+    def make():
+        @partial(mx.compile, inputs=kstate, outputs=[mx.random.state])
+        def kl_logps(tokens, mask, head_start):
+            return sequence_logps(model, tokens, mask, head_start=head_start)
+
+        return kl_logps
+
+    kl_logps = fastops.per_mode(make)
 
     def forward(model_, batch: Batch) -> mx.array | None:
         if batch.kl_tokens is None:
@@ -189,7 +207,7 @@ def make_train_step(
     2. the policy's KL-sequence log-probs, no gradient (compiled on its own);
     3. the compiled policy forward/backward on the main sequences, gradient accumulation
        (`prev_grad`), and on the last micro-batch (`do_update`) averaging, clipping and AdamW.
-    Call inside `cpu_row_parallel()` (as `train_loop` does) to spread rows over CPU cores."""
+    Call inside `fast_paths(model)` (as `train_loop` does) for the CPU backend's fast paths."""
     accum = cfg.grad_accumulation_steps
     loss_kw = _loss_kwargs(cfg, desirable_weight)
 
@@ -220,7 +238,10 @@ def make_train_step(
     kl_forward = policy_kl_logps
     if cfg.compile:
         cstate = [model.state, optimizer.state, mx.random.state]
-        step = partial(mx.compile, inputs=cstate, outputs=cstate)(step)
+        # A fresh wrapper per mode: MLX keys compiled traces by the Python function.
+        step = fastops.per_mode(
+            lambda f=step: partial(mx.compile, inputs=cstate, outputs=cstate)(lambda *a: f(*a))
+        )
         kl_forward = _compiled_kl_forward(model)
 
     def train_step(batch: Batch, scorer: ReferenceScorer, prev_grad, do_update: bool):

@@ -2,10 +2,10 @@
 
 import json
 
-import pytest
-
 from mlx_kto.data import Example, load_examples, load_splits, parse_label
 from mlx_kto.errors import UserError
+
+import pytest
 
 USER = {"role": "user", "content": "What color is the sky?"}
 BLUE = {"role": "assistant", "content": "It is blue."}

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from mlx_kto.data import Example, load_examples
 from mlx_kto.errors import UserError
 from mlx_kto.tokenize import (
@@ -16,6 +14,8 @@ from mlx_kto.tokenize import (
     recommended_weight_range,
     tokenize_examples,
 )
+
+import pytest
 
 BOS, EOS = 1, 2
 USER = {"role": "user", "content": "What color is the sky?"}
@@ -138,9 +138,9 @@ def test_tools_and_template_kwargs_forwarded():
 
 
 def test_no_chat_template_is_user_error(tmp_path):
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
     from mlx_kto.toy import build_tokenizer
+
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     plain = build_tokenizer(tmp_path, chat_template=None)
     for t in (plain, TokenizerWrapper(plain)):

@@ -1,0 +1,229 @@
+"""Exp-based ops (softmax, logsumexp, SiLU, attention) written as plain arithmetic for MLX's CPU
+backend on x86.
+
+Why: the x86-64 `mlx` wheels are built without AVX2/FMA, so every `exp` in a CPU kernel
+(`mx.exp`, `mx.softmax`, `mx.logsumexp`, `mx.sigmoid`, and the same ops fused by `mx.compile`)
+runs MLX's Cephes polynomial one float at a time, each of its six FMAs a call into libm
+(`__fmaf_fma3`): about 20 ns per element, measured with `perf` at ~30% of a forward pass of
+the benchmark model (bench/RESULTS.md). The same polynomial written as MLX multiply/add ops
+has no calls in it, fuses under `mx.compile`, and costs about 5 ns per element.
+
+    exp(x) = 2^r * P(f),  y = x * log2(e),  r = round(y),  f = y - r in [-1/2, 1/2]
+
+with P the degree-6 Cephes polynomial for 2^f (the coefficients MLX's own `simd::exp` uses) and
+2^r built in the float exponent bits. Only inputs x <= 0 are needed here (softmax and
+logsumexp after subtracting the max, sigmoid through exp(-|x|)); below -87 the result is 0.
+Relative error against float64 exp: about 2 float32 ulp, the same as `mx.exp`.
+
+The gradients are analytic (custom vjps), so the backward passes add no further exps:
+
+    d softmax:  dx = y * (g - sum(g * y))
+    d silu:     dx = g * s * (1 + x * (1 - s)),  s = sigmoid(x)
+
+`patched_model_ops(model)` swaps mlx-lm's `scaled_dot_product_attention` and `swiglu` in the
+model's own module for these while the context is open (CPU device only); the model's
+weights and structure are untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+LOG2E = 1.4426950408889634
+MAGIC = 12582912.0  # 1.5 * 2^23: (y + MAGIC) - MAGIC rounds y to the nearest integer
+EXP_MIN = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32 is 1.2e-38
+# 2^f on [-1/2, 1/2], highest degree first (Cephes, as in MLX's simd::exp).
+P2 = (
+    1.535336188319500e-4,
+    1.339887440266574e-3,
+    9.618437357674640e-3,
+    5.550332471162809e-2,
+    2.402264791363012e-1,
+    6.931472028550421e-1,
+    1.0,
+)
+
+
+def wanted() -> bool:
+    """Use the arithmetic ops: CPU device on x86 (where MLX's exp is scalar); $MLX_KTO_FAST_EXP
+    set to 0 or 1 overrides."""
+    env = os.environ.get("MLX_KTO_FAST_EXP")
+    if env in ("0", "1"):
+        return env == "1"
+    if mx.default_device() != mx.cpu:
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def exp_nonpos(x: mx.array) -> mx.array:
+    """exp(x) for float32 x <= 0 (larger x are not supported), 0 below -87, NaN stays NaN.
+    Forward only: its autograd is not exp's (the functions below carry their own vjps)."""
+    xc = mx.maximum(x, EXP_MIN)
+    y = xc * LOG2E
+    r = (y + MAGIC) - MAGIC  # round to nearest (IEEE arithmetic: MLX never reassociates)
+    f = y - r
+    p = P2[0]
+    for c in P2[1:]:
+        p = p * f + c
+    two_r = mx.left_shift(r.astype(mx.int32) + 127, 23).view(mx.float32)  # 2^r, exactly
+    return mx.where(x < EXP_MIN, 0.0, p * two_r)
+
+
+def _one(a):
+    """MLX hands a custom vjp a lone array, or a one-element tuple/list."""
+    return a[0] if isinstance(a, (list, tuple)) else a
+
+
+@mx.custom_function
+def softmax(x: mx.array) -> mx.array:
+    """softmax over the last axis, in x's dtype (float32 inside)."""
+    xf = x.astype(mx.float32)
+    e = exp_nonpos(xf - mx.max(xf, axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+
+@softmax.vjp
+def _softmax_vjp(primals, cotangents, outputs):
+    x, g, y = _one(primals), _one(cotangents), _one(outputs)
+    yf, gf = y.astype(mx.float32), g.astype(mx.float32)
+    return (yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(x.dtype)
+
+
+@mx.custom_function
+def logsumexp(x: mx.array) -> mx.array:
+    """log sum exp over the last axis [..., V] -> [...]."""
+    m = mx.max(x, axis=-1, keepdims=True)
+    m = mx.where(mx.isinf(m), 0.0, m)  # all -inf rows give -inf, not NaN
+    return mx.log(exp_nonpos(x - m).sum(axis=-1)) + m.squeeze(-1)
+
+
+@logsumexp.vjp
+def _logsumexp_vjp(primals, cotangents, outputs):
+    x, g, out = _one(primals), _one(cotangents), _one(outputs)
+    return g[..., None] * exp_nonpos(x - out[..., None])  # softmax(x) * g
+
+
+def _sigmoid(x: mx.array) -> mx.array:
+    e = exp_nonpos(-mx.abs(x))  # in (0, 1]: no overflow either side
+    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@mx.custom_function
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    xf = x.astype(mx.float32)
+    return (xf * _sigmoid(xf)).astype(x.dtype)
+
+
+@silu.vjp
+def _silu_vjp(primals, cotangents, outputs):
+    x, g = _one(primals), _one(cotangents)
+    xf, gf = x.astype(mx.float32), g.astype(mx.float32)
+    s = _sigmoid(xf)
+    return (gf * s * (1.0 + xf * (1.0 - s))).astype(x.dtype)
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """mlx-lm's `swiglu`: silu(gate) * x."""
+    return silu(gate) * x
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """softmax(q k^T * scale + mask) v with grouped-query heads, like MLX's CPU fallback of
+    `mx.fast.scaled_dot_product_attention`. q [B, Hq, L, D], k and v [B, Hkv, S, D]; mask None,
+    "causal", a bool array (True = attend) or an additive array. -> [B, Hq, L, D]."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = Hq // Hkv
+    q = (q * scale).reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
+    scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unsupported attention mask {mask!r}")
+        keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
+        scores = mx.where(keep, scores, -mx.inf)
+    elif mask is not None and mask.dtype == mx.bool_:
+        scores = mx.where(mask, scores, -mx.inf)
+    elif mask is not None:
+        scores = scores + mask.astype(scores.dtype)
+    probs = softmax(scores).reshape(B, Hkv, rep, L, S)  # [B, Hkv, rep, L, S]
+    return (probs @ v[:, :, None]).reshape(B, Hq, L, D)
+
+
+def _make_sdpa(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if cache is not None or sinks is not None or mx.default_device() != mx.cpu:
+            return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return attention(queries, keys, values, scale, mask)
+
+    scaled_dot_product_attention.original = original
+    return scaled_dot_product_attention
+
+
+_ACTIVE = [False]
+
+
+def active() -> bool:
+    """True inside `fast_ops` (the LM head's softmax / logsumexp in logprobs.py follow it)."""
+    return _ACTIVE[0]
+
+
+def lse(x: mx.array) -> mx.array:
+    """logsumexp over the last axis: `logsumexp` inside `fast_ops`, else `mx.logsumexp`."""
+    return logsumexp(x) if active() else mx.logsumexp(x, axis=-1)
+
+
+def exp_shifted(x: mx.array) -> mx.array:
+    """exp(x) for x <= 0: `exp_nonpos` inside `fast_ops`, else `mx.exp`."""
+    return exp_nonpos(x) if active() else mx.exp(x)
+
+
+def per_mode(make: Callable[[], Callable]) -> Callable:
+    """A function that calls `make()`'s result for the current mode (inside `fast_ops` or
+    not), making it on first use: for compiled functions, whose traces keep the ops they were
+    traced with. `make` must build a new function object each call (MLX keys its trace cache
+    by the Python function)."""
+    made: dict[bool, Callable] = {}
+
+    def call(*args, **kwargs):
+        mode = active()
+        if mode not in made:
+            made[mode] = make()
+        return made[mode](*args, **kwargs)
+
+    return call
+
+
+@contextmanager
+def fast_ops(model, enable: bool | None = None) -> Iterator[bool]:
+    """Within the context (when `wanted()`, or `enable`), the model's mlx-lm module uses
+    `attention` and `swiglu` above and the LM head in logprobs.py uses `exp_nonpos`. Yields
+    whether the fast ops are on. Compiled functions keep the ops they were traced with, so
+    trace and call a compiled function in the same setting. Re-entrant."""
+    enable = wanted() if enable is None else enable
+    if not enable or _ACTIVE[0]:
+        yield _ACTIVE[0]
+        return
+    module = sys.modules.get(type(model).__module__)
+    saved = {}
+    if module is not None and module.__name__.startswith("mlx_lm.models."):
+        sdpa = getattr(module, "scaled_dot_product_attention", None)
+        if sdpa is not None and not hasattr(sdpa, "original"):
+            saved["scaled_dot_product_attention"] = sdpa
+            module.scaled_dot_product_attention = _make_sdpa(sdpa)
+        if getattr(module, "swiglu", None) is not None:
+            saved["swiglu"] = module.swiglu
+            module.swiglu = swiglu
+    _ACTIVE[0] = True
+    try:
+        yield True
+    finally:
+        _ACTIVE[0] = False
+        for name, value in saved.items():
+            setattr(module, name, value)
