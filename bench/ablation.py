@@ -13,6 +13,12 @@ adding one change to the previous:
   v3 +head_vjp     analytic LM-head backward keeping the softmax (for_grad=True)
   v4 +head_start   LM head and log-softmax only from the shortest prompt on
   v5 +2_streams    rows spread over one CPU stream per core, single-threaded OpenBLAS
+  v6 +fast_exp     attention, SwiGLU and the LM head with fastops' arithmetic exp (x86 CPU)
+  v7 +eager_step   the policy step not traced as a whole (its fastops pieces still compiled),
+                   as make_train_step runs it on CPU streams
+
+The malloc thresholds (mlx_kto._heap) are process-wide, so they are on for every variant;
+MLX_KTO_MALLOC_TUNE=0 runs all of them without.
 
 Every batch is timed once per variant, in turn, so they share the machine's load; one JSON
 line per variant with its median step time and its median per-batch ratio to v0.
@@ -33,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import logprobs  # noqa: E402
+from mlx_kto import fastops, logprobs  # noqa: E402
 from mlx_kto.batches import iterate_batches  # noqa: E402
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.loss import kto_loss  # noqa: E402
@@ -46,7 +52,7 @@ import mlx.optimizers as optim  # noqa: E402
 from fixture import MAX_LENGTH, bench_model, bench_rows  # noqa: E402
 
 VARIANTS = ("v0 baseline", "v1 +kl_eval", "v2 +kl_compile", "v3 +head_vjp", "v4 +head_start")
-VARIANTS += ("v5 +2_streams",)
+VARIANTS += ("v5 +2_streams", "v6 +fast_exp", "v7 +eager_step")
 _analytic_head = logprobs._head_target_logps
 
 
@@ -64,12 +70,14 @@ def make_variant(level: int, model, optimizer, cfg):
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(tokens, mask, labels, ref, kl_pol, kl_ref, hs):
         (loss, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, kl_pol, kl_ref, hs)
         grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
         optimizer.update(model, grad)
         return loss, metrics, norm
+
+    if level < 7:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
 
     @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
     def kl_compiled(tokens, mask, hs):
@@ -79,8 +87,9 @@ def make_variant(level: int, model, optimizer, cfg):
         logprobs._head_target_logps = _analytic_head if level >= 3 else _autograd_head
         hs = batch.head_start if level >= 4 else 0
         ctx = logprobs.cpu_row_parallel(2) if level >= 5 else nullcontext()
+        fast = fastops.fast_ops(model, enable=True) if level >= 6 else nullcontext()
         t0 = time.perf_counter()
-        with ctx:
+        with ctx, fast:
             if level >= 2:
                 kl = kl_compiled(batch.kl_tokens, batch.kl_mask, hs)
             else:

@@ -80,32 +80,24 @@ def _one(a):
     return a[0] if isinstance(a, (list, tuple)) else a
 
 
-@mx.custom_function
-def softmax(x: mx.array) -> mx.array:
-    """softmax over the last axis, in x's dtype (float32 inside)."""
+def _softmax(x: mx.array) -> mx.array:
     xf = x.astype(mx.float32)
     e = exp_nonpos(xf - mx.max(xf, axis=-1, keepdims=True))
     return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
 
 
-@softmax.vjp
-def _softmax_vjp(primals, cotangents, outputs):
-    x, g, y = _one(primals), _one(cotangents), _one(outputs)
+def _softmax_vjp(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
     yf, gf = y.astype(mx.float32), g.astype(mx.float32)
     return (yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(x.dtype)
 
 
-@mx.custom_function
-def logsumexp(x: mx.array) -> mx.array:
-    """log sum exp over the last axis [..., V] -> [...]."""
+def _logsumexp(x: mx.array) -> mx.array:
     m = mx.max(x, axis=-1, keepdims=True)
     m = mx.where(mx.isinf(m), 0.0, m)  # all -inf rows give -inf, not NaN
     return mx.log(exp_nonpos(x - m).sum(axis=-1)) + m.squeeze(-1)
 
 
-@logsumexp.vjp
-def _logsumexp_vjp(primals, cotangents, outputs):
-    x, g, out = _one(primals), _one(cotangents), _one(outputs)
+def _logsumexp_vjp(x: mx.array, g: mx.array, out: mx.array) -> mx.array:
     return g[..., None] * exp_nonpos(x - out[..., None])  # softmax(x) * g
 
 
@@ -114,19 +106,56 @@ def _sigmoid(x: mx.array) -> mx.array:
     return mx.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
-@mx.custom_function
-def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x)."""
+def _silu(x: mx.array) -> mx.array:
     xf = x.astype(mx.float32)
     return (xf * _sigmoid(xf)).astype(x.dtype)
 
 
-@silu.vjp
-def _silu_vjp(primals, cotangents, outputs):
-    x, g = _one(primals), _one(cotangents)
+def _silu_vjp(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
     xf, gf = x.astype(mx.float32), g.astype(mx.float32)
     s = _sigmoid(xf)
     return (gf * s * (1.0 + xf * (1.0 - s))).astype(x.dtype)
+
+
+def _with_vjp(forward, backward):
+    """forward(x) as a custom function whose vjp is backward(x, g, y), run on the stream the
+    forward ran on (MLX runs a custom vjp on the default stream of the moment; rows spread
+    over CPU streams by `cpu_row_parallel` would otherwise serialise their backward passes).
+    One custom function per stream."""
+    made = {}
+
+    def make(stream):
+        fn = mx.custom_function(forward)
+
+        @fn.vjp
+        def vjp(primals, cotangents, outputs):
+            with mx.stream(stream):
+                return backward(_one(primals), _one(cotangents), _one(outputs))
+
+        return fn
+
+    def call(x: mx.array) -> mx.array:
+        stream = mx.default_stream(mx.default_device())
+        key = repr(stream)  # "Stream(Device(cpu, 0), 1)"
+        if key not in made:
+            made[key] = make(stream)
+        return made[key](x)
+
+    call.__doc__ = forward.__doc__
+    return call
+
+
+# Each piece compiled on its own: fused kernels also when the step around them runs eager
+# (trainer.make_train_step on CPU streams), inlined when it is compiled.
+_softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp = map(
+    mx.compile, (_softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp)
+)
+softmax = _with_vjp(_softmax, _softmax_vjp)
+softmax.__doc__ = """softmax over the last axis, in x's dtype (float32 inside)."""
+logsumexp = _with_vjp(_logsumexp, _logsumexp_vjp)
+logsumexp.__doc__ = """log sum exp over the last axis [..., V] -> [...]."""
+silu = _with_vjp(_silu, _silu_vjp)
+silu.__doc__ = """x * sigmoid(x)."""
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
@@ -179,9 +208,12 @@ def lse(x: mx.array) -> mx.array:
     return logsumexp(x) if active() else mx.logsumexp(x, axis=-1)
 
 
+_exp_nonpos_fused = mx.compile(exp_nonpos)
+
+
 def exp_shifted(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0: `exp_nonpos` inside `fast_ops`, else `mx.exp`."""
-    return exp_nonpos(x) if active() else mx.exp(x)
+    """exp(x) for x <= 0: `exp_nonpos` (compiled) inside `fast_ops`, else `mx.exp`."""
+    return _exp_nonpos_fused(x) if active() else mx.exp(x)
 
 
 def per_mode(make: Callable[[], Callable]) -> Callable:

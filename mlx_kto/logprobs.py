@@ -300,6 +300,11 @@ def _blas_threads(n: int | None) -> int | None:
         return None
 
 
+def active_streams() -> int:
+    """CPU streams the current `cpu_row_parallel` context spreads rows over (0: none)."""
+    return len(_STREAMS)
+
+
 def default_streams() -> int:
     """Streams `cpu_row_parallel` uses by default: one per core on the CPU backend (at most 8;
     $MLX_KTO_CPU_STREAMS overrides, 1 = off), else 1 (a GPU runs rows in parallel already)."""

@@ -139,33 +139,42 @@ def test_compiled_sequence_logps_modes(lora_model):
     np.testing.assert_allclose(np.array(ref), np.array(want_ref), rtol=1e-6, atol=1e-5)
 
 
-def test_compiled_train_step_matches_eager(tiny_llama):
-    """Two optimizer steps through make_train_step, compiled (KL forward compiled, rows over
-    two CPU streams) and eager, from the same start: same losses and the same adapter."""
+@pytest.mark.parametrize(
+    "compile_, streams, fast",
+    [(True, 1, False), (True, 2, False), (False, 2, False), (True, 2, True)],
+    ids=["compiled-step", "streams-eager-step", "uncompiled-streams", "streams-fastops"],
+)
+def test_train_step_paths_match_plain_eager(tiny_llama, compile_, streams, fast):
+    """Two optimizer steps through make_train_step from the same start, plain eager (one
+    stream, no fast ops) against: the compiled step (one stream), the step on two CPU
+    streams (make_train_step then runs it eager, KL forward compiled), and that with
+    fastops' arithmetic exp: same losses and the same adapter."""
+    from mlx_kto import fastops
     from mlx_kto.reference import ReferenceScorer
     from mlx_kto.trainer import make_train_step
 
     rows = _rows(8, seed=1)
     out = {}
-    for compile_ in (False, True):
-        cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, seed=0, compile=compile_).validate()
+    for variant in ("plain", "tested"):
+        c, n, f = (False, 1, False) if variant == "plain" else (compile_, streams, fast)
+        cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, seed=0, compile=c).validate()
         model, _, _, _ = load_base(cfg)
         apply_lora(model, cfg)
         opt = optim.AdamW(learning_rate=1e-2)
         opt.init(model.trainable_parameters())
         model.train()
-        scorer = ReferenceScorer(model)
+        scorer = ReferenceScorer(model, compile=c)
         step = make_train_step(model, opt, cfg, 1.0)
         losses = []
-        with cpu_row_parallel(2 if compile_ else 1):
+        with cpu_row_parallel(n), fastops.fast_ops(model, enable=f):
             for idx in ([0, 1, 2, 3], [4, 5, 6, 7]):
                 loss, metrics, grad, norm = step(make_batch(rows, idx), scorer, None, True)
                 mx.eval(loss, metrics, model.parameters(), opt.state)
                 losses.append(float(loss))
-        out[compile_] = losses, dict(tree_flatten(model.trainable_parameters()))
-    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+        out[variant] = losses, dict(tree_flatten(model.trainable_parameters()))
+    assert out["tested"][0] == pytest.approx(out["plain"][0], rel=1e-5)
     # AdamW turns float32 noise in small gradients into parameter noise of a fraction of lr
     # (1e-2); a wrong gradient moves parameters by ~lr.
-    for k, v in out[False][1].items():
-        np.testing.assert_allclose(np.array(out[True][1][k]), np.array(v), rtol=0, atol=1e-4)
-    assert max(float(mx.abs(v).max()) for k, v in out[False][1].items() if "lora_b" in k) > 5e-3
+    for k, v in out["plain"][1].items():
+        np.testing.assert_allclose(np.array(out["tested"][1][k]), np.array(v), rtol=0, atol=1e-4)
+    assert max(float(mx.abs(v).max()) for k, v in out["plain"][1].items() if "lora_b" in k) > 5e-3
