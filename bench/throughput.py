@@ -47,6 +47,8 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--baseline" in sys.argv:  # glibc's own (dynamic) malloc thresholds: never tuned
+    os.environ["MLX_KTO_MALLOC_TUNE"] = "0"
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
 from mlx_kto import fastops, logprobs, trainer  # noqa: E402
@@ -166,7 +168,6 @@ def use_baseline() -> None:
     )
     os.environ["MLX_KTO_CPU_STREAMS"] = "1"
     os.environ["MLX_KTO_FAST_EXP"] = "0"
-    mlx_kto._heap.untune()
 
 
 def baseline_train_step(model, optimizer, cfg):
