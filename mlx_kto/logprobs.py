@@ -136,12 +136,7 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
     logits = head(h).astype(mx.float32)  # [B, C, V]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    return picked - fastops.lse(logits)
-
-
-def _softmax(logits: mx.array) -> mx.array:
-    """softmax over the last axis (fastops' arithmetic exp inside `fastops.fast_ops`)."""
-    return fastops.softmax(logits) if fastops.active() else mx.softmax(logits, axis=-1)
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
@@ -204,10 +199,10 @@ def _head_target_logps(
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         if keep_probs:
             m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-            e = fastops.exp_shifted(logits - m)  # [B, C, V]
+            e = mx.exp(logits - m)  # [B, C, V]
             s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
             return picked - (m + mx.log(s)).squeeze(-1), e, s
-        return picked - fastops.lse(logits), logits, logits
+        return picked - mx.logsumexp(logits, axis=-1), logits, logits
 
     @fn.vjp
     def fn_vjp(primals, cotangents, outputs):
@@ -215,7 +210,7 @@ def _head_target_logps(
         _, a, b = outputs
         with mx.stream(stream):
             # softmax as autograd through logsumexp forms it: the gradients agree bit for bit
-            probs = a * (1.0 / b) if keep_probs else _softmax(a)  # [B, C, V]
+            probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
             d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
         proj.restore(params)
         return (d_h, *d_params) if params else d_h
@@ -253,7 +248,7 @@ def _chunked_target_logps(
             d_h, d_params = [], [mx.zeros_like(p) for p in params]
             for s, e in bounds:
                 hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-                probs = _softmax(proj.logits(hs, params))  # [B, C, V]
+                probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
                 d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
                 d_hs, d_ps = proj.vjp(hs, params, d_logits)
                 d_h.append(d_hs)
