@@ -89,8 +89,8 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
 def fast_paths(model: nn.Module) -> Iterator[None]:
     """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
     already inside): every log-prob pass spreads its rows over one stream per core
-    (`cpu_row_parallel`), and on x86 the model's attention / SwiGLU and the LM head use
-    fastops' arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
+    (`cpu_row_parallel`), and on x86 the model's attention and SwiGLU use fastops'
+    arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
     all run inside, so the policy and its reference compute the same way."""
     with cpu_row_parallel(), fastops.fast_ops(model):
         yield
