@@ -114,6 +114,18 @@ class RefCache:
 
     # -- set-up -------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
+        """`_connect`, retried while another process holds the lock: SQLite does not always
+        wait on its busy timeout when two processes switch a new file to WAL at once."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self._connect()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
