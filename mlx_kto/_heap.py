@@ -52,7 +52,8 @@ def tune() -> bool:
 
 
 def untune() -> None:
-    """Back to glibc's default thresholds (for before/after benchmarks)."""
+    """Fixed thresholds at glibc's initial defaults (glibc's dynamic adjustment stays off once
+    set; a true baseline is a process started with $MLX_KTO_MALLOC_TUNE=0)."""
     global tuned
     libc = _libc()
     if libc is not None:

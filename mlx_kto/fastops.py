@@ -225,9 +225,8 @@ def per_mode(make: Callable[[], Callable]) -> Callable:
 @contextmanager
 def fast_ops(model, enable: bool | None = None) -> Iterator[bool]:
     """Within the context (when `wanted()`, or `enable`), the model's mlx-lm module uses
-    `attention` and `swiglu` above. Yields
-    whether the fast ops are on. Compiled functions keep the ops they were traced with, so
-    trace and call a compiled function in the same setting. Re-entrant."""
+    `attention` and `swiglu` above. Yields whether the fast ops are on. Compiled functions
+    keep the ops they were traced with: wrap them in `per_mode`. Re-entrant."""
     enable = wanted() if enable is None else enable
     if not enable or _ACTIVE[0]:
         yield _ACTIVE[0]

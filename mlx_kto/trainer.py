@@ -20,7 +20,12 @@ from mlx_kto import fastops
 from mlx_kto.batches import Batch, iterate_batches, num_batches
 from mlx_kto.checkpoint import save_checkpoint
 from mlx_kto.config import KTOConfig
-from mlx_kto.logprobs import active_streams, cpu_row_parallel, sequence_logps
+from mlx_kto.logprobs import (
+    active_streams,
+    compiled_sequence_logps,
+    cpu_row_parallel,
+    sequence_logps,
+)
 from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
 from mlx_kto.reference import ReferenceScorer
 
@@ -96,7 +101,7 @@ def fast_paths(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _row_parallel(fn):
+def _with_fast_paths(fn):
     """Run fn(model, ...) inside `fast_paths(model)`."""
 
     @wraps(fn)
@@ -112,26 +117,18 @@ def _compiled_kl_forward(model: nn.Module):
     Traced in train mode with the training LoRA scale baked in: only for the training loop,
     never under `reference_mode` or in eval mode. Own compile, so its retraces depend on the
     KL shape alone, not on (main, KL) shape pairs."""
-    kstate = [model.state, mx.random.state]  # parameters; dropout's random state
-
-    def make():
-        @partial(mx.compile, inputs=kstate, outputs=[mx.random.state])
-        def kl_logps(tokens, mask, head_start):
-            return sequence_logps(model, tokens, mask, head_start=head_start)
-
-        return kl_logps
-
-    kl_logps = fastops.per_mode(make)
+    # KL batches are padded already; the head starts at the shortest prompt (head_start_of).
+    kl_logps = compiled_sequence_logps(model, pad_multiple=1)
 
     def forward(model_, batch: Batch) -> mx.array | None:
         if batch.kl_tokens is None:
             return None
-        return mx.stop_gradient(kl_logps(batch.kl_tokens, batch.kl_mask, batch.head_start))
+        return mx.stop_gradient(kl_logps(batch.kl_tokens, batch.kl_mask))
 
     return forward
 
 
-@_row_parallel
+@_with_fast_paths
 def evaluate(
     model: nn.Module,
     rows,
@@ -239,10 +236,12 @@ def make_train_step(
     eager_step = step
     if cfg.compile:
         cstate = [model.state, optimizer.state, mx.random.state]
-        # A fresh wrapper per mode: MLX keys compiled traces by the Python function.
-        compiled_step = fastops.per_mode(
-            lambda f=step: partial(mx.compile, inputs=cstate, outputs=cstate)(lambda *a: f(*a))
-        )
+
+        def make_compiled():
+            # A new function object per mode: MLX keys its compiled traces by the function.
+            return partial(mx.compile, inputs=cstate, outputs=cstate)(lambda *a: eager_step(*a))
+
+        compiled_step = fastops.per_mode(make_compiled)
 
         def step(*args):
             # Rows on several CPU streams: the eager step (its elementwise pieces compiled in
@@ -276,7 +275,7 @@ def make_train_step(
     return train_step
 
 
-@_row_parallel
+@_with_fast_paths
 def train_loop(
     model: nn.Module,
     cfg: KTOConfig,

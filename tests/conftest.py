@@ -39,3 +39,22 @@ def tokenizer(tiny_llama):
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_llama):
+    """(model, cfg): the tiny Llama with rank-4 LoRA and non-zero lora_b (so every LoRA
+    matrix has a gradient), in train mode; one per test module."""
+    from mlx_kto.config import KTOConfig
+    from mlx_kto.model import apply_lora, load_base
+
+    import mlx.core as mx
+
+    cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, seed=0).validate()
+    model, _, _, _ = load_base(cfg)
+    apply_lora(model, cfg)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.05
+    model.train()
+    return model, cfg

@@ -38,19 +38,6 @@ def _rows(n=6, seed=0, vocab=500):
     return rows
 
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_llama):
-    cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, seed=0).validate()
-    model, _, _, _ = load_base(cfg)
-    apply_lora(model, cfg)
-    # non-zero lora_b, so that every LoRA matrix has a gradient
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.05
-    model.train()
-    return model, cfg
-
-
 def _grads(model, fn):
     value, grads = nn.value_and_grad(model, lambda m: fn(m).sum())(model)
     return float(value), dict(tree_flatten(grads))

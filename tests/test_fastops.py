@@ -6,9 +6,7 @@ import sys
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto import _heap, fastops
-from mlx_kto.config import KTOConfig
 from mlx_kto.logprobs import compiled_sequence_logps, sequence_logps
-from mlx_kto.model import apply_lora, load_base
 from mlx_kto.trainer import fast_paths
 
 import mlx.core as mx
@@ -102,14 +100,10 @@ def test_attention_matches_fast_sdpa(mask, heads):
         assert float(mx.abs(a - b).max()) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_llama):
-    cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, seed=0).validate()
-    model, _, _, _ = load_base(cfg)
-    apply_lora(model, cfg)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = mx.random.normal(m.lora_b.shape, key=mx.random.key(1)) * 0.05
+@pytest.fixture
+def lora_model(lora_model):
+    """conftest's LoRA model, in eval mode (no dropout)."""
+    model, _ = lora_model
     model.eval()
     return model
 
