@@ -8,9 +8,10 @@ faster matmuls). This module must run before `mlx.core` is first imported.
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import platform
+import re
+import subprocess
 import sys
 
 _CANDIDATES = [
@@ -25,16 +26,42 @@ _CANDIDATES = [
 loaded: str | None = None
 
 
+def _ldconfig_paths() -> list[str]:
+    """OpenBLAS entries of the dynamic linker's cache (`ldconfig -p`), best first.
+
+    The linker cache is what `dlopen` itself consults, and reading it never walks the
+    filesystem (a recursive glob once followed the symlink loop in Debian's llvm-14 build
+    folder forever).
+    """
+    for exe in ("/sbin/ldconfig", "/usr/sbin/ldconfig", "ldconfig"):
+        try:
+            out = subprocess.run(
+                [exe, "-p"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        hits = re.findall(r"^\s*(libopenblas\S*\.so\S*)\s.*=>\s*(\S+)\s*$", out, re.M)
+        # Prefer the pthread build, then the plain soname .so.0.
+        hits.sort(key=lambda h: ("pthread" not in h[1], h[0] != "libopenblas.so.0", h[1]))
+        return [path for _, path in hits]
+    return []
+
+
 def find_openblas() -> str | None:
-    """Return the path of a system OpenBLAS shared library, or None."""
+    """Return the path of a system OpenBLAS shared library, or None.
+
+    Order: $MLX_KTO_OPENBLAS, the known Debian/Fedora paths, then the linker cache.
+    """
     env = os.environ.get("MLX_KTO_OPENBLAS")
     if env:
         return env if os.path.exists(env) else None
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path
-    hits = sorted(glob.glob("/usr/lib*/**/libopenblas*.so*", recursive=True))
-    return hits[0] if hits else None
+    for path in _ldconfig_paths():
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def preload() -> str | None:
