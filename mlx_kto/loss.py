@@ -163,3 +163,68 @@ def merge_metrics(a: dict, b: dict) -> dict:
     if "rewards/chosen" in out and "rewards/rejected" in out:
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return _drop_absent(out) if has_counts else out
+
+
+# ---------------------------------------------------------------------------
+# DPO on the same stack (paired rows): the baseline KTO is compared against.
+
+PAIRED_LOSS_TYPES = ("dpo", "ipo")
+
+
+def dpo_loss(
+    chosen_logps: mx.array,
+    rejected_logps: mx.array,
+    ref_chosen_logps: mx.array,
+    ref_rejected_logps: mx.array,
+    beta: float = 0.1,
+    loss_type: str = "dpo",
+    chosen_tokens: mx.array | None = None,
+    rejected_tokens: mx.array | None = None,
+) -> tuple[mx.array, dict]:
+    """DPO loss of n pairs (Rafailov et al. 2023, Eq. 7; TRL 1.16.0 `DPOTrainer._compute_loss`).
+
+        h_i   = (pc_i - rc_i) - (pr_i - rr_i)                  (chosen minus rejected log-ratio)
+        dpo (TRL "sigmoid"):  L_i = -log σ(β h_i)
+        ipo (Azar et al. 2023, Eq. 17; TRL normalises each side by its completion tokens):
+                              L_i = ((pc_i - rc_i)/n_c - (pr_i - rr_i)/n_r - 1/(2β))^2
+        loss  = (1/n) Σ_i L_i
+
+    All inputs are [n]; the reference log-probs get no gradient. `-log σ(x)` is computed as
+    `logaddexp(0, -x)` (no overflow for large |x|). Metrics follow TRL's names:
+    rewards/chosen = mean β(pc - rc), rewards/rejected = mean β(pr - rr), rewards/accuracies =
+    mean[β(pc - rc) > β(pr - rr)], rewards/margins, logps/chosen, logps/rejected; plus
+    count/chosen and count/rejected (= n) so `merge_metrics` weighs micro-batches correctly.
+    """
+    if loss_type not in PAIRED_LOSS_TYPES:
+        raise ValueError(
+            f"unknown paired loss_type {loss_type!r}; expected one of {', '.join(PAIRED_LOSS_TYPES)}"
+        )
+    pc = chosen_logps.astype(mx.float32)  # [n]
+    pr = rejected_logps.astype(mx.float32)  # [n]
+    chosen_ratio = pc - mx.stop_gradient(ref_chosen_logps.astype(mx.float32))  # [n]
+    rejected_ratio = pr - mx.stop_gradient(ref_rejected_logps.astype(mx.float32))  # [n]
+    if loss_type == "dpo":
+        losses = mx.logaddexp(mx.zeros_like(pc), -beta * (chosen_ratio - rejected_ratio))  # [n]
+    else:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type='ipo' needs chosen_tokens and rejected_tokens")
+        n_c = mx.maximum(chosen_tokens.astype(mx.float32), 1.0)
+        n_r = mx.maximum(rejected_tokens.astype(mx.float32), 1.0)
+        losses = (chosen_ratio / n_c - rejected_ratio / n_r - 1.0 / (2.0 * beta)) ** 2  # [n]
+    loss = losses.mean()
+
+    rewards_c = mx.stop_gradient(beta * chosen_ratio)  # [n]
+    rewards_r = mx.stop_gradient(beta * rejected_ratio)  # [n]
+    n = mx.array(float(pc.size), dtype=mx.float32)
+    metrics = {
+        "loss": mx.stop_gradient(loss),
+        "rewards/chosen": rewards_c.mean(),
+        "rewards/rejected": rewards_r.mean(),
+        "rewards/accuracies": (rewards_c > rewards_r).astype(mx.float32).mean(),
+        "rewards/margins": (rewards_c - rewards_r).mean(),
+        "logps/chosen": mx.stop_gradient(pc).mean(),
+        "logps/rejected": mx.stop_gradient(pr).mean(),
+        "count/chosen": n,
+        "count/rejected": n,
+    }
+    return loss, metrics
