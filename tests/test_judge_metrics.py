@@ -17,7 +17,17 @@ import pytest
 
 
 def test_words_split_punctuation_and_lowercase():
-    assert words("Hello, World! It's 42.") == ["hello", ",", "world", "!", "it", "'", "s", "42", "."]
+    assert words("Hello, World! It's 42.") == [
+        "hello",
+        ",",
+        "world",
+        "!",
+        "it",
+        "'",
+        "s",
+        "42",
+        ".",
+    ]
     assert words("   ") == []
 
 

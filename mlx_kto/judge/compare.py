@@ -170,6 +170,8 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
             except UserError as e:
                 log(f"warning: labelled rows of {name} not scored: {e}")
                 res.update(reward_accuracy=None, reward_margin=None, labelled_note=str(e))
+        else:
+            res.update(reward_accuracy=None, reward_margin=None)
         results[name] = res
     if settings.judge_model:
         from mlx_kto.config import KTOConfig
