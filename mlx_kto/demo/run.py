@@ -213,7 +213,7 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
     )
     if res.before["self_bleu"] is not None and res.after["self_bleu"] is not None:
         lines.append(
-            f"  {'self-BLEU (answers to one question)':34}{res.before['self_bleu']:>9.3f}"
+            f"  {'self-BLEU (same question)':34}{res.before['self_bleu']:>9.3f}"
             f"{res.after['self_bleu']:>9.3f}"
         )
     if "rewards/margins" in ev:
