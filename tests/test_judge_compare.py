@@ -263,3 +263,45 @@ def test_compare_user_errors_are_one_line(tiny_llama, tmp_path, capsys):
             run_cli(cli, ["compare", "--model", str(tiny_llama), "--data", str(prompts), *extra])
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_probes_leave_training_unchanged(run, tiny_llama, tmp_path):
+    """Sampling uses its own keys: the same run without probes trains the same weights."""
+    from mlx_kto.config import make_config
+    from mlx_kto.train import train
+
+    import mlx.core as mx
+
+    _, data, adapter, _ = run
+    cfg = make_config(
+        None,
+        model=str(tiny_llama),
+        data=str(data),
+        adapter_path=str(tmp_path / "plain"),
+        iters=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        steps_per_eval=2,
+        steps_per_save=0,
+        quiet=True,
+    )
+    train(cfg, log=lambda m: None)
+    with_probes = mx.load(str(adapter / "adapters.safetensors"))
+    without = mx.load(str(tmp_path / "plain" / "adapters.safetensors"))
+    assert with_probes.keys() == without.keys()
+    for k in without:
+        assert mx.array_equal(with_probes[k], without[k]), k
+
+
+def test_report_files_keep_the_umask(tmp_path):
+    import os
+
+    from mlx_kto.judge.files import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text(tmp_path / "r.html", "x")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left
