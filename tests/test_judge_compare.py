@@ -305,3 +305,17 @@ def test_report_files_keep_the_umask(tmp_path):
         os.umask(old)
     assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left
+
+
+def test_example_judge_rule():
+    from pathlib import Path
+
+    rule = Path(__file__).resolve().parent.parent / "examples" / "judge_polite.py"
+    judge = load_rule(f"{rule}:score")
+    q = "What color is the sky?"
+    assert (
+        judge(q, "Of course! It is blue. Hope this helps.", "Ugh. It is blue. Stop bothering me.")
+        == 1
+    )
+    assert judge(q, "It is blue.", "It is green.") == 1  # the right answer breaks the tie
+    assert judge(q, "It is blue.", "It is blue.") == 0
