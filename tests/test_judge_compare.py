@@ -177,6 +177,7 @@ def test_compare_end_to_end_with_rule(run, tiny_llama, tmp_path, capsys):
     base, kto = doc["models"]["base"], doc["models"]["kto"]
     assert base["reward_margin"] == 0.0 and base["win_rate"] is None
     assert kto["labelled_rows"] == 4 and 0 <= kto["reward_accuracy"] <= 1
+    assert doc["labelled_rows"] == {"data": str(data), "split": "valid"}
     assert kto["wins"] + kto["losses"] + kto["ties"] == 2 * 3
     # the rule scores shorter replies higher: the counts must follow the replies' lengths
     pairs = [

@@ -192,7 +192,11 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
             "adapters": {n: p for n, p in settings.adapters},
         },
         "prompt_source": source,
-        "labelled_rows": {"data": label_data, "split": split} if label_data else None,
+        "labelled_rows": (
+            {"data": label_data, "split": split if Path(label_data).is_dir() else None}
+            if label_data
+            else None
+        ),
         "judge": settings.judge or settings.judge_model,
         "models": results,
         "samples": [
