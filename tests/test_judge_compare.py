@@ -320,3 +320,18 @@ def test_example_judge_rule():
     )
     assert judge(q, "It is blue.", "It is green.") == 1  # the right answer breaks the tie
     assert judge(q, "It is blue.", "It is blue.") == 0
+
+
+def test_plot_reads_a_run_in_progress_and_needs_metrics(tmp_path):
+    from mlx_kto.judge.plot import plot_metrics, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]  # the line being written: skipped
+    assert plot_metrics(path, tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    path.write_text('{"step": 1, "tokens": 5}\n')
+    with pytest.raises(UserError, match="no metrics to plot"):
+        plot_metrics(path, tmp_path / "u.png")
+    path.write_text('{"step": 1, "loss": 0.5}\nnot json\n{"step": 2, "loss": 0.4}\n')
+    with pytest.raises(UserError, match="metrics.jsonl:2"):
+        read_metrics(path)
