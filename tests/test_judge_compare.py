@@ -73,7 +73,9 @@ def test_score_rule_and_preference_rule(tmp_path, monkeypatch):
         "def longer(prompt, reply):\n    return len(reply)\n\n"
         "def prefer_first(prompt, a, b):\n    return 'a'\n\n"
         "def prefer_polite(prompt, a, b):\n    return ('please' in a) - ('please' in b)\n\n"
-        "def bad(prompt):\n    return 1\n"
+        "def bad(prompt):\n    return 1\n\n"
+        "def words(prompt, reply):\n    return 'many'\n\n"
+        "def crash(prompt, a, b):\n    raise KeyError('x')\n"
     )
     monkeypatch.chdir(tmp_path)
     longer = load_rule("myrules:longer")
@@ -86,6 +88,10 @@ def test_score_rule_and_preference_rule(tmp_path, monkeypatch):
     for spec in ("myrules", "myrules:missing", "nosuchmodule:f", "myrules:bad", "x.py:f"):
         with pytest.raises(UserError):
             load_rule(spec)
+    with pytest.raises(UserError, match="returned 'many'; expected a number"):
+        load_rule("myrules:words")("q", "a", "b")
+    with pytest.raises(UserError, match="myrules:crash: raised KeyError"):
+        load_rule("myrules:crash")("q", "a", "b")
 
 
 def test_win_rate_counts():

@@ -109,20 +109,39 @@ def load_rule(spec: str) -> Judge:
     if len(params) == 2:
         return score_judge(fn, spec)
     if len(params) == 3:
-        return both_orders(lambda p, a, b: _verdict(fn(p, a, b), spec))
+        return both_orders(lambda p, a, b: _verdict(_call(fn, spec, p, a, b), spec))
     raise UserError(
         f"judge: {spec} takes {len(params)} required arguments; expected (prompt, reply) -> "
         "score or (prompt, reply_a, reply_b) -> preference"
     )
 
 
+def _call(fn, where: str, *args):
+    """The user's rule, its own exceptions turned into one line naming the rule and prompt."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        raise UserError(
+            f"judge {where}: raised {type(e).__name__}: {e} (prompt {args[0][:60]!r})"
+        ) from None
+
+
+def _score(score, where: str, prompt: str, reply: str) -> float:
+    value = _call(score, where, prompt, reply)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"judge {where}: returned {value!r}; expected a number") from None
+    if math.isnan(x):
+        raise UserError(f"judge {where}: returned NaN")
+    return x
+
+
 def score_judge(score: Callable[[str, str], float], where: str = "rule") -> Judge:
     """A judge from a per-reply score: the higher score wins."""
 
     def judge(prompt: str, a: str, b: str) -> int:
-        sa, sb = float(score(prompt, a)), float(score(prompt, b))
-        if math.isnan(sa) or math.isnan(sb):
-            raise UserError(f"judge {where}: returned NaN")
+        sa, sb = _score(score, where, prompt, a), _score(score, where, prompt, b)
         return (sa > sb) - (sa < sb)
 
     return judge
