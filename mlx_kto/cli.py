@@ -198,6 +198,8 @@ def _attach_optional_commands() -> None:
         ("mlx_kto.convert.cli", "convert"),
         ("mlx_kto.cache_cli", "cache"),
         ("mlx_kto.demo.cli", "demo"),
+        ("mlx_kto.judge.cli", "compare"),
+        ("mlx_kto.judge.cli", "plot"),
     ):
         try:
             module = __import__(mod, fromlist=[attr])

@@ -95,6 +95,18 @@ class KTOConfig:
     steps_per_report: int = _f(10, "Print a progress line every N steps.")
     steps_per_eval: int = _f(50, "Evaluate on the validation split every N steps (0 = never).")
     eval_batches: int = _f(-1, "Validation micro-batches per evaluation (-1 = all).")
+    # diversity probes (mlx_kto/judge/probes.py)
+    diversity_every: int = _f(
+        0,
+        "Every N steps (and at checkpoints) sample probe prompts and log distinct-1/2, "
+        "self-BLEU and entropy (0 = off).",
+    )
+    diversity_prompts: int = _f(8, "Probe prompts (the first distinct ones of the valid split).")
+    diversity_samples: int = _f(4, "Samples per probe prompt (>= 2, self-BLEU compares them).")
+    diversity_max_tokens: int = _f(48, "Max new tokens per probe sample.")
+    collapse_threshold: float = _f(
+        0.5, "Warn of mode collapse when diversity falls below this share of the base's."
+    )
     steps_per_save: int = _f(
         100, "Write a resumable checkpoint every N steps (0 = only at the end)."
     )

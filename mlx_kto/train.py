@@ -97,6 +97,8 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
 def train(cfg: KTOConfig, log=print) -> TrainResult:
     """Train a KTO LoRA adapter as configured; returns where it went and final metrics."""
     from mlx_kto.checkpoint import find_checkpoint, load_checkpoint
+    from mlx_kto.judge.plot import plot_after_training
+    from mlx_kto.judge.probes import make_probe
     from mlx_kto.model import (
         adapter_config,
         apply_lora,
@@ -174,6 +176,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
+    probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
     last = train_loop(
         model,
         cfg,
@@ -188,6 +191,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         n_steps,
         pad_id=pad_id,
         log=log,
+        probe=probe,
     )
     save_adapter(model, run_dir, a_config)
     ev = {}
@@ -196,6 +200,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         keys = ("loss", "rewards/margins", "rewards/accuracy", "kl")
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
     log(f"adapter saved to {run_dir}")
+    plot_after_training(run_dir, log)
     return TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
 
 

@@ -291,8 +291,10 @@ def train_loop(
     pad_id: int = 0,
     log=print,
     progress: bool = True,
+    probe=None,
 ) -> dict:
-    """Run optimizer steps state.step..n_steps; returns the last step's metrics."""
+    """Run optimizer steps state.step..n_steps; returns the last step's metrics.
+    `probe(step, record, n_steps)` (judge.probes) may add diversity figures to a record."""
     from mlx_kto.model import save_adapter
 
     with_kl = cfg.loss_type == "kto"
@@ -364,6 +366,8 @@ def train_loop(
             record.update({f"eval/{k}": v for k, v in ev.items()})
             if not bar:
                 log(_fmt_eval(state.step, ev))
+        if probe is not None:
+            probe(state.step, record, n_steps)
         metrics_log.write(record)
         if bar is not None:
             bar.update(1)

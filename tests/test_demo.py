@@ -202,11 +202,9 @@ def test_quick_demo_raises_the_desirable_share(tmp_path):
     measured by sampling held-out questions must rise clearly."""
     from mlx_kto.demo.run import run_demo
 
-    lines = []
+    lines, logs = [], []
     cfg = KTOConfig(ref_cache=str(tmp_path / "cache"), quiet=True)
-    res = run_demo(
-        cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append, log=lambda m: None
-    )
+    res = run_demo(cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append, log=logs.append)
     before, after = res.before["polite"], res.after["polite"]
     assert after >= before + 0.3, (before, after)
     assert res.eval_metrics["rewards/margins"] > 0
@@ -219,6 +217,15 @@ def test_quick_demo_raises_the_desirable_share(tmp_path):
     text = "\n".join(lines)
     assert "before" in text and "after" in text and "Q: " in text
     assert ("plot:" in text) and (res.plot_path is None) == ("skipped" in text)
+    # The diversity line before/after, and the probes logged it during training without
+    # a collapse warning (the demo's settings change the style, not into one fixed answer).
+    assert "distinct-2" in text and "self-BLEU" in text
+    for side in (res.before, res.after):
+        assert 0 < side["distinct_2"] <= 1 and 0 <= side["self_bleu"] <= 1
+    assert saved["after"]["distinct_2"] == res.after["distinct_2"]
+    probed = [r["step"] for r in records if "diversity/distinct_2" in r]
+    assert probed == [30, res.steps]
+    assert not any("mode collapse" in m for m in logs)
 
 
 def test_demo_yaml_matches_the_demo_settings():

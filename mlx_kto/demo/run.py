@@ -46,6 +46,7 @@ DEMO_DEFAULTS = dict(
     num_layers=2,  # LoRA on the last 2 of 4 blocks: enough for style, keeps the content
     max_length=64,
     steps_per_eval=30,
+    diversity_every=30,  # sample probe questions: the plot's diversity panels
     steps_per_report=20,
     steps_per_save=0,
     keep_checkpoints=1,
@@ -153,6 +154,7 @@ def run_demo(
     before_samples = sample_completions(model, tokenizer, prompts, **sample_kw)
     before = style_shares(before_samples)
     before["correct"] = correct_share(prompts, before_samples)
+    before.update(_diversity(before_samples))
     echo(f"  {DESIRABLE_STYLE} share before training: {before[DESIRABLE_STYLE]:.1%}")
     del model
 
@@ -163,6 +165,7 @@ def run_demo(
     after_samples = sample_completions(model, tokenizer, prompts, **sample_kw)
     after = style_shares(after_samples)
     after["correct"] = correct_share(prompts, after_samples)
+    after.update(_diversity(after_samples))
     run_dir = Path(cfg.adapter_path)
     plot_path = plot_metrics(result.metrics_path, run_dir / "training.png")
     pairs = _pick_pairs(prompts, before_samples, after_samples, k=4, seed=cfg.seed)
@@ -203,6 +206,16 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
     lines.append(
         f"  {'right answer (any style)':34}{res.before['correct']:>9.1%}{res.after['correct']:>9.1%}"
     )
+    # Diversity: KTO should change the style without collapsing onto one fixed answer.
+    lines.append(
+        f"  {'distinct-2 (all answers)':34}{res.before['distinct_2']:>9.3f}"
+        f"{res.after['distinct_2']:>9.3f}"
+    )
+    if res.before["self_bleu"] is not None and res.after["self_bleu"] is not None:
+        lines.append(
+            f"  {'self-BLEU (same question)':34}{res.before['self_bleu']:>9.3f}"
+            f"{res.after['self_bleu']:>9.3f}"
+        )
     if "rewards/margins" in ev:
         # Before training the policy is the reference, so every implied reward is 0.
         lines.append(
@@ -226,6 +239,16 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
         lines.append("plot:     skipped (matplotlib is not installed: pip install matplotlib)")
     lines.append(f"demo finished in {res.seconds:.0f}s ({res.steps} training steps)")
     return lines
+
+
+def _diversity(samples: list[list[str]]) -> dict:
+    """distinct-2 over every answer and self-BLEU within each question's answers."""
+    from mlx_kto.judge.diversity import distinct_n, mean_self_bleu
+
+    return {
+        "distinct_2": distinct_n([c for per in samples for c in per], 2),
+        "self_bleu": mean_self_bleu(samples),
+    }
 
 
 def _pick_pairs(prompts, before, after, k: int, seed: int):
