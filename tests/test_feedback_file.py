@@ -1,0 +1,232 @@
+"""The feedback file: durable concurrent appends, torn last lines, retractions,
+per-message labels and column mapping, all read back through the training loader."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+from mlx_kto.collect.feedback import append_row, rating_row, read_ratings, retraction_row
+from mlx_kto.columns import FieldMap
+from mlx_kto.data import load_examples
+from mlx_kto.errors import UserError
+
+import pytest
+
+PROMPT = [{"role": "user", "content": "What color is the sea?"}]
+
+
+def test_rating_rows_train_as_is(tmp_path):
+    f = tmp_path / "fb.jsonl"
+    append_row(f, rating_row(PROMPT, "It is blue.", True, {"model": "m", "sampling": {"temp": 1}}))
+    append_row(f, rating_row(PROMPT, "Ugh.", False))
+    ex = load_examples(f)
+    assert [e.label for e in ex] == [True, False]
+    assert ex[0].prompt == PROMPT
+    assert ex[0].completion == [{"role": "assistant", "content": "It is blue."}]
+
+
+def test_two_processes_append_without_interleaving(tmp_path):
+    """Lines of 200 kB (far above PIPE_BUF) from two processes at once: every line
+    stays whole and every row arrives."""
+    f = tmp_path / "fb.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from mlx_kto.collect.feedback import append_row, rating_row
+        tag = sys.argv[1]
+        for i in range(40):
+            append_row({str(f)!r}, rating_row([{{"role": "user", "content": tag}}],
+                       tag * 200_000 + str(i), i % 2 == 0))
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, t]) for t in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    lines = f.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    rows = [json.loads(line) for line in lines[:-1]]  # raises on any torn/interleaved line
+    assert sorted(r["prompt"][0]["content"] for r in rows) == ["a"] * 40 + ["b"] * 40
+    for r in rows:
+        text = r["completion"][0]["content"]
+        assert set(text.rstrip("0123456789")) == {r["prompt"][0]["content"]}
+    assert len(load_examples(f)) == 80
+
+
+def test_torn_last_line_is_skipped_with_a_warning_and_repaired_on_append(tmp_path, caplog):
+    f = tmp_path / "fb.jsonl"
+    append_row(f, rating_row(PROMPT, "It is blue.", True))
+    append_row(f, rating_row(PROMPT, "Ugh.", False))
+    whole = f.read_bytes()
+    f.write_bytes(whole + whole.splitlines(keepends=True)[0][:37])  # a write cut off
+    with caplog.at_level(logging.WARNING, logger="mlx_kto"):
+        ex = load_examples(f)
+    assert len(ex) == 2
+    assert "torn last line" in caplog.text and "fb.jsonl:3" in caplog.text
+    # The next append drops the torn fragment instead of gluing onto it.
+    append_row(f, rating_row(PROMPT, "Of course! It is blue.", True))
+    assert len(load_examples(f)) == 3
+    assert f.read_bytes().startswith(whole)
+
+
+def test_torn_line_in_the_middle_is_still_an_error(tmp_path):
+    f = tmp_path / "fb.jsonl"
+    f.write_text(
+        '{"prompt": "a", "completion": "b", "lab\n{"prompt": "a", "completion": "b", "label": 1}\n'
+    )
+    with pytest.raises(UserError, match=r"fb.jsonl:1: invalid JSON"):
+        load_examples(f)
+
+
+def test_complete_last_line_without_newline_is_kept_by_the_writer(tmp_path):
+    f = tmp_path / "fb.jsonl"
+    f.write_text(json.dumps(rating_row(PROMPT, "It is blue.", True)))  # no final newline
+    append_row(f, rating_row(PROMPT, "Ugh.", False))
+    assert [e.label for e in load_examples(f)] == [True, False]
+
+
+def test_retraction_removes_the_rating(tmp_path, caplog):
+    f = tmp_path / "fb.jsonl"
+    keep, undo = rating_row(PROMPT, "It is blue.", True), rating_row(PROMPT, "Ugh.", True)
+    for row in (keep, undo, retraction_row(undo["id"])):
+        append_row(f, row)
+    ex = load_examples(f)
+    assert [e.completion[0]["content"] for e in ex] == ["It is blue."]
+    assert [r["id"] for r in read_ratings(f)] == [keep["id"]]
+    append_row(f, retraction_row("no-such-id"))
+    with caplog.at_level(logging.WARNING, logger="mlx_kto"):
+        assert len(load_examples(f)) == 1
+    assert "matches no rating" in caplog.text
+
+
+def test_per_message_labels(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    msgs = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Go away.", "label": "thumbs_down"},
+        {"role": "user", "content": "Please?"},
+        {"role": "assistant", "content": "Happy to help!", "label": True},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Bye."},
+    ]
+    f.write_text(json.dumps({"messages": msgs}) + "\n")
+    ex = load_examples(f)
+    assert [e.label for e in ex] == [False, True]
+    assert ex[0].prompt == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+    ]
+    assert ex[0].completion == [{"role": "assistant", "content": "Go away."}]
+    assert [m["content"] for m in ex[1].prompt] == ["Be kind.", "Hi", "Go away.", "Please?"]
+    assert all("label" not in m for m in ex[1].prompt)
+    assert ex[1].completion == [{"role": "assistant", "content": "Happy to help!"}]
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        (
+            {"messages": [{"role": "user", "content": "Hi", "label": 1}]},
+            r"\[0\]: a label is on a 'user'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "x", "label": 1},
+                ],
+                "label": 1,
+            },
+            "top-level 'label' and labels on messages",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "x", "label": "meh"},
+                ]
+            },
+            r"'messages'\[1\]: label 'meh'",
+        ),
+    ],
+)
+def test_per_message_label_errors(tmp_path, row, match):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=match):
+        load_examples(f)
+
+
+def test_column_mapping_and_threshold(tmp_path):
+    f = tmp_path / "log.jsonl"
+    rows = [
+        {"question": "Q1", "answer": "A1", "stars": 5},
+        {"question": "Q2", "answer": "A2", "stars": 2},
+        {"question": "Q3", "answer": "A3", "stars": "4"},
+        {"question": "Q4", "answer": "A4", "stars": 1},  # 1 star is bad, not "true"
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fm = FieldMap(label="stars", prompt="question", completion="answer", label_threshold=4)
+    ex = load_examples(f, fields=fm)
+    assert [(e.prompt, e.completion, e.label) for e in ex] == [
+        ("Q1", "A1", True),
+        ("Q2", "A2", False),
+        ("Q3", "A3", True),
+        ("Q4", "A4", False),
+    ]
+    with pytest.raises(UserError, match=r"log.jsonl:1: label 5 is a rating.*--label-threshold"):
+        load_examples(f, fields=FieldMap(label="stars", prompt="question", completion="answer"))
+
+
+def test_column_mapping_nested_and_messages(tmp_path):
+    f = tmp_path / "log.jsonl"
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    f.write_text(json.dumps({"conversation": conv, "feedback": {"score": 0.9}}) + "\n")
+    fm = FieldMap(label="feedback.score", messages="conversation", label_threshold=0.5)
+    (e,) = load_examples(f, fields=fm)
+    assert e.label is True and e.completion == [conv[1]]
+
+
+@pytest.mark.parametrize(
+    "row, fm, match",
+    [
+        (
+            {"prompt": "a", "completion": "b", "rating": 1},
+            FieldMap(label="score"),
+            r":1: row has no 'score' \(given as --label-field\)",
+        ),
+        (
+            {"prompt": "a", "completion": "b", "rating": 1, "label": 0},
+            FieldMap(label="rating"),
+            "both 'rating' .* and 'label'; it is ambiguous",
+        ),
+        (
+            {"prompt": "a", "completion": "b", "rating": "sort of"},
+            FieldMap(label="rating", label_threshold=3),
+            "label 'sort of' is not a thumbs",
+        ),
+        (
+            {"prompt": "a", "completion": "b", "rating": float("nan")},
+            FieldMap(label="rating", label_threshold=3),
+            "label is NaN",
+        ),
+    ],
+)
+def test_column_mapping_errors(tmp_path, row, fm, match):
+    f = tmp_path / "log.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=match):
+        load_examples(f, fields=fm)
+
+
+def test_mapping_flags_reach_training_config(tmp_path):
+    from mlx_kto.config import make_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("label_field: stars\nlabel_threshold: 4\nprompt_field: q\n")
+    cfg = make_config(y, completion_field="a")
+    assert FieldMap.from_config(cfg) == FieldMap(
+        label="stars", prompt="q", completion="a", label_threshold=4.0
+    )
+    assert FieldMap.from_config(make_config(None)) is None
