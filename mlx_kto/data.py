@@ -81,12 +81,10 @@ def parse_label(value: Any, where: str) -> bool:
             return False
     if value is None:
         raise UserError(f"{where}: label is null; every row needs a thumbs-up/down label")
-    if isinstance(value, (int, float)):
-        raise UserError(
-            f"{where}: label {value!r} is a rating, not thumbs-up/down; set --label-threshold "
-            "(e.g. 4 for 1-5 stars: >= 4 is desirable)"
-        )
-    raise UserError(f"{where}: label {value!r} is not a thumbs-up/down value ({LABEL_HINT})")
+    hint = ""
+    if isinstance(value, (int, float)):  # a rating scale: say how to map it
+        hint = "; for numeric ratings set --label-threshold (e.g. 4 for 1-5 stars)"
+    raise UserError(f"{where}: label {value!r} is not a thumbs-up/down value ({LABEL_HINT}){hint}")
 
 
 # ---------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_column_mapping_and_threshold(tmp_path):
         ("Q3", "A3", True),
         ("Q4", "A4", False),
     ]
-    with pytest.raises(UserError, match=r"log.jsonl:1: label 5 is a rating.*--label-threshold"):
+    with pytest.raises(UserError, match=r"log.jsonl:1: label 5 is not a thumbs-up/down value .*--label-threshold"):
         load_examples(f, fields=FieldMap(label="stars", prompt="question", completion="answer"))
 
 
