@@ -198,12 +198,15 @@ def _attach_optional_commands() -> None:
         ("mlx_kto.convert.cli", "convert"),
         ("mlx_kto.cache_cli", "cache"),
         ("mlx_kto.demo.cli", "demo"),
+        ("mlx_kto.collect.cli", "chat"),
+        ("mlx_kto.collect.cli", "import_command"),  # `mlx-kto data import`
     ):
         try:
             module = __import__(mod, fromlist=[attr])
         except ImportError:
             continue
-        cli.add_command(getattr(module, attr))
+        group = data_group if attr == "import_command" else cli
+        group.add_command(getattr(module, attr))
 
 
 _attach_optional_commands()
