@@ -175,7 +175,9 @@ def test_column_mapping_and_threshold(tmp_path):
         ("Q3", "A3", True),
         ("Q4", "A4", False),
     ]
-    with pytest.raises(UserError, match=r"log.jsonl:1: label 5 is not a thumbs-up/down value .*--label-threshold"):
+    with pytest.raises(
+        UserError, match=r"log.jsonl:1: label 5 is not a thumbs-up/down value .*--label-threshold"
+    ):
         load_examples(f, fields=FieldMap(label="stars", prompt="question", completion="answer"))
 
 
@@ -230,3 +232,51 @@ def test_mapping_flags_reach_training_config(tmp_path):
         label="stars", prompt="q", completion="a", label_threshold=4.0
     )
     assert FieldMap.from_config(make_config(None)) is None
+
+
+def test_acknowledged_rows_survive_kill_9(tmp_path):
+    """A writer prints "ack N" only after append_row returns; SIGKILL it mid-stream:
+    every acknowledged row is in the file, and the file still loads."""
+    import signal
+
+    f = tmp_path / "fb.jsonl"
+    script = textwrap.dedent(
+        f"""
+        from mlx_kto.collect.feedback import append_row, rating_row
+        i = 0
+        while True:
+            append_row({str(f)!r}, rating_row([{{"role": "user", "content": "q"}}], "x" * 50_000 + str(i), True))
+            print("ack", i, flush=True)
+            i += 1
+        """
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acked = [p.stdout.readline() for _ in range(15)]
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    acked += p.stdout.read().splitlines(keepends=True)  # anything printed before the kill
+    n_acked = len([a for a in acked if a.startswith("ack")])
+    assert n_acked >= 15
+    contents = {e.completion[0]["content"][50_000:] for e in load_examples(f)}
+    assert {str(i) for i in range(n_acked)} <= contents
+
+
+def test_chat_cli_errors_are_one_line(tmp_path, capsys):
+    from mlx_kto.cli import cli, run
+
+    cases = [
+        (["--feedback", str(tmp_path / "nope" / "fb.jsonl")], "feedback: folder"),
+        (["--feedback", str(tmp_path)], "is a folder"),
+        (
+            ["--feedback", str(tmp_path / "fb.jsonl"), "--adapter-path", str(tmp_path)],
+            "adapter-path:",
+        ),
+        (["--feedback", str(tmp_path / "fb.jsonl"), "--top-p", "0"], "top-p: must be in (0, 1]"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            run(cli, ["chat", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (args, err)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and msg in lines[0], err

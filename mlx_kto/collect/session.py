@@ -34,9 +34,6 @@ def load_chat_model(model: str, adapter_path: str | None):
     """(model, tokenizer) through mlx-lm, adapter applied; one-line errors."""
     from mlx_kto.model import resolve_model_path
 
-    from mlx_lm import load
-
-    path = resolve_model_path(model)
     if adapter_path is not None:
         a = Path(adapter_path)
         if not (a / "adapters.safetensors").exists() or not (a / "adapter_config.json").exists():
@@ -44,6 +41,9 @@ def load_chat_model(model: str, adapter_path: str | None):
                 f"adapter-path: {a} is not an adapter folder "
                 "(needs adapters.safetensors and adapter_config.json)"
             )
+    path = resolve_model_path(model)
+    from mlx_lm import load  # (imports transformers: after the cheap checks)
+
     try:
         m, tok = load(str(path), adapter_path=adapter_path)
     except (FileNotFoundError, ValueError, KeyError) as e:
