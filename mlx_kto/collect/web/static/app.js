@@ -24,6 +24,8 @@ function setStatus(text, isError) {
 }
 
 function bubble(role, text) {
+  // Only the latest reply can be regenerated: drop older replies' buttons.
+  document.querySelectorAll(".msg .regen").forEach((b) => b.remove());
   const el = document.createElement("div");
   el.className = `msg ${role}`;
   const body = document.createElement("div");
@@ -66,9 +68,9 @@ async function rate(el, label) {
 function addActions(el) {
   const bar = document.createElement("div");
   bar.className = "actions";
-  bar.appendChild(button("up", "👍", "Thumbs up (a good reply)", () => rate(el, true)));
-  bar.appendChild(button("down", "👎", "Thumbs down (a bad reply)", () => rate(el, false)));
-  bar.appendChild(button("regen", "↻", "Regenerate this reply", () => regenerate(el)));
+  bar.appendChild(button("up", "▲ good", "Thumbs up (a good reply)", () => rate(el, true)));
+  bar.appendChild(button("down", "▼ bad", "Thumbs down (a bad reply)", () => rate(el, false)));
+  bar.appendChild(button("regen", "↻ again", "Regenerate this reply", () => regenerate(el)));
   el.appendChild(bar);
 }
 
@@ -179,7 +181,7 @@ async function refreshRatings() {
     li.dataset.id = r.id || "";
     const head = document.createElement("div");
     head.className = "head";
-    head.textContent = `${r.label ? "👍" : "👎"} ${r.time || ""}`;
+    head.textContent = `${r.label ? "▲ good" : "▼ bad"} · ${(r.time || "").replace("T", " ").replace("+00:00", " UTC")}`;
     const q = document.createElement("div");
     q.className = "q";
     q.textContent = r.prompt || "";
