@@ -206,5 +206,29 @@ def test_browser_chat_stream_rate_and_undo(server, tmp_path):
             "class"
         )
         assert json.loads(session.feedback.read_text().splitlines()[-1])["retract"] == row["id"]
+
+        # Regenerate replaces the latest reply (same prompt); it is the only one offering it.
+        reply.find_element(By.CSS_SELECTOR, "button.regen").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done") and (
+            d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")[0].get_attribute("data-reply-id")
+            != row["meta"]["reply"]))  # fmt: skip
+        (reply,) = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")
+        first_text = reply.find_element(By.CLASS_NAME, "text").text
+        # History: the second turn's prompt carries the first exchange.
+        driver.find_element(By.ID, "input").send_keys("What is the opposite of loud?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 2)
+        assert reply.find_elements(By.CSS_SELECTOR, "button.regen") == []
+        second = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")[1]
+        second.find_element(By.CSS_SELECTOR, "button.down").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "saved: thumbs down"))
+        last = read_ratings(session.feedback)[-1]
+        assert last["label"] is False
+        assert last["prompt"] == [
+            {"role": "system", "content": "Be polite."},
+            {"role": "user", "content": "What color is the sea?"},
+            {"role": "assistant", "content": first_text},
+            {"role": "user", "content": "What is the opposite of loud?"},
+        ]
     finally:
         driver.quit()
