@@ -97,6 +97,10 @@ def test_chat_rate_train_chat_again_second_round(tmp_path):
 
     # Chat with the new adapter (scripted, in-process) and rate one more reply.
     model, tok = load_chat_model(default_model(), str(run1))
+    from mlx.utils import tree_flatten
+
+    lora_b = [v for k, v in tree_flatten(model.parameters()) if k.endswith("lora_b")]
+    assert lora_b and max(float(abs(v).max()) for v in lora_b) > 0  # run1's weights are in
     session = ChatSession(
         model, tok, model_name=default_model(), adapter_path=str(run1), feedback=fb,
         sampling=Sampling(temp=1.0, max_tokens=16, seed=1),

@@ -3,6 +3,7 @@ turning a rated reply into a feedback row. Shared by the terminal and web chats.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,8 +32,11 @@ def default_model() -> str:
 
 
 def load_chat_model(model: str, adapter_path: str | None):
-    """(model, tokenizer) through mlx-lm, adapter applied; one-line errors."""
-    from mlx_kto.model import resolve_model_path
+    """(model, tokenizer) through the project's loader (the same as training: local
+    folder or hub id, and whatever formats `load_base` supports), adapter applied the
+    way `mlx_lm.load(..., adapter_path=...)` does; one-line errors."""
+    from mlx_kto.config import KTOConfig
+    from mlx_kto.model import load_base
 
     if adapter_path is not None:
         a = Path(adapter_path)
@@ -41,13 +45,15 @@ def load_chat_model(model: str, adapter_path: str | None):
                 f"adapter-path: {a} is not an adapter folder "
                 "(needs adapters.safetensors and adapter_config.json)"
             )
-    path = resolve_model_path(model)
-    from mlx_lm import load  # (imports transformers: after the cheap checks)
+    m, tok, path, _ = load_base(KTOConfig(model=model))
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
 
-    try:
-        m, tok = load(str(path), adapter_path=adapter_path)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
+        try:
+            load_adapters(m, adapter_path)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"adapter-path: {adapter_path} does not fit {path} ({e})") from None
+    m.eval()
     if not getattr(tok, "chat_template", None):
         raise UserError(f"{path}: the tokenizer has no chat template; chat needs one")
     return m, tok
