@@ -19,6 +19,7 @@ from typing import Any
 from mlx_kto.errors import UserError
 
 CANONICAL = ("label", "prompt", "completion", "messages")
+CONFIG_FIELDS = tuple(f"{name}_field" for name in CANONICAL) + ("label_threshold",)
 
 
 @dataclass(frozen=True)

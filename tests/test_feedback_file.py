@@ -280,3 +280,29 @@ def test_chat_cli_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2, (args, err)
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and msg in lines[0], err
+
+
+def test_mapping_flags_on_the_train_command():
+    from mlx_kto.cli import build_config, train_command
+
+    ctx = train_command.make_context(
+        "train", ["--label-field", "stars", "--label-threshold", "4", "--messages-field", "conv"]
+    )
+    params = dict(ctx.params)
+    cfg = build_config(params.pop("config_file"), params)
+    assert FieldMap.from_config(cfg) == FieldMap(
+        label="stars", messages="conv", label_threshold=4.0
+    )
+
+
+def test_data_check_takes_the_mapping_flags(tmp_path, capsys):
+    from mlx_kto.cli import cli, run
+
+    f = tmp_path / "log.jsonl"
+    f.write_text("".join(json.dumps({"q": "Q", "a": "A", "stars": s}) + "\n" for s in (5, 4, 1)))
+    args = ["data", "check", str(f), "--prompt-field", "q", "--completion-field", "a"]
+    run(cli, [*args, "--label-field", "stars", "--label-threshold", "4"])
+    assert "train: 3 rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(cli, [*args, "--label-field", "stars"])  # 5 stars without a threshold
+    assert "--label-threshold" in capsys.readouterr().err
