@@ -126,8 +126,8 @@ async function generate() {
     $("#send").disabled = false;
     return;
   }
-  textEl.textContent = done.text;
   el.classList.remove("streaming");
+  if (textEl.textContent !== done.text) textEl.textContent = done.text; // the saved (trimmed) text
   el.classList.add("done");
   el.dataset.replyId = done.id;
   addActions(el);
