@@ -8,8 +8,10 @@ again replaces the earlier rating (a retraction is appended).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from mlx_kto.collect.session import ChatSession
 from mlx_kto.errors import UserError
@@ -18,18 +20,48 @@ KEYS_HELP = "[u] thumbs up  [d] thumbs down  [r] regenerate  [Enter] go on  [q] 
 
 
 def _read_key() -> str:
-    """One key press on a terminal; the first character of a line otherwise."""
+    """One key press on a terminal (keys typed while the reply streamed are kept, not
+    flushed); the first character of a line otherwise."""
     if sys.stdin.isatty():
-        import click
+        import termios
+        import tty
 
-        ch = click.getchar()
-        if ch in ("\x03", "\x04"):  # Ctrl-C / Ctrl-D in raw mode
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+        try:
+            tty.setcbreak(fd, termios.TCSANOW)  # no TCSAFLUSH: keep typeahead
+            ch = os.read(fd, 1).decode("utf-8", "replace")
+        except KeyboardInterrupt:
+            return "q"
+        finally:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        if ch in ("", "\x04"):  # EOF / Ctrl-D
             return "q"
         return "\n" if ch in ("\r", "\n") else ch.lower()
     line = sys.stdin.readline()
     if line == "":
         return "q"
     return line[0].lower() if line.strip() else "\n"
+
+
+@contextmanager
+def _no_echo():
+    """While a reply streams, keys pressed early are kept for the rating prompt but
+    not echoed into the reply."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    import termios
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def run_terminal_chat(
@@ -59,9 +91,10 @@ def run_terminal_chat(
             echo("assistant> ", end="", flush=True)
             pieces = []
             try:
-                for piece in session.stream(prompt):
-                    pieces.append(piece)
-                    echo(piece, end="", flush=True)
+                with _no_echo():
+                    for piece in session.stream(prompt):
+                        pieces.append(piece)
+                        echo(piece, end="", flush=True)
             except KeyboardInterrupt:
                 echo(" [stopped]", end="")
             echo("")
