@@ -306,3 +306,14 @@ def test_data_check_takes_the_mapping_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(cli, [*args, "--label-field", "stars"])  # 5 stars without a threshold
     assert "--label-threshold" in capsys.readouterr().err
+
+
+def test_torn_line_longer_than_the_scan_window_is_dropped_whole(tmp_path):
+    f = tmp_path / "fb.jsonl"
+    append_row(f, rating_row(PROMPT, "It is blue.", True))
+    whole = f.read_bytes()
+    torn = json.dumps(rating_row(PROMPT, "y" * 300_000, False)).encode()[:250_000]
+    f.write_bytes(whole + torn)
+    append_row(f, rating_row(PROMPT, "Ugh.", False))
+    assert f.read_bytes().startswith(whole)
+    assert [e.completion[0]["content"] for e in load_examples(f)] == ["It is blue.", "Ugh."]

@@ -70,9 +70,14 @@ def _repair_torn_tail(fd: int, path: Path) -> None:
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return
-    start = max(0, size - (1 << 20))
-    tail = os.pread(fd, size - start, start)
-    cut = tail.rfind(b"\n") + 1  # start of the unterminated line (0 if it is the only one)
+    window = 1 << 16
+    while True:  # widen the window until it holds the start of the unterminated line
+        start = max(0, size - window)
+        tail = os.pread(fd, size - start, start)
+        cut = tail.rfind(b"\n") + 1  # 0: no newline in the window
+        if cut > 0 or start == 0:
+            break
+        window *= 4
     fragment = tail[cut:]
     try:
         json.loads(fragment)
