@@ -222,6 +222,15 @@ def test_browser_chat_stream_rate_and_undo(server, tmp_path):
         second = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")[1]
         second.find_element(By.CSS_SELECTOR, "button.down").click()
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "saved: thumbs down"))
+        # History: a reload keeps the conversation and each reply's rating state.
+        driver.refresh()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 2)
+        texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#messages .msg .text")]
+        assert texts[0] == "What color is the sea?" and texts[1] == first_text
+        second = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")[1]
+        assert "active" in second.find_element(By.CSS_SELECTOR, "button.down").get_attribute(
+            "class"
+        )
         last = read_ratings(session.feedback)[-1]
         assert last["label"] is False
         assert last["prompt"] == [

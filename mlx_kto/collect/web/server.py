@@ -3,7 +3,8 @@
 Endpoints (all fixed; none takes a path): `/`, `/app.js`, `/style.css` (the page,
 shipped as package data), `GET /api/info`, `POST /api/reply` (streams a reply as
 server-sent events), `POST /api/rate`, `POST /api/undo`, `GET /api/ratings`.
-The page keeps the conversation and sends it with each turn; the server keeps every
+The page keeps the conversation (in sessionStorage, so a reload keeps it) and sends
+it with each turn; the server keeps every
 reply it generated, so a rating can only name a reply this server produced (a page
 cannot write arbitrary text into the feedback file).
 

@@ -4,6 +4,11 @@
 
 const state = { messages: [], busy: false };
 const $ = (sel) => document.querySelector(sel);
+const STORE = "mlx-kto-chat"; // the conversation survives a reload of the tab
+
+function save() {
+  sessionStorage.setItem(STORE, JSON.stringify(state.messages));
+}
 
 async function api(path, body) {
   const opts = body === undefined ? {} : {
@@ -51,6 +56,11 @@ function markRated(el, label) {
   el.querySelector(".up").classList.toggle("active", label === true);
   el.querySelector(".down").classList.toggle("active", label === false);
   el.dataset.label = label === null ? "" : String(label);
+  const m = state.messages.find((x) => x.reply_id === el.dataset.replyId);
+  if (m) {
+    m.label = label;
+    save();
+  }
 }
 
 async function rate(el, label) {
@@ -131,7 +141,8 @@ async function generate() {
   el.classList.add("done");
   el.dataset.replyId = done.id;
   addActions(el);
-  state.messages.push({ role: "assistant", content: done.text, reply_id: done.id });
+  state.messages.push({ role: "assistant", content: done.text, reply_id: done.id, label: null });
+  save();
   state.busy = false;
   $("#send").disabled = false;
   setStatus("");
@@ -146,6 +157,7 @@ async function regenerate(el) {
   }
   el.remove();
   state.messages.pop();
+  save();
   await generate();
 }
 
@@ -155,6 +167,7 @@ async function send(ev) {
   if (state.busy || !text.trim()) return;
   $("#input").value = "";
   state.messages.push({ role: "user", content: text });
+  save();
   bubble("user", text);
   await generate();
 }
@@ -195,7 +208,27 @@ async function refreshRatings() {
   $("#rating-count").textContent = `(${data.ratings.length})`;
 }
 
+function restore() {
+  let saved = [];
+  try {
+    saved = JSON.parse(sessionStorage.getItem(STORE) || "[]");
+  } catch (e) {
+    saved = [];
+  }
+  state.messages = Array.isArray(saved) ? saved : [];
+  for (const m of state.messages) {
+    const el = bubble(m.role, m.content);
+    if (m.role === "assistant") {
+      el.classList.add("done");
+      el.dataset.replyId = m.reply_id || "";
+      addActions(el);
+      markRated(el, m.label === undefined ? null : m.label);
+    }
+  }
+}
+
 async function init() {
+  restore();
   $("#composer").addEventListener("submit", send);
   $("#input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey) send(ev);
@@ -203,6 +236,7 @@ async function init() {
   $("#new-chat").addEventListener("click", () => {
     if (state.busy) return;
     state.messages = [];
+    save();
     $("#messages").replaceChildren();
     setStatus("");
   });
