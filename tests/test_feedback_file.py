@@ -317,3 +317,19 @@ def test_torn_line_longer_than_the_scan_window_is_dropped_whole(tmp_path):
     append_row(f, rating_row(PROMPT, "Ugh.", False))
     assert f.read_bytes().startswith(whole)
     assert [e.completion[0]["content"] for e in load_examples(f)] == ["It is blue.", "Ugh."]
+
+
+def test_write_errors_are_user_errors_not_tracebacks(tmp_path, monkeypatch):
+    import mlx_kto.collect.feedback as fbmod
+
+    f = tmp_path / "fb.jsonl"
+    append_row(f, rating_row(PROMPT, "It is blue.", True))
+
+    def no_space(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fbmod.os, "write", no_space)
+    with pytest.raises(UserError, match=r"could not write .*No space left on device.*not saved"):
+        append_row(f, rating_row(PROMPT, "Ugh.", False))
+    monkeypatch.undo()
+    assert len(load_examples(f)) == 1

@@ -110,8 +110,10 @@ def append_row(path: str | Path, row: dict) -> None:
         n = os.write(fd, data)  # O_APPEND: one write lands at the end, whole
         if n != len(data):  # disk full: undo the partial line rather than leave it torn
             os.ftruncate(fd, os.fstat(fd).st_size - n)
-            raise UserError(f"feedback: short write to {path} (disk full?)")
+            raise UserError(f"feedback: short write to {path} (disk full?); not saved")
         os.fsync(fd)
+    except OSError as e:  # ENOSPC, EIO, ...: the rating is not acknowledged
+        raise UserError(f"feedback: could not write {path} ({e.strerror}); not saved") from None
     finally:
         os.close(fd)  # releases the lock
     if created:
