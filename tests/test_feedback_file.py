@@ -333,3 +333,35 @@ def test_write_errors_are_user_errors_not_tracebacks(tmp_path, monkeypatch):
         append_row(f, rating_row(PROMPT, "Ugh.", False))
     monkeypatch.undo()
     assert len(load_examples(f)) == 1
+
+
+def test_terminal_chat_new_conversation_and_regenerate_in_process(tmp_path):
+    """run_terminal_chat with scripted input and a fake model stream: /new drops the
+    history from the next prompt; regenerate rates the new reply on the same prompt."""
+    from mlx_kto.collect.chat import run_terminal_chat
+    from mlx_kto.collect.session import ChatSession
+
+    replies = iter(["First.", "Second.", "Third."])
+    session = ChatSession(
+        None, None, model_name="fake", feedback=tmp_path / "fb.jsonl", system_prompt="S"
+    )
+    session.stream = lambda prompt: iter([next(replies)])
+    lines = iter(["Q1", "/new", "Q2"])
+    keys = iter(["u", "\n", "r", "d", "q"])
+
+    def read_line(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = []
+    n = run_terminal_chat(session, echo=lambda *a, **k: out.append(" ".join(map(str, a))),
+                          read_line=read_line, read_key=lambda: next(keys))  # fmt: skip
+    assert n == 2
+    rows = read_ratings(session.feedback)
+    assert [(r["prompt"], r["completion"][0]["content"], r["label"]) for r in rows] == [
+        ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}], "First.", True),
+        ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}], "Third.", False),
+    ]
+    assert "(new conversation)" in out

@@ -2,7 +2,8 @@
 
 After each streamed reply: u = thumbs up, d = thumbs down (each appended to the
 feedback file, durable before "saved" is printed), r = regenerate (drops this
-reply), Enter = go on (keeps it in the conversation), q = quit. Rating a reply
+reply), Enter = go on (keeps it in the conversation), q = quit. `/new` starts a
+new conversation. Rating a reply
 again replaces the earlier rating (a retraction is appended).
 """
 
@@ -74,6 +75,7 @@ def run_terminal_chat(
     n_rated = 0
     echo(f"ratings go to {session.feedback}")
     echo(f"after each reply: {KEYS_HELP}")
+    echo("type /new for a new conversation, /quit (or Ctrl-D) to leave")
     while True:
         try:
             text = read_line("\nyou> ")
@@ -84,6 +86,10 @@ def run_terminal_chat(
             continue
         if text.strip() in ("/q", "/quit", "/exit"):
             break
+        if text.strip() == "/new":  # a fresh conversation (the system prompt stays)
+            session.messages = [m for m in session.messages if m["role"] == "system"]
+            echo("(new conversation)")
+            continue
         session.messages.append({"role": "user", "content": text})
         quit_now = False
         while True:  # one reply, possibly regenerated
