@@ -50,6 +50,15 @@ def config_options(func):
     )(func)
 
 
+def column_options(func):
+    """--label-field / --prompt-field / ... / --label-threshold (KTOConfig's mapping fields)."""
+    from mlx_kto.columns import CONFIG_FIELDS
+
+    for f in reversed([f for f in dataclasses.fields(KTOConfig) if f.name in CONFIG_FIELDS]):
+        func = _option_for(f)(func)
+    return func
+
+
 def build_config(config_file: str | None, flags: dict) -> KTOConfig:
     """defaults < saved run config (on --resume) < YAML < flags."""
     if flags.get("lora_keys") is not None:
@@ -164,12 +173,14 @@ def data_group():
 @click.argument("path")
 @click.option("--model", default=None, help="Also tokenize with this model's tokenizer.")
 @click.option("--max-length", default=1024, show_default=True, type=int)
-def data_check(path, model, max_length):
+@column_options
+def data_check(path, model, max_length, **mapping):
     """Validate a feedback file/folder and print its class balance."""
+    from mlx_kto.columns import FieldMap
     from mlx_kto.data import load_splits
     from mlx_kto.tokenize import balance_report, tokenize_examples
 
-    splits = load_splits(path)
+    splits = load_splits(path, fields=FieldMap.from_config(KTOConfig(**mapping)))
     for name, examples in splits.items():
         n_d = sum(e.label for e in examples)
         click.echo(f"{name}: {len(examples)} rows")
@@ -200,12 +211,15 @@ def _attach_optional_commands() -> None:
         ("mlx_kto.demo.cli", "demo"),
         ("mlx_kto.judge.cli", "compare"),
         ("mlx_kto.judge.cli", "plot"),
+        ("mlx_kto.collect.cli", "chat"),
+        ("mlx_kto.collect.cli", "import_command"),  # `mlx-kto data import`
     ):
         try:
             module = __import__(mod, fromlist=[attr])
         except ImportError:
             continue
-        cli.add_command(getattr(module, attr))
+        group = data_group if attr == "import_command" else cli
+        group.add_command(getattr(module, attr))
 
 
 _attach_optional_commands()

@@ -51,6 +51,14 @@ class KTOConfig:
         1.0, "lambda_D, weight of desirable rows; 'auto' picks it from the class balance."
     )
     undesirable_weight: float = _f(1.0, "lambda_U, weight of undesirable rows.")
+    # column mapping (mlx_kto.columns)
+    label_field: str | None = _f(None, "Read the label from this field (dotted path ok).")
+    prompt_field: str | None = _f(None, "Read the prompt from this field.")
+    completion_field: str | None = _f(None, "Read the completion from this field.")
+    messages_field: str | None = _f(None, "Read the chat messages from this field.")
+    label_threshold: float | None = _f(
+        None, "Numeric ratings: >= this is desirable, below undesirable (e.g. 4 for 1-5 stars)."
+    )
     # data shaping
     max_length: int = _f(1024, "Max tokens of prompt+completion; longer completions are cut.")
     max_prompt_length: int | None = _f(

@@ -6,10 +6,13 @@ Accepted row shapes (detected per row; a file may mix shapes but not standard
 - unpaired, standard:        {"prompt": str, "completion": str, "label": ...}
 - unpaired, conversational:  {"prompt": [msg, ...], "completion": [msg, ...], "label": ...}
 - chat log:                  {"messages": [msg, ..., assistant_msg], "label": ...}
+- per-message labels:        {"messages": [..., {"role": "assistant", ..., "label": ...}, ...]}
+                             (one example per labelled assistant message)
 - paired:                    {"prompt": ..., "chosen": ..., "rejected": ...}
 - paired, implicit prompt:   {"chosen": ..., "rejected": ...}  (prompt = longest common prefix)
 
-Optional columns `tools` (list or JSON string) and `chat_template_kwargs` (dict) go
+Other field names map through `columns.FieldMap` (--label-field, ...). Lines
+`{"retract": id}` (chat undo) remove the row with that "id". Optional columns `tools` (list or JSON string) and `chat_template_kwargs` (dict) go
 to `apply_chat_template`. Paired rows become two unpaired rows (chosen: True,
 rejected: False), as TRL's `unpair_preference_dataset` does; unlike TRL we then
 shuffle the file's rows (seeded) so micro-batches mix labels (kto-spec 2.1, 2.8).
@@ -18,6 +21,7 @@ shuffle the file's rows (seeded) so micro-batches mix labels (kto-spec 2.1, 2.8)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -77,7 +81,10 @@ def parse_label(value: Any, where: str) -> bool:
             return False
     if value is None:
         raise UserError(f"{where}: label is null; every row needs a thumbs-up/down label")
-    raise UserError(f"{where}: label {value!r} is not a thumbs-up/down value ({LABEL_HINT})")
+    hint = ""
+    if isinstance(value, (int, float)):  # a rating scale: say how to map it
+        hint = "; for numeric ratings set --label-threshold (e.g. 4 for 1-5 stars)"
+    raise UserError(f"{where}: label {value!r} is not a thumbs-up/down value ({LABEL_HINT}){hint}")
 
 
 # ---------------------------------------------------------------------------
@@ -238,6 +245,12 @@ def parse_row(row: Any, where: str) -> tuple[list[Example], bool]:
             if field in row:
                 raise UserError(f"{where}: row has both 'messages' and '{field}'; use one format")
         messages = _check_messages(row["messages"], "messages", where)
+        if any("label" in m for m in messages):
+            if "label" in row:
+                raise UserError(
+                    f"{where}: row has a top-level 'label' and labels on messages; use one"
+                )
+            return _per_message_examples(messages, where, ex), False
         if "label" not in row:
             raise UserError(f"{where}: row has no 'label'")
         label = parse_label(row["label"], where)
@@ -268,6 +281,25 @@ def parse_row(row: Any, where: str) -> tuple[list[Example], bool]:
     return [ex(prompt, completion, parse_label(row["label"], where))], False
 
 
+def _per_message_examples(messages: list[dict], where: str, ex) -> list[Example]:
+    """A chat with a `label` on one or more assistant messages: one example per
+    labelled message, its prompt the conversation before it (labels stripped)."""
+    plain = [{k: v for k, v in m.items() if k != "label"} for m in messages]
+    out = []
+    for i, m in enumerate(messages):
+        if "label" not in m:
+            continue
+        at = f"{where}: 'messages'[{i}]"
+        if m["role"] != "assistant":
+            raise UserError(f"{at}: a label is on a {m['role']!r} message; rate assistant replies")
+        if i == 0:
+            raise UserError(f"{at}: the labelled reply has no prompt before it")
+        if _is_empty([plain[i]]):
+            raise UserError(f"{at}: the labelled reply is empty")
+        out.append(ex(plain[:i], [plain[i]], parse_label(m["label"], at)))
+    return out
+
+
 def _read_rows(path: Path) -> list[tuple[Any, str]]:
     """Raw rows of a .jsonl/.json file with their "path:line" / "path[i]" locations."""
     ext = path.suffix.lower()
@@ -288,19 +320,26 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
             raise UserError(f'{path}: expected a list of rows (or {{"data": [...]}})')
         return [(row, f"{path}[{i}]") for i, row in enumerate(data)]
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rows.append((json.loads(line), f"{path}:{lineno}"))
         except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):
+                # A writer killed mid-append (never acknowledged): skip, don't fail.
+                logging.getLogger("mlx_kto").warning(
+                    "warning: %s:%d: skipped a torn last line (%s)", path, lineno, e.msg
+                )
+                continue
             raise UserError(
                 f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
             ) from None
     return rows
 
 
-def load_examples(path: str | Path, seed: int = 0) -> list[Example]:
+def load_examples(path: str | Path, seed: int = 0, fields=None) -> list[Example]:
     """Read one .jsonl or .json file of feedback rows into validated `Example`s.
 
     Paired rows are unpaired (chosen -> True, rejected -> False); if the file had any,
@@ -313,7 +352,11 @@ def load_examples(path: str | Path, seed: int = 0) -> list[Example]:
     examples: list[Example] = []
     any_paired = False
     first_kind: tuple[bool, str] | None = None  # (conversational, where) of the first row
-    for row, where in _read_rows(path):
+    from mlx_kto.collect.feedback import drop_retracted
+
+    for row, where in drop_retracted(_read_rows(path)):
+        if fields is not None:  # a columns.FieldMap (--label-field, ...)
+            row = fields.apply(row, where)
         exs, paired = parse_row(row, where)
         any_paired |= paired
         kind = exs[0].conversational
@@ -354,15 +397,15 @@ def find_split_files(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def load_splits(path: str | Path, seed: int = 0) -> dict[str, list[Example]]:
+def load_splits(path: str | Path, seed: int = 0, fields=None) -> dict[str, list[Example]]:
     """A file -> {"train": rows}; a folder -> {"train", "valid", "test"} (those present),
     read from train.jsonl / valid.jsonl (or validation/val) / test.jsonl (or .json)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     if path.is_file():
-        return {"train": load_examples(path, seed)}
+        return {"train": load_examples(path, seed, fields)}
     files = find_split_files(path)
     if "train" not in files:
         raise UserError(f"{path}: no train.jsonl (or train.json) in this folder")
-    return {split: load_examples(file, seed) for split, file in files.items()}
+    return {split: load_examples(file, seed, fields) for split, file in files.items()}

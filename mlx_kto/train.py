@@ -54,7 +54,9 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
 
     if not cfg.data:
         raise UserError("data: no data given (--data FILE_OR_FOLDER)")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    from mlx_kto.columns import FieldMap
+
+    splits = load_splits(cfg.data, seed=cfg.seed, fields=FieldMap.from_config(cfg))
     out = {}
     for name in ("train", "valid"):
         if name not in splits:

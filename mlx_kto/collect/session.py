@@ -1,0 +1,155 @@
+"""A chat conversation with a model (and optional adapter): streaming replies and
+turning a rated reply into a feedback row. Shared by the terminal and web chats."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto.collect.feedback import append_row, rating_row, retraction_row
+from mlx_kto.errors import UserError
+
+
+@dataclass
+class Sampling:
+    temp: float = field(default=0.7, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1 = off)."})
+    max_tokens: int = field(default=256, metadata={"help": "Most tokens per reply."})
+    seed: int | None = field(
+        default=None, metadata={"help": "Seed for sampling (default: random)."}
+    )
+
+
+def default_model() -> str:
+    """The shipped demo model (no download needed)."""
+    from mlx_kto.demo import ASSETS
+
+    return str(ASSETS / "model")
+
+
+def load_chat_model(model: str, adapter_path: str | None):
+    """(model, tokenizer) through the project's loader (the same as training: local
+    folder or hub id, and whatever formats `load_base` supports), adapter applied the
+    way `mlx_lm.load(..., adapter_path=...)` does; one-line errors."""
+    from mlx_kto.config import KTOConfig
+    from mlx_kto.model import load_base
+
+    if adapter_path is not None:
+        a = Path(adapter_path)
+        if not (a / "adapters.safetensors").exists() or not (a / "adapter_config.json").exists():
+            raise UserError(
+                f"adapter-path: {a} is not an adapter folder "
+                "(needs adapters.safetensors and adapter_config.json)"
+            )
+    m, tok, path, _ = load_base(KTOConfig(model=model))
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        try:
+            load_adapters(m, adapter_path)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise UserError(f"adapter-path: {adapter_path} does not fit {path} ({e})") from None
+    m.eval()
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"{path}: the tokenizer has no chat template; chat needs one")
+    return m, tok
+
+
+@dataclass
+class Reply:
+    """A generated reply and the conversation it answers (kept to rate it later)."""
+
+    id: str
+    prompt: list[dict]  # messages before the reply (system prompt included)
+    text: str
+    rating_id: str | None = None  # the feedback row currently rating it
+    label: bool | None = None
+
+
+class ChatSession:
+    """Conversation state + generation + rating. `messages` holds the accepted turns;
+    the latest reply is pending until the user goes on (kept) or regenerates (dropped)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_name: str,
+        adapter_path: str | None = None,
+        feedback: str | Path = "feedback.jsonl",
+        system_prompt: str | None = None,
+        sampling: Sampling | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.model_name, self.adapter_path = model_name, adapter_path
+        self.feedback = Path(feedback)
+        self.sampling = sampling or Sampling()
+        self.session_id = uuid.uuid4().hex
+        self.messages: list[dict] = []
+        if system_prompt:
+            self.messages.append({"role": "system", "content": system_prompt})
+        self.replies: dict[str, Reply] = {}
+        self._n_generated = 0
+
+    # -- generation -------------------------------------------------------
+    def stream(self, prompt: list[dict]) -> Iterator[str]:
+        """Text pieces of a sampled reply to `prompt` (a message list ending with the
+        user's turn), through the model's chat template and mlx-lm's sampler."""
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        s = self.sampling
+        if s.seed is not None:  # reproducible, yet each reply its own draw
+            mx.random.seed(s.seed + self._n_generated)
+        self._n_generated += 1
+        text = self.tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=False
+        )
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        sampler = make_sampler(temp=s.temp, top_p=s.top_p if 0 < s.top_p < 1 else 0.0)
+        for r in stream_generate(
+            self.model, self.tokenizer, ids, max_tokens=s.max_tokens, sampler=sampler
+        ):
+            if r.text:
+                yield r.text
+
+    def new_reply(self, prompt: list[dict], text: str) -> Reply:
+        reply = Reply(uuid.uuid4().hex, [dict(m) for m in prompt], text.strip())
+        self.replies[reply.id] = reply
+        return reply
+
+    # -- rating -----------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "source": "mlx-kto chat",
+            "model": self.model_name,
+            "adapter": self.adapter_path,
+            "sampling": asdict(self.sampling),
+            "session": self.session_id,
+        }
+
+    def rate(self, reply: Reply, label: bool) -> str:
+        """Append a rating row (durable when this returns); a reply rated again has its
+        earlier rating retracted first. Returns the new rating's id."""
+        if not reply.text:
+            raise UserError("the reply is empty; regenerate it before rating")
+        if reply.rating_id is not None:
+            if reply.label == label:
+                return reply.rating_id
+            self.undo(reply)
+        row = rating_row(reply.prompt, reply.text, label, {**self.meta(), "reply": reply.id})
+        append_row(self.feedback, row)
+        reply.rating_id, reply.label = row["id"], label
+        return row["id"]
+
+    def undo(self, reply: Reply) -> None:
+        if reply.rating_id is None:
+            return
+        append_row(self.feedback, retraction_row(reply.rating_id))
+        reply.rating_id, reply.label = None, None
