@@ -54,9 +54,11 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
     """defaults < saved run config (on --resume) < YAML < flags."""
     if flags.get("lora_keys") is not None:
         flags["lora_keys"] = [k.strip() for k in flags["lora_keys"].split(",") if k.strip()]
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    yaml_values = load_yaml(config_file, log=log) if config_file else {}
     resume = flags.get("resume")
-    if resume is None and config_file:
-        resume = load_yaml(config_file).get("resume")
+    if resume is None:
+        resume = yaml_values.get("resume")
     base = {}
     if resume:
         from mlx_kto.checkpoint import find_checkpoint
@@ -64,7 +66,6 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
         ckpt = find_checkpoint(resume)
         base = json.loads((ckpt / "trainer_state.json").read_text())["config"]
         base.pop("resume", None)
-    yaml_values = load_yaml(config_file) if config_file else {}
     merged = {**base, **yaml_values, **{k: v for k, v in flags.items() if v is not None}}
     return make_config(None, **merged)
 

@@ -46,7 +46,9 @@ class TrainState:
 
 def make_schedule(cfg: KTOConfig, total_steps: int):
     """Linear warmup from 0, then cosine/linear decay to 0 or constant."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.1 * total_steps)
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    )
     warmup = min(warmup, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     lr = cfg.learning_rate
