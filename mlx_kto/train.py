@@ -54,7 +54,7 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
 
     if not cfg.data:
         raise UserError("data: no data given (--data FILE_OR_FOLDER)")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    splits = load_splits(cfg.data, seed=cfg.seed, split=cfg.data_split)
     out = {}
     for name in ("train", "valid"):
         if name not in splits:
