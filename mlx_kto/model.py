@@ -55,6 +55,10 @@ def load_base(cfg: KTOConfig):
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
+    if getattr(cfg, "chat_template", None):
+        from mlx_kto.chat_template import set_chat_template
+
+        set_chat_template(tokenizer, cfg.chat_template)
     if cfg.dtype:
         dt = getattr(mx, cfg.dtype)
         model.update(_cast_tree(model.parameters(), dt))
@@ -119,10 +123,10 @@ def load_init_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
             "(needs adapters.safetensors and adapter_config.json)"
         )
     config = json.loads(conf.read_text())
-    if config.get("fine_tune_type", "lora") != "lora":
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise UserError(
             f"{conf}: fine_tune_type '{config.get('fine_tune_type')}' is not supported; "
-            "the reference must be recoverable by switching LoRA off (DoRA/full are not)"
+            "the reference must be recoverable by bypassing the adapter (a full fine-tune is not)"
         )
     model.freeze()
     try:

@@ -132,6 +132,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         cfg.lora_scale = lp.get("scale", cfg.scale)
         cfg.lora_keys = lp.get("keys", cfg.lora_keys)
         cfg.num_layers = init_conf.get("num_layers", cfg.num_layers)
+        cfg.fine_tune_type = init_conf.get("fine_tune_type", "lora")
         frozen = {k: mx.array(v) for k, v in trainable_lora(model).items()}
         log(f"starting from adapter {cfg.init_adapter}; it is also the (frozen) reference")
     else:
