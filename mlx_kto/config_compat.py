@@ -355,7 +355,7 @@ def resolve_paths(values: dict, base: Path, log: Callable[[str], None], where: s
             continue
         if "\n" in v or "{" in v:  # an inline chat template, not a path
             continue
-        here = os.path.normpath(base / v)
+        here = os.path.abspath(base / v)
         if name in OUTPUT_PATHS or os.path.exists(here):
             values[name] = here
         elif os.path.exists(v):
@@ -395,8 +395,12 @@ def translate(
             out[field], origin[field] = v, str(key)
         if note:
             notes.append(note)
+    mapped = [n for n in notes if n.startswith("'") and "' -> '" in n and ";" not in n]
+    if mapped:  # plain renames on one line, everything else (ignored, refused parts) apart
+        log(f"note: {where}: names mapped: " + ", ".join(n.replace("'", "") for n in mapped))
     for note in notes:
-        log(f"note: {where}: {note}")
+        if note not in mapped:
+            log(f"note: {where}: {note}")
     return resolve_paths(out, path.parent, log, where)
 
 

@@ -381,7 +381,7 @@ def load_splits(
     raw = source_splits(str(path), split)
     if raw is not None:
         return {name: examples_from_rows(rows, str(path), seed) for name, rows in raw.items()}
-    if split is not None:
+    if split not in (None, "train"):
         raise UserError(
             f"data_split: '{split}' applies to a Hugging Face dataset id or a save_to_disk "
             f"folder; {path} is neither (its splits are train/valid/test files)"
