@@ -35,9 +35,9 @@ def row_shape(row: Any) -> str:
     return "unpaired"
 
 
-def raw_splits(data: str, split: str | None = None) -> dict[str, tuple[str, list]]:
-    """{split: (source kind, raw (row, where) pairs)} of a file, folder, save_to_disk folder
-    or hub id, read the way data.load_splits reads them."""
+def raw_splits(data: str, split: str | None = None) -> dict[str, tuple[str, str, list]]:
+    """{split: (source kind, source, raw (row, where) pairs)} of a file, folder, save_to_disk
+    folder or hub id, read the way data.load_splits reads them."""
     from mlx_kto.data import _read_rows
     from mlx_kto.datasets_io import is_saved_dataset, source_splits
 
@@ -48,14 +48,16 @@ def raw_splits(data: str, split: str | None = None) -> dict[str, tuple[str, list
             if Path(data).is_dir() and is_saved_dataset(Path(data))
             else ("Hugging Face dataset")
         )
-        return {name: (kind, rows) for name, rows in raw.items()}
+        return {name: (kind, data, rows) for name, rows in raw.items()}
     path = Path(data)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     files = {"train": path} if path.is_file() else find_split_files(path)
     if "train" not in files:
         raise UserError(f"{path}: no train.jsonl (or train.json) in this folder")
-    return {name: (f.suffix.lstrip(".") + " file", _read_rows(f)) for name, f in files.items()}
+    return {
+        name: (f.suffix.lstrip(".") + " file", str(f), _read_rows(f)) for name, f in files.items()
+    }
 
 
 def shape_counts(rows: list) -> tuple[Counter, Counter]:
@@ -132,9 +134,9 @@ def data_check_lines(
     from mlx_kto.tokenize import balance_report
 
     lines: list[str] = []
-    for name, (kind, rows) in raw_splits(str(data), split).items():
+    for name, (kind, source, rows) in raw_splits(str(data), split).items():
         n_in, n_out = shape_counts(rows)
-        examples = examples_from_rows(rows, str(data), seed)
+        examples = examples_from_rows(rows, source, seed)
         conv = examples[0].conversational
         fmt = (
             "conversational (message lists, rendered with the chat template)"
