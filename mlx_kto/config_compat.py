@@ -395,6 +395,10 @@ def translate(
             out[field], origin[field] = v, str(key)
         if note:
             notes.append(note)
+    if out.get("warmup_steps") == 0 and "warmup_ratio" in out:
+        # TRL: warmup_steps (default 0) only overrides warmup_ratio when > 0.
+        del out["warmup_steps"]
+        notes.append("'warmup_steps: 0' with warmup_ratio: the ratio applies (as in TRL)")
     mapped = [n for n in notes if n.startswith("'") and "' -> '" in n and ";" not in n]
     if mapped:  # plain renames on one line, everything else (ignored, refused parts) apart
         log(f"note: {where}: names mapped: " + ", ".join(n.replace("'", "") for n in mapped))

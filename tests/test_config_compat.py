@@ -65,6 +65,13 @@ def test_trl_names_map_to_our_fields(tmp_path):
     assert any("per_device_train_batch_size -> batch_size" in n for n in notes)
 
 
+def test_trl_warmup_steps_zero_leaves_the_ratio(tmp_path):
+    values, notes = load(tmp_path, "warmup_steps: 0\nwarmup_ratio: 0.25\n")
+    assert "warmup_steps" not in values and values["warmup_ratio"] == 0.25
+    values, _ = load(tmp_path, "warmup_steps: 5\nwarmup_ratio: 0.25\n")
+    assert values["warmup_steps"] == 5  # > 0 wins, as in TRL
+
+
 @pytest.mark.parametrize(
     "text, expect",
     [
