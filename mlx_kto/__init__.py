@@ -6,3 +6,13 @@ _blas.preload()  # must precede the first `import mlx.core`
 _heap.tune()  # reuse freed pages (Linux CPU: fresh pages fault in slowly)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import mlx_kto` must stay light (it runs before mlx.core is imported).
+    if name in ("KTOTrainer", "KTOConfig", "Callback"):
+        from mlx_kto import api, config, reporting
+
+        return {"KTOTrainer": api.KTOTrainer, "KTOConfig": config.KTOConfig,
+                "Callback": reporting.Callback}[name]  # fmt: skip
+    raise AttributeError(f"module 'mlx_kto' has no attribute {name!r}")

@@ -63,9 +63,11 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
     """defaults < saved run config (on --resume) < YAML < flags."""
     if flags.get("lora_keys") is not None:
         flags["lora_keys"] = [k.strip() for k in flags["lora_keys"].split(",") if k.strip()]
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    yaml_values = load_yaml(config_file, log=log) if config_file else {}
     resume = flags.get("resume")
-    if resume is None and config_file:
-        resume = load_yaml(config_file).get("resume")
+    if resume is None:
+        resume = yaml_values.get("resume")
     base = {}
     if resume:
         from mlx_kto.checkpoint import find_checkpoint
@@ -73,7 +75,6 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
         ckpt = find_checkpoint(resume)
         base = json.loads((ckpt / "trainer_state.json").read_text())["config"]
         base.pop("resume", None)
-    yaml_values = load_yaml(config_file) if config_file else {}
     merged = {**base, **yaml_values, **{k: v for k, v in flags.items() if v is not None}}
     return make_config(None, **merged)
 
@@ -119,7 +120,10 @@ def train_command(config_file, **flags):
 @click.option("--max-length", default=1024, show_default=True, type=int)
 @click.option("--beta", default=0.1, show_default=True, type=float)
 @click.option("--loss-type", default="kto", show_default=True)
-def eval_command(model, adapter_path, data, split, batch_size, max_length, beta, loss_type):
+@click.option("--chat-template", default=None, help="Chat template file or text to use instead.")
+def eval_command(
+    model, adapter_path, data, split, batch_size, max_length, beta, loss_type, chat_template
+):
     """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data."""
     from mlx_kto.evaluate import evaluate_adapter
 
@@ -131,6 +135,7 @@ def eval_command(model, adapter_path, data, split, batch_size, max_length, beta,
         max_length=max_length,
         beta=beta,
         loss_type=loss_type,
+        chat_template=chat_template,
     )
     click.echo(json.dumps(evaluate_adapter(cfg, adapter_path, split), indent=2))
 
@@ -138,30 +143,56 @@ def eval_command(model, adapter_path, data, split, batch_size, max_length, beta,
 @cli.command("generate")
 @click.option("--model", required=True, help="Base model folder or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--chat/--no-chat", default=True, help="Apply the chat template if there is one.")
-@click.option("--max-tokens", default=100, show_default=True, type=int)
+@click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads it from stdin).")
+@click.option("--system-prompt", default=None, help="System message for the chat template.")
+@click.option(
+    "--chat/--no-chat",
+    default=True,
+    show_default=True,
+    help="Apply the chat template if there is one.",
+)
+@click.option("--chat-template", default=None, help="Chat template file or text to use instead.")
+@click.option("-m", "--max-tokens", default=100, show_default=True, type=int)
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature.")
+@click.option(
+    "--top-p", default=0.0, show_default=True, type=float, help="Nucleus sampling (0 = off)."
+)
+@click.option(
+    "--min-p", default=0.0, show_default=True, type=float, help="Min-p sampling (0 = off)."
+)
+@click.option("--top-k", default=0, show_default=True, type=int, help="Top-k sampling (0 = off).")
 @click.option("--seed", default=0, show_default=True, type=int)
-def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
+@click.option("--verbose/--quiet", default=True, show_default=True, help="Print speed figures.")
+def generate_command(
+    model, adapter_path, prompt, system_prompt, chat, chat_template, max_tokens, temp, top_p,
+    min_p, top_k, seed, verbose,
+):  # fmt: skip
     """Generate text with a base model and (optionally) a trained adapter."""
+    from mlx_kto.generation import generate, prompt_ids, read_prompt
     from mlx_kto.model import resolve_model_path
 
     import mlx.core as mx
-    from mlx_lm import generate, load
-    from mlx_lm.sample_utils import make_sampler
+    from mlx_lm import load
 
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
     m, tok = load(str(path), adapter_path=adapter_path)
-    if chat and getattr(tok, "chat_template", None):
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+    if chat_template:
+        from mlx_kto.chat_template import set_chat_template
+
+        set_chat_template(tok, chat_template)
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    ids = prompt_ids(tok, read_prompt(prompt), system_prompt, chat, log)
     mx.random.seed(seed)
-    out = generate(m, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=temp))
-    click.echo(out)
+    _, stats = generate(
+        m, tok, ids, max_tokens, temp, top_p, min_p, top_k,
+        on_text=lambda t: click.echo(t, nl=False),
+    )  # fmt: skip
+    click.echo()
+    if verbose:
+        for line in stats.lines():
+            log(line)
 
 
 @cli.group("data")
@@ -173,34 +204,36 @@ def data_group():
 @click.argument("path")
 @click.option("--model", default=None, help="Also tokenize with this model's tokenizer.")
 @click.option("--max-length", default=1024, show_default=True, type=int)
+@click.option("--chat-template", default=None, help="Chat template file or text (see train).")
+@click.option("--data-split", default=None, help="Training split of a hub dataset id.")
 @column_options
-def data_check(path, model, max_length, **mapping):
-    """Validate a feedback file/folder and print its class balance."""
+def data_check(path, model, max_length, chat_template, data_split, **mapping):
+    """Validate feedback data: format, input shapes, class balance; with --model one
+    rendered example (prompt/completion boundary marked) and the effect of truncation."""
     from mlx_kto.columns import FieldMap
-    from mlx_kto.data import load_splits
-    from mlx_kto.tokenize import balance_report, tokenize_examples
+    from mlx_kto.data_report import data_check_lines
 
-    splits = load_splits(path, fields=FieldMap.from_config(KTOConfig(**mapping)))
-    for name, examples in splits.items():
-        n_d = sum(e.label for e in examples)
-        click.echo(f"{name}: {len(examples)} rows")
-        for line in balance_report(n_d, len(examples) - n_d, 1.0, 1.0):
-            click.echo(f"  {line}")
-        if model:
-            from mlx_kto.model import resolve_model_path
+    tok = None
+    if model:
+        tok = _load_tokenizer(model, chat_template)
+    for line in data_check_lines(
+        path, tok, max_length, split=data_split, fields=FieldMap.from_config(KTOConfig(**mapping))
+    ):
+        click.echo(line)
 
-            from mlx_lm.utils import load_tokenizer
 
-            tok = load_tokenizer(resolve_model_path(model))
-            rows, st = tokenize_examples(examples, tok, max_length)
-            if not rows:
-                click.echo(f"  tokens: no usable rows ({'; '.join(st.lines())})")
-                continue
-            lengths = sorted(len(r.tokens) for r in rows)
-            click.echo(
-                f"  tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-                f"dropped {st.n_dropped_long_prompt}, truncated {st.n_truncated}"
-            )
+def _load_tokenizer(model: str, chat_template: str | None = None):
+    """mlx-lm's tokenizer of `model`, with --chat-template applied."""
+    from mlx_kto.model import resolve_model_path
+
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path(model))
+    if chat_template:
+        from mlx_kto.chat_template import set_chat_template
+
+        set_chat_template(tok, chat_template)
+    return tok
 
 
 def _attach_optional_commands() -> None:

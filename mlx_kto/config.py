@@ -8,6 +8,7 @@ metadata, so `mlx-kto train --help` documents everything here.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,22 @@ class KTOConfig:
         None, "Cap MLX's buffer cache in MB to keep a small Mac responsive."
     )
     quiet: bool = _f(False, "Less output: no progress bar.")
+    # habits from TRL / mlx-lm (issue 14)
+    data_split: str | None = _f(
+        None, "Split to train on when data is a Hugging Face dataset id (default: train)."
+    )
+    chat_template: str | None = _f(
+        None, "Chat template to use instead of the tokenizer's: a Jinja file or the template text."
+    )
+    fine_tune_type: str = _f("lora", "Adapter type: lora or dora (mlx-lm's DoRALinear).")
+    warmup_ratio: float = _f(0.1, "Warmup as a fraction of the steps when warmup_steps is unset.")
+    report_to: str = _f(
+        "none", "Also log metrics to: wandb, tensorboard (comma-separated) or none."
+    )
+    project_name: str | None = _f(None, "wandb project (default: mlx-kto).")
+    run_name: str | None = _f(
+        None, "Run name for wandb / tensorboard (default: the adapter folder)."
+    )
 
     def validate(self) -> KTOConfig:
         """Check field values; raise UserError naming the field."""
@@ -173,6 +190,9 @@ class KTOConfig:
             raise UserError("learning_rate: must be > 0")
         if not 0 <= self.lora_dropout < 1:
             raise UserError("lora_dropout: must be in [0, 1)")
+        from mlx_kto.config_compat import validate_habits
+
+        validate_habits(self)
         return self
 
     @property
@@ -228,8 +248,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config into a dict of known fields; unknown keys are errors."""
+def load_yaml(path: str | Path, log=None) -> dict:
+    """Read a YAML config into a dict of known fields; unknown keys are errors. mlx-lm and
+    TRL names are mapped (config_compat; notes to `log`, default stderr); relative paths
+    resolve against the file's folder."""
+    from mlx_kto.config_compat import translate
+
     import yaml
 
     path = Path(path)
@@ -243,14 +267,10 @@ def load_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of field: value")
-    names = set(field_names())
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise UserError(f"{path}: unknown field '{key}' (see `mlx-kto train --help`)")
-        out[name] = _coerce(name, value, str(path))
-    return out
+    if log is None:
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    values = translate(raw, path, set(field_names()), log)
+    return {name: _coerce(name, value, str(path)) for name, value in values.items()}
 
 
 def make_config(yaml_path: str | Path | None = None, **overrides) -> KTOConfig:

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_kto.content_parts import flatten_message
+from mlx_kto.datasets_io import TABLE_EXTENSIONS
 from mlx_kto.errors import UserError
 
 EXTENSIONS = (".jsonl", ".json", ".ndjson")
+DATA_EXTENSIONS = EXTENSIONS + TABLE_EXTENSIONS  # + parquet / arrow (datasets_io)
 SPLIT_NAMES = {  # split -> accepted file stems in a data folder
     "train": ("train",),
     "valid": ("valid", "validation", "val"),
@@ -111,7 +114,7 @@ def _check_messages(value: Any, field: str, where: str) -> list[dict]:
             raise UserError(
                 f"{where}: '{field}'[{i}] 'content' must be a string, got {type(content).__name__}"
             )
-    return value
+    return [flatten_message(m, f"{where}: '{field}'[{i}]") for i, m in enumerate(value)]
 
 
 def _check_text_or_messages(value: Any, field: str, where: str) -> str | list[dict]:
@@ -303,8 +306,14 @@ def _per_message_examples(messages: list[dict], where: str, ex) -> list[Example]
 def _read_rows(path: Path) -> list[tuple[Any, str]]:
     """Raw rows of a .jsonl/.json file with their "path:line" / "path[i]" locations."""
     ext = path.suffix.lower()
+    if ext in TABLE_EXTENSIONS:
+        from mlx_kto.datasets_io import read_table_rows
+
+        return read_table_rows(path)
     if ext not in EXTENSIONS:
-        raise UserError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl or .json)")
+        raise UserError(
+            f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or .arrow)"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -349,12 +358,22 @@ def load_examples(path: str | Path, seed: int = 0, fields=None) -> list[Example]
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder; give a .jsonl/.json file (or use load_splits)")
+    return examples_from_rows(_read_rows(path), str(path), seed, fields)
+
+
+def examples_from_rows(
+    rows: list[tuple[Any, str]], source: str, seed: int = 0, fields=None
+) -> list[Example]:
+    """Validated `Example`s of raw (row, "where") pairs read from `source` (see load_examples).
+    Retracted ratings (`{"retract": id}` lines of `mlx-kto chat`) are dropped; `fields` (a
+    columns.FieldMap: --label-field, ...) maps other column names first."""
+    path = source
     examples: list[Example] = []
     any_paired = False
     first_kind: tuple[bool, str] | None = None  # (conversational, where) of the first row
     from mlx_kto.collect.feedback import drop_retracted
 
-    for row, where in drop_retracted(_read_rows(path)):
+    for row, where in drop_retracted(rows):
         if fields is not None:  # a columns.FieldMap (--label-field, ...)
             row = fields.apply(row, where)
         exs, paired = parse_row(row, where)
@@ -386,7 +405,7 @@ def find_split_files(folder: str | Path) -> dict[str, Path]:
         hits = [
             folder / f"{stem}{ext}"
             for stem in stems
-            for ext in EXTENSIONS
+            for ext in DATA_EXTENSIONS
             if (folder / f"{stem}{ext}").is_file()
         ]
         if len(hits) > 1:
@@ -397,9 +416,25 @@ def find_split_files(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def load_splits(path: str | Path, seed: int = 0, fields=None) -> dict[str, list[Example]]:
+def load_splits(
+    path: str | Path, seed: int = 0, fields=None, split: str | None = None
+) -> dict[str, list[Example]]:
     """A file -> {"train": rows}; a folder -> {"train", "valid", "test"} (those present),
-    read from train.jsonl / valid.jsonl (or validation/val) / test.jsonl (or .json)."""
+    read from train.jsonl / valid.jsonl (or validation/val) / test.jsonl (or .json, .parquet,
+    .arrow); a `save_to_disk` folder or a Hugging Face dataset id -> its splits, `split`
+    naming the training one (datasets_io)."""
+    from mlx_kto.datasets_io import source_splits
+
+    raw = source_splits(str(path), split)
+    if raw is not None:
+        return {
+            name: examples_from_rows(rows, str(path), seed, fields) for name, rows in raw.items()
+        }
+    if split not in (None, "train"):
+        raise UserError(
+            f"data_split: '{split}' applies to a Hugging Face dataset id or a save_to_disk "
+            f"folder; {path} is neither (its splits are train/valid/test files)"
+        )
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")

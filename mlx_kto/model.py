@@ -55,6 +55,10 @@ def load_base(cfg: KTOConfig):
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
+    if getattr(cfg, "chat_template", None):
+        from mlx_kto.chat_template import set_chat_template
+
+        set_chat_template(tokenizer, cfg.chat_template)
     if cfg.dtype:
         dt = getattr(mx, cfg.dtype)
         model.update(_cast_tree(model.parameters(), dt))
@@ -89,7 +93,12 @@ def apply_lora(model: nn.Module, cfg: KTOConfig) -> nn.Module:
     n_blocks = len(model.layers)
     if cfg.num_layers > n_blocks:
         raise UserError(f"num_layers: {cfg.num_layers} > the model's {n_blocks} blocks")
-    linear_to_lora_layers(model, cfg.num_layers, lora_parameters(cfg))
+    from mlx_kto.lora_keys import expand_lora_keys
+
+    cfg.lora_keys = expand_lora_keys(model, cfg.lora_keys)  # PEFT short names -> paths
+    linear_to_lora_layers(
+        model, cfg.num_layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora"
+    )
     if not lora_modules(model):
         raise UserError(f"lora_keys: {cfg.lora_keys} matched no layer of the model")
     return model
@@ -114,10 +123,10 @@ def load_init_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
             "(needs adapters.safetensors and adapter_config.json)"
         )
     config = json.loads(conf.read_text())
-    if config.get("fine_tune_type", "lora") != "lora":
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise UserError(
             f"{conf}: fine_tune_type '{config.get('fine_tune_type')}' is not supported; "
-            "the reference must be recoverable by switching LoRA off (DoRA/full are not)"
+            "the reference must be recoverable by bypassing the adapter (a full fine-tune is not)"
         )
     model.freeze()
     try:
@@ -142,11 +151,14 @@ def reference_mode(model: nn.Module, frozen: dict[str, mx.array] | None = None):
     was_training = model.training
     model.eval()
     if frozen is None:
+        from mlx_kto.dora import bypass_dora
+
         scales = [m.scale for m in mods]
         for m in mods:
             m.scale = 0.0
         try:
-            yield model
+            with bypass_dora(model):  # DoRA's magnitude rescales the base: call it directly
+                yield model
         finally:
             for m, s in zip(mods, scales):
                 m.scale = s
@@ -198,7 +210,7 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=No
 def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:
     """adapter_config.json as mlx-lm's load_adapters reads it, plus our settings."""
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": getattr(cfg, "fine_tune_type", "lora"),
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(cfg),
         "model": base_model,

@@ -161,7 +161,8 @@ def tokenize_examples(
         first = next(ex for ex in examples if ex.conversational)
         raise UserError(
             f"{first.where}: conversational rows (message lists) need a chat template, and this "
-            "tokenizer has none; use a chat model's tokenizer or give prompt/completion as strings"
+            "tokenizer has none; pass --chat-template FILE_OR_STRING (or chat_template: in the "
+            "YAML), use a chat model's tokenizer, or give prompt/completion as strings"
         )
     bos_id = getattr(tokenizer, "bos_token_id", None)
     stats = TokenizeStats(n_in=len(examples))

@@ -41,8 +41,9 @@ def set_memory_limits(cfg: KTOConfig) -> None:
             maybe_set_recommended_wired_limit()
 
 
-def prepare_data(cfg: KTOConfig, tokenizer, log=print):
-    """Load, tokenize and pair (KL partners) the train/valid splits; report balance."""
+def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = None):
+    """Load (or take `splits`: {"train": [Example], "valid": ...}), tokenize and pair (KL
+    partners) the train/valid splits; report balance."""
     from mlx_kto.data import load_splits
     from mlx_kto.tokenize import (
         assign_kl_partners,
@@ -52,11 +53,14 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
         tokenize_examples,
     )
 
-    if not cfg.data:
-        raise UserError("data: no data given (--data FILE_OR_FOLDER)")
-    from mlx_kto.columns import FieldMap
+    if splits is None:
+        if not cfg.data:
+            raise UserError("data: no data given (--data FILE_OR_FOLDER)")
+        from mlx_kto.columns import FieldMap
 
-    splits = load_splits(cfg.data, seed=cfg.seed, fields=FieldMap.from_config(cfg))
+        splits = load_splits(
+            cfg.data, seed=cfg.seed, fields=FieldMap.from_config(cfg), split=cfg.data_split
+        )
     out = {}
     for name in ("train", "valid"):
         if name not in splits:
@@ -96,21 +100,12 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
     return out["train"], out.get("valid"), float(dw)
 
 
-def train(cfg: KTOConfig, log=print) -> TrainResult:
-    """Train a KTO LoRA adapter as configured; returns where it went and final metrics."""
-    from mlx_kto.checkpoint import find_checkpoint, load_checkpoint
-    from mlx_kto.judge.plot import plot_after_training
-    from mlx_kto.judge.probes import make_probe
-    from mlx_kto.model import (
-        adapter_config,
-        apply_lora,
-        load_base,
-        load_init_adapter,
-        save_adapter,
-        trainable_lora,
-    )
-    from mlx_kto.reference import make_scorer
-    from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
+def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResult:
+    """Train a KTO LoRA adapter as configured (`mlx-kto train`): load cfg.model, then
+    `train_model`. Returns where the adapter went and the final metrics."""
+    from mlx_kto.checkpoint import find_checkpoint
+    from mlx_kto.model import load_base
+    from mlx_kto.reporting import CallbackList, make_reporters
 
     cfg.validate()
     ckpt = None
@@ -126,8 +121,62 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     set_memory_limits(cfg)
     run_dir = Path(cfg.adapter_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    reporters = make_reporters(cfg, run_dir, log)  # before loading: a missing package fails fast
+    try:
+        model, tokenizer, model_path, _ = load_base(cfg)
+    except BaseException:
+        CallbackList(reporters).close()
+        raise
+    return train_model(
+        cfg, model, tokenizer, model_path, log=log, callbacks=reporters + list(callbacks or []),
+        ckpt=ckpt,
+    )  # fmt: skip
 
-    model, tokenizer, model_path, _ = load_base(cfg)
+
+def train_model(
+    cfg: KTOConfig,
+    model,
+    tokenizer,
+    model_path: str | Path | None = None,
+    splits: dict | None = None,
+    log=print,
+    callbacks: list | None = None,
+    ckpt: Path | None = None,
+) -> TrainResult:
+    """KTO training of an already loaded `model` / `tokenizer` (the work behind `train` and
+    `mlx_kto.api.KTOTrainer`): LoRA insertion, data (`splits` of Examples, or cfg.data),
+    reference scorer, loop, final eval, adapter. `model_path` (the base folder) keys the
+    reference cache; without it the reference log-probs are not cached on disk."""
+    from mlx_kto.reporting import CallbackList
+
+    cb = CallbackList(callbacks)
+    try:
+        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt)
+    finally:
+        cb.close()
+
+
+def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> TrainResult:
+    from mlx_kto.checkpoint import load_checkpoint
+    from mlx_kto.judge.plot import plot_after_training
+    from mlx_kto.judge.probes import make_probe
+    from mlx_kto.model import (
+        adapter_config,
+        apply_lora,
+        load_init_adapter,
+        save_adapter,
+        trainable_lora,
+    )
+    from mlx_kto.reference import make_scorer
+    from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
+
+    run_dir = Path(cfg.adapter_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if model_path is None and not cfg.no_ref_cache:
+        log(
+            "reference cache off: an in-memory model has no folder to fingerprint (give model_path)"
+        )
+        cfg.no_ref_cache = True
     frozen = None
     if cfg.init_adapter:
         init_conf = load_init_adapter(model, cfg.init_adapter)
@@ -136,6 +185,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         cfg.lora_scale = lp.get("scale", cfg.scale)
         cfg.lora_keys = lp.get("keys", cfg.lora_keys)
         cfg.num_layers = init_conf.get("num_layers", cfg.num_layers)
+        cfg.fine_tune_type = init_conf.get("fine_tune_type", "lora")
         frozen = {k: mx.array(v) for k, v in trainable_lora(model).items()}
         log(f"starting from adapter {cfg.init_adapter}; it is also the (frozen) reference")
     else:
@@ -144,7 +194,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     a_config = adapter_config(cfg, cfg.model, n_layers)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log)
+    train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log, splits)
     n_steps = total_steps(cfg, len(train_rows))
     optimizer = optim.AdamW(
         learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay
@@ -179,6 +229,9 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
+    cb.on_train_begin(
+        {"steps": n_steps, "rows": len(train_rows), "run_dir": run_dir, "config": cfg.to_dict()}
+    )
     last = train_loop(
         model,
         cfg,
@@ -194,6 +247,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         pad_id=pad_id,
         log=log,
         probe=probe,
+        callbacks=cb,
     )
     save_adapter(model, run_dir, a_config)
     ev = {}
@@ -201,9 +255,12 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         ev = evaluate(model, valid_rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
         keys = ("loss", "rewards/margins", "rewards/accuracy", "kl")
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
+        cb.on_eval(state.step, ev)
     log(f"adapter saved to {run_dir}")
     plot_after_training(run_dir, log)
-    return TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
+    result = TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
+    cb.on_train_end(result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,9 @@ class TrainState:
 
 def make_schedule(cfg: KTOConfig, total_steps: int):
     """Linear warmup from 0, then cosine/linear decay to 0 or constant."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.1 * total_steps)
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    )
     warmup = min(warmup, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
     lr = cfg.learning_rate
@@ -292,10 +294,15 @@ def train_loop(
     log=print,
     progress: bool = True,
     probe=None,
+    callbacks=None,
 ) -> dict:
     """Run optimizer steps state.step..n_steps; returns the last step's metrics.
-    `probe(step, record, n_steps)` (judge.probes) may add diversity figures to a record."""
+    `probe(step, record, n_steps)` (judge.probes) may add diversity figures to a record;
+    `callbacks` (a reporting.Callback) hears of every step, evaluation and save."""
     from mlx_kto.model import save_adapter
+    from mlx_kto.reporting import Callback, ref_step_stats, show_bar, throughput
+
+    cb = callbacks if callbacks is not None else Callback()
 
     with_kl = cfg.loss_type == "kto"
     accum = cfg.grad_accumulation_steps
@@ -314,7 +321,7 @@ def train_loop(
         min_size=_min_batch(cfg),
     )
     bar = None
-    if progress and not cfg.quiet:
+    if progress and not cfg.quiet and show_bar():  # piped output: plain lines instead
         from tqdm import tqdm
 
         bar = tqdm(total=n_steps, initial=state.step, desc="kto", dynamic_ncols=True, leave=True)
@@ -322,12 +329,12 @@ def train_loop(
     model.train()
     last = {}
     mx.reset_peak_memory()
-    t_window, tok_window = time.perf_counter(), 0
+    t_window, tok_window, steps_window = time.perf_counter(), 0, 0
     per_epoch = num_batches(len(train_rows), cfg.batch_size, _min_batch(cfg))
     epoch_ref = scorer.stats()
     while state.step < n_steps:
         t0 = time.perf_counter()
-        ref_s0 = scorer.seconds
+        ref_s0, ref_before = scorer.seconds, scorer.stats()
         grad, agg, ntoks = None, None, 0
         # Dropout randomness is a function of (seed, step), so a resumed run replays it.
         mx.random.seed(cfg.seed * 1_000_003 + state.step)
@@ -344,10 +351,10 @@ def train_loop(
         state.step += 1
         state.trained_tokens += ntoks
         dt = time.perf_counter() - t0
-        tok_window += ntoks
+        tok_window, steps_window = tok_window + ntoks, steps_window + 1
         record = {
             "step": state.step,
-            "epoch": state.epoch,
+            "epoch": round(state.epoch + state.batch / per_epoch, 4),  # fractional, as TRL
             **agg,
             "lr": float(optimizer.learning_rate),
             "grad_norm": float(norm),
@@ -356,7 +363,8 @@ def train_loop(
             "tokens_per_sec": round(ntoks / dt, 1),
             "ref_time": round(scorer.seconds - ref_s0, 4),
             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
-            **{k: v for k, v in scorer.stats().items() if k != "ref_seconds"},
+            "num_tokens": state.trained_tokens,  # TRL's name: tokens trained on so far
+            **ref_step_stats(ref_before, scorer.stats()),  # this step's, and `_total`s
         }
         last = record
         if cfg.steps_per_eval and valid_rows and state.step % cfg.steps_per_eval == 0:
@@ -364,18 +372,19 @@ def train_loop(
                 model, valid_rows, cfg, scorer, desirable_weight, cfg.eval_batches, pad_id
             )
             record.update({f"eval/{k}": v for k, v in ev.items()})
-            if not bar:
-                log(_fmt_eval(state.step, ev))
+            (bar.write if bar is not None else log)(_fmt_eval(state.step, ev))  # above the bar
+            cb.on_eval(state.step, ev)
         if probe is not None:
             probe(state.step, record, n_steps)
         metrics_log.write(record)
+        cb.on_step(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(_postfix(record), refresh=False)
         elif state.step % cfg.steps_per_report == 0 or state.step == n_steps:
-            elapsed = time.perf_counter() - t_window
-            log(f"step {state.step}/{n_steps} {_postfix(record)} {tok_window / elapsed:.0f} tok/s")
-            t_window, tok_window = time.perf_counter(), 0
+            tput = throughput(tok_window, time.perf_counter() - t_window, steps_window)
+            log(f"step {state.step}/{n_steps} {_postfix(record, tput)}")
+            t_window, tok_window, steps_window = time.perf_counter(), 0, 0
         if cfg.steps_per_save and state.step % cfg.steps_per_save == 0 and state.step < n_steps:
             save_checkpoint(
                 run_dir,
@@ -387,6 +396,7 @@ def train_loop(
                 keep=cfg.keep_checkpoints,
             )
             save_adapter(model, run_dir, adapter_config)
+            cb.on_save(state.step, run_dir)
     if bar is not None:
         bar.close()
     # The final state is always checkpointed so `--resume` can extend a finished run.
@@ -399,6 +409,7 @@ def train_loop(
         adapter_config,
         keep=cfg.keep_checkpoints,
     )
+    cb.on_save(state.step, run_dir)
     metrics_log.close()
     return last
 
@@ -429,11 +440,11 @@ def _log_epoch_ref(epoch: int, now: dict, before: dict, log, bar) -> dict:
     return now
 
 
-def _postfix(r: dict) -> str:
+def _postfix(r: dict, tput: str | None = None) -> str:
     parts = [f"loss {r['loss']:.4f}", f"kl {r.get('kl', 0):.3f}"]
     if "rewards/margins" in r:
         parts.append(f"margin {r['rewards/margins']:+.3f}")
-    parts.append(f"{r['tokens_per_sec']:.0f} tok/s")
+    parts.append(tput or f"{r['tokens_per_sec']:.0f} tok/s (this step)")
     if "eval/loss" in r:
         parts.append(f"eval {r['eval/loss']:.4f}")
     return " ".join(parts)

@@ -48,13 +48,13 @@ def test_lookup_survives_a_symlink_loop(tmp_path):
     os.symlink("..", loop / "Debug+Asserts")
     os.symlink("..", loop / "Release")
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "import importlib.util as u\n"
-        "spec = u.spec_from_file_location('b', %r); b = u.module_from_spec(spec)\n"
+        f"spec = u.spec_from_file_location('b', {_blas.__file__!r}); b = u.module_from_spec(spec)\n"
         "spec.loader.exec_module(b)\n"
         "b._CANDIDATES = []\n"
         "print(b.find_openblas())\n"
-    ) % (str(tmp_path), _blas.__file__)
+    )
     env = dict(os.environ, MLX_KTO_OPENBLAS="")
     res = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=20, capture_output=True
