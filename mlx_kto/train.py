@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
+from mlx_kto.resume import absolute_paths, check_unchanged, data_hash  # noqa: E402
+from mlx_kto.run_dir import prepare_run_dir, write_errors, write_json  # noqa: E402
+from mlx_kto.train_guard import Interrupted, RunGuard  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
@@ -96,7 +99,7 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
 
 def train(cfg: KTOConfig, log=print) -> TrainResult:
     """Train a KTO LoRA adapter as configured; returns where it went and final metrics."""
-    from mlx_kto.checkpoint import find_checkpoint, load_checkpoint
+    from mlx_kto.checkpoint import find_checkpoint, load_checkpoint, read_state
     from mlx_kto.model import (
         adapter_config,
         apply_lora,
@@ -109,19 +112,17 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
 
     cfg.validate()
-    ckpt = None
+    ckpt, saved = None, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["config"]
+        saved = read_state(ckpt)
         for key in ("model", "data", "init_adapter"):
             if getattr(cfg, key) is None:
-                setattr(cfg, key, saved.get(key))
-        if cfg.adapter_path == "adapters":
-            cfg.adapter_path = str(ckpt.parent.parent)
+                setattr(cfg, key, saved["config"].get(key))
+    run_dir = resolve_run_dir(cfg, ckpt)
+    absolute_paths(cfg)
     mx.random.seed(cfg.seed)
     set_memory_limits(cfg)
-    run_dir = Path(cfg.adapter_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, model_path, _ = load_base(cfg)
     frozen = None
@@ -151,14 +152,16 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
 
         grad_checkpoint(model.layers[0])
 
-    state = TrainState()
+    state = TrainState(meta={"data_hash": data_hash(cfg.data)})
     if ckpt is not None:
+        check_unchanged(ckpt, saved, cfg, state.meta["data_hash"])
         saved_state = load_checkpoint(ckpt, model, optimizer)
         state = TrainState(
             step=saved_state["step"],
             epoch=saved_state["epoch"],
             batch=saved_state["batch"],
             trained_tokens=saved_state.get("trained_tokens", 0),
+            meta=state.meta,
         )
         log(f"resumed from {ckpt} at step {state.step}")
         if state.step >= n_steps:
@@ -171,10 +174,12 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
-    (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "kto_config.json", cfg.to_dict())
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
-    last = train_loop(
+    guard = RunGuard(cfg, run_dir, log)
+    loop = partial(
+        train_loop,
         model,
         cfg,
         train_rows,
@@ -188,7 +193,9 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         n_steps,
         pad_id=pad_id,
         log=log,
+        guard=guard,
     )
+    last = run_guarded(loop, guard, model, optimizer, state, cfg, run_dir, a_config)
     save_adapter(model, run_dir, a_config)
     ev = {}
     if valid_rows:
@@ -197,6 +204,62 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
     log(f"adapter saved to {run_dir}")
     return TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
+
+
+def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None) -> Path:
+    """The output folder, created and checked (run_dir.prepare_run_dir). On --resume it is the
+    resumed run's folder unless --adapter-path names another one (a branch)."""
+    from mlx_kto.resume import check_no_newer, run_dir_of
+
+    if ckpt is None:
+        return prepare_run_dir(cfg.adapter_path, cfg.overwrite)
+    if cfg.adapter_path == "adapters":  # not given: continue in the folder resumed
+        cfg.adapter_path = str(run_dir_of(ckpt))
+    run_dir = Path(cfg.adapter_path)
+    same = run_dir.exists() and run_dir.resolve() == run_dir_of(ckpt).resolve()
+    if same and cfg.overwrite:
+        raise UserError(
+            "overwrite: --overwrite would delete the run being resumed; drop it, or give "
+            "--adapter-path NEW_FOLDER"
+        )
+    run_dir = prepare_run_dir(run_dir, cfg.overwrite, resuming=same)
+    if same:
+        check_no_newer(ckpt, run_dir)
+    return run_dir
+
+
+def run_guarded(loop, guard, model, optimizer, state, cfg: KTOConfig, run_dir, a_config) -> dict:
+    """`loop()` with SIGINT / SIGTERM caught (train_guard.StopSignals) and write errors as one
+    line. A first signal ends the loop after its step (checkpointed by the loop); a second
+    abandons the step in flight: the last completed step is restored and checkpointed. Either
+    way the adapter is saved and `Interrupted` (exit 130 / 143) raised."""
+    from mlx_kto.checkpoint import list_checkpoints, save_checkpoint
+    from mlx_kto.model import save_adapter
+    from mlx_kto.trainer import _ckpt_state
+
+    try:
+        with write_errors(run_dir), guard.signals.watch():
+            last = loop()
+    except KeyboardInterrupt:
+        if guard.signals.signum is None or guard.snapshot is None:
+            raise
+        guard.snapshot.restore(model, optimizer, state)
+        if state.step > 0:
+            save_checkpoint(
+                run_dir,
+                state.step,
+                model,
+                optimizer,
+                _ckpt_state(state, cfg),
+                a_config,
+                keep=cfg.keep_checkpoints,
+            )
+    if guard.stop_requested is None:
+        return last
+    found = list_checkpoints(run_dir)
+    if state.step > 0:
+        save_adapter(model, run_dir, a_config)
+    raise Interrupted(guard.stop_requested, state.step, run_dir, found[-1] if found else None)
 
 
 def main(argv: list[str] | None = None) -> None:
