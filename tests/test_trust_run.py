@@ -404,3 +404,77 @@ def test_every_choice_runs(tiny_llama, data, tmp_path, name, value):
     res = train(cfg_for(tiny_llama, data, tmp_path / "run", **kw), **QUIET)
     assert res.steps == kw["iters"]
     assert all(np.isfinite(v).all() for v in adapter(res.adapter_path).values())
+
+
+# -- 6. SIGINT / SIGTERM on a real process ----------------------------------------------------
+
+SIGNAL_ITERS = 40
+
+
+def _signal_args(model, data, out):
+    return [
+        "--model", str(model), "--data", str(data), "--adapter-path", str(out),
+        "--iters", str(SIGNAL_ITERS), "--batch-size", "4", "--learning-rate", "2e-3",
+        "--lora-rank", "4", "--lora-alpha", "8", "--steps-per-eval", "0",
+        "--steps-per-save", "100", "--max-length", "64", "--quiet", "--seed", "0",
+        "--warmup-steps", "3", "--steps-per-report", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_llama, data, tmp_path_factory):
+    """The uninterrupted run, through the same command line."""
+    from mlx_kto.cli import build_config, train_command
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    ctx = train_command.make_context("train", _signal_args(tiny_llama, data, out))
+    flags = dict(ctx.params)
+    cfg = build_config(flags.pop("config_file"), flags)
+    return adapter(train(cfg, **QUIET).adapter_path)
+
+
+@pytest.mark.parametrize("signals, code", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)])
+def test_signal_checkpoints_and_resume_matches(tiny_llama, data, tmp_path, straight_run, signals, code):
+    """Ctrl-C / SIGTERM mid-run (a second Ctrl-C abandons the step in flight): exit 130 / 143,
+    a checkpoint of the last completed step, the resume command printed; --resume then
+    reaches exactly the uninterrupted run's adapter."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mlx_kto.train", *_signal_args(tiny_llama, data, out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            for name in signals:
+                p.send_signal(getattr(signal, name))
+            break
+    _, rest = p.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert p.returncode == code, err
+    assert "Traceback" not in err and "Aborted" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"python -m mlx_kto.train --resume {out}" in last, last
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("_")[1]) < SIGNAL_ITERS, ckpts
+    done = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert done[-1] >= int(ckpts[0].name.split("_")[1])
+    if signals == ["SIGINT"]:  # the printed command, as a user would run it
+        r = subprocess.run(
+            [sys.executable, "-m", "mlx_kto.train", "--resume", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    else:
+        from mlx_kto.cli import build_config
+
+        train(build_config(None, {"resume": str(out)}), **QUIET)
+    assert_same_adapter(adapter(out), straight_run)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, SIGNAL_ITERS + 1))
