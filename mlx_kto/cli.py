@@ -223,7 +223,7 @@ def run(command: click.Command, args: list[str] | None = None, prog_name: str | 
         prog = prog_name or "mlx-kto"
         train_cmd = f"{prog} train" if command is cli else prog
         resume = f"{train_cmd} --resume {shlex.quote(str(Path(e.run_dir).resolve()))}"
-        click.echo(f"{e}; resume with: {resume}", err=True)
+        click.echo(f"{e}; resume with: {resume}" if e.checkpoint else str(e), err=True)
         sys.exit(e.exit_code)
     except UserError as e:
         click.echo(f"error: {e}", err=True)

@@ -157,7 +157,9 @@ def test_diverged_run_leaves_the_cache_clean(tiny_llama, data, tmp_path):
     for k, v in adapter(tmp_path / "bad").items():
         assert np.isfinite(v).all(), k
     fresh = train(cfg_for(tiny_llama, data, tmp_path / "fresh", iters=6), **QUIET)
-    reused = train(cfg_for(tiny_llama, data, tmp_path / "reused", iters=6, ref_cache=shared), **QUIET)
+    reused = train(
+        cfg_for(tiny_llama, data, tmp_path / "reused", iters=6, ref_cache=shared), **QUIET
+    )
     assert reused.reference["ref_hits"] > 0
     assert_same_adapter(adapter(fresh.adapter_path), adapter(reused.adapter_path))
 
@@ -165,7 +167,14 @@ def test_diverged_run_leaves_the_cache_clean(tiny_llama, data, tmp_path):
 # -- 2. divergence guard ----------------------------------------------------------------------
 
 
-def test_divergence_stops_and_skipped_steps_leave_weights_alone(tiny_llama, data, tmp_path):
+@pytest.mark.parametrize("streams", ["1", None])
+def test_divergence_stops_and_skipped_steps_leave_weights_alone(
+    tiny_llama, data, tmp_path, monkeypatch, streams
+):
+    """Both step paths: the whole-step compiled one (one CPU stream, as on a GPU) and the
+    row-parallel eager one."""
+    if streams:
+        monkeypatch.setenv("MLX_KTO_CPU_STREAMS", streams)
     out = tmp_path / "run"
     cfg = cfg_for(
         tiny_llama,
@@ -331,8 +340,11 @@ def test_resume_into_moved_folder_from_another_cwd(tiny_llama, data, tmp_path, m
 
     monkeypatch.chdir(tiny_llama.parent)
     rel = cfg_for(
-        os.path.relpath(tiny_llama), os.path.relpath(data), os.path.relpath(tmp_path / "old"),
-        iters=4, steps_per_save=2,
+        os.path.relpath(tiny_llama),
+        os.path.relpath(data),
+        os.path.relpath(tmp_path / "old"),
+        iters=4,
+        steps_per_save=2,
     )
     train(rel, **QUIET)
     saved = json.loads((tmp_path / "old" / "kto_config.json").read_text())
@@ -433,8 +445,12 @@ def straight_run(tiny_llama, data, tmp_path_factory):
     return adapter(train(cfg, **QUIET).adapter_path)
 
 
-@pytest.mark.parametrize("signals, code", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)])
-def test_signal_checkpoints_and_resume_matches(tiny_llama, data, tmp_path, straight_run, signals, code):
+@pytest.mark.parametrize(
+    "signals, code", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)]
+)
+def test_signal_checkpoints_and_resume_matches(
+    tiny_llama, data, tmp_path, straight_run, signals, code
+):
     """Ctrl-C / SIGTERM mid-run (a second Ctrl-C abandons the step in flight): exit 130 / 143,
     a checkpoint of the last completed step, the resume command printed; --resume then
     reaches exactly the uninterrupted run's adapter."""
@@ -478,3 +494,47 @@ def test_signal_checkpoints_and_resume_matches(tiny_llama, data, tmp_path, strai
     assert_same_adapter(adapter(out), straight_run)
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, SIGNAL_ITERS + 1))
+
+
+def test_cli_refusals_are_one_line_exit_2(tiny_llama, data, tmp_path):
+    """Through the real command: an existing run, a corrupt checkpoint state, a diverging run."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "checkpoints" / "step_0000002" / "trainer_state.json").write_text("")
+    base = ["--model", str(tiny_llama), "--data", str(data), "--max-length", "64", "--quiet"]
+    cases = [
+        ([*base, "--adapter-path", str(run)], f"{run} already holds a run"),
+        (["--resume", str(run)], f"{run}/checkpoints/step_0000002/trainer_state.json is empty"),
+        (
+            [
+                *base,
+                "--adapter-path",
+                str(tmp_path / "d"),
+                "--learning-rate",
+                "1e30",
+                "--max-grad-norm",
+                "0",
+                "--warmup-steps",
+                "0",
+                "--iters",
+                "10",
+            ],
+            "training diverged at step 4",
+        ),  # fmt: skip
+    ]
+    for args, needle in cases:
+        p = subprocess.run(
+            [sys.executable, "-m", "mlx_kto.train", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 2, p.stderr
+        err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        assert len(err) == 1 and needle in err[0], p.stderr
+        assert "Traceback" not in p.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
