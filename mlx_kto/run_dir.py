@@ -38,16 +38,23 @@ def existing_run_files(run_dir: str | Path) -> list[str]:
 
 
 def clear_run(run_dir: str | Path) -> None:
-    """Remove a previous run's files: each is first renamed into one hidden folder (a rename
-    is atomic: no half-removed checkpoint is ever visible), which is then deleted."""
+    """Remove a previous run's files (errors: one line naming the folder). Each is first
+    renamed into one hidden folder (a rename is atomic: no half-removed checkpoint is ever
+    visible), which is then deleted."""
     run_dir = Path(run_dir)
     names = existing_run_files(run_dir)
     if not names:
         return
+    with write_errors(run_dir):
+        _move_away(run_dir, names)
+
+
+def _move_away(run_dir: Path, names: list[str]) -> None:
     trash = Path(tempfile.mkdtemp(dir=run_dir, prefix=".overwritten-"))
     for name in names:
         os.replace(run_dir / name, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
+    for old in run_dir.glob(".overwritten-*"):  # this one, and any an earlier crash left
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def describe_os_error(path: str | Path, e: OSError) -> str:
@@ -75,8 +82,9 @@ def write_errors(path: str | Path) -> Iterator[None]:
 
 def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resuming: bool = False) -> Path:
     """Create run_dir (and parents) and check it is a writable folder. A folder holding a
-    previous run is refused unless `resuming` (continue it) or `overwrite` (its run files are
-    removed first)."""
+    previous run is refused unless `resuming` (continue it) or `overwrite` (the caller
+    removes its run files with `clear_run` once the new run's inputs have loaded, so a
+    mistyped flag never costs the old run)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"adapter_path: {run_dir} exists and is not a folder")
@@ -89,14 +97,11 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resuming: bool
         os.close(fd)
         os.unlink(probe)
     found = existing_run_files(run_dir)
-    if found and not resuming:
-        if not overwrite:
-            raise UserError(
-                f"adapter_path: {run_dir} already holds a run ({', '.join(found)}); continue "
-                "it with --resume, start afresh with --overwrite, or choose another --adapter-path"
-            )
-        with write_errors(run_dir):
-            clear_run(run_dir)
+    if found and not resuming and not overwrite:
+        raise UserError(
+            f"adapter_path: {run_dir} already holds a run ({', '.join(found)}); continue "
+            "it with --resume, start afresh with --overwrite, or choose another --adapter-path"
+        )
     return run_dir
 
 

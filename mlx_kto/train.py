@@ -14,7 +14,7 @@ import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
 from mlx_kto.resume import absolute_paths, check_unchanged, data_hash  # noqa: E402
-from mlx_kto.run_dir import prepare_run_dir, write_errors, write_json  # noqa: E402
+from mlx_kto.run_dir import clear_run, prepare_run_dir, write_errors, write_json  # noqa: E402
 from mlx_kto.train_guard import Interrupted, RunGuard  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -174,6 +174,8 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
+    if cfg.overwrite:  # only now: the new run's model and data have loaded
+        clear_run(run_dir)
     write_json(run_dir / "kto_config.json", cfg.to_dict())
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)

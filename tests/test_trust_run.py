@@ -234,6 +234,9 @@ def test_existing_run_folder_is_refused_or_overwritten(tiny_llama, data, tmp_pat
     with pytest.raises(UserError, match=r"already holds a run.*--resume.*--overwrite"):
         train(cfg_for(tiny_llama, data, out, iters=2), **QUIET)
     assert (out / "metrics.jsonl").read_text() == before  # nothing touched
+    with pytest.raises(UserError, match="missing"):  # a mistyped input costs the old run nothing
+        train(cfg_for(tiny_llama, tmp_path / "missing", out, overwrite=True), **QUIET)
+    assert (out / "metrics.jsonl").read_text() == before
     train(cfg_for(tiny_llama, data, out, iters=3, steps_per_save=0, overwrite=True), **QUIET)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003"]
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
