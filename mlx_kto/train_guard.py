@@ -15,6 +15,7 @@ SIGTERM stop at a step boundary with a checkpoint instead of losing the run.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -164,6 +165,8 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        # os.write: safe inside a signal handler (print could re-enter a busy stderr buffer)
+        os.write(2, b"\nstopping after this step (send the signal again to stop now)\n")
 
     @contextmanager
     def watch(self):
