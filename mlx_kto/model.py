@@ -1,8 +1,8 @@
 """Model loading, LoRA insertion, the adapter-off reference and adapter saving.
 
-One copy of the weights: the policy is base + LoRA, the reference is the same
-modules with LoRA switched off (or, when training starts from an adapter, with
-that adapter's frozen weights swapped back in), dropout off, no gradient.
+One copy of the weights: the policy is base + LoRA, the reference is the base
+layers the LoRA modules wrap (or, when training starts from an adapter, that
+adapter's frozen weights swapped back in), dropout off, no gradient.
 """
 
 from __future__ import annotations
@@ -169,10 +169,12 @@ def reference_mode(model: nn.Module, frozen: dict[str, mx.array] | None = None):
     model.eval()
     if frozen is None:
         swapped = [
-            (name, m, _base_of(m))
-            for name, m in model.named_modules()
-            if hasattr(m, "lora_a") and _base_of(m) is not None
+            (name, m, _base_of(m)) for name, m in model.named_modules() if hasattr(m, "lora_a")
         ]
+        unknown = [name for name, _, base in swapped if base is None]
+        if unknown:  # an adapter layer we cannot bypass: never let it leak into the reference
+            model.train(was_training)
+            raise ValueError(f"reference_mode: {unknown[0]} wraps no .linear / .embedding")
         for name, _, base in swapped:
             _set_child(model, name, base)
         try:

@@ -15,7 +15,7 @@ from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
 from mlx_kto.resume import absolute_paths, check_unchanged, data_hash  # noqa: E402
 from mlx_kto.run_dir import clear_run, prepare_run_dir, write_errors, write_json  # noqa: E402
-from mlx_kto.train_guard import Interrupted, RunGuard  # noqa: E402
+from mlx_kto.train_guard import Interrupted, RunGuard, all_finite  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
@@ -134,6 +134,8 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         cfg.lora_keys = lp.get("keys", cfg.lora_keys)
         cfg.num_layers = init_conf.get("num_layers", cfg.num_layers)
         frozen = {k: mx.array(v) for k, v in trainable_lora(model).items()}
+        if not all_finite(frozen):  # it is the reference: NaN there would poison every step
+            raise UserError(f"init_adapter: {cfg.init_adapter} holds non-finite (NaN/inf) weights")
         log(f"starting from adapter {cfg.init_adapter}; it is also the (frozen) reference")
     else:
         apply_lora(model, cfg)

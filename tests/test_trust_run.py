@@ -541,3 +541,18 @@ def test_cli_refusals_are_one_line_exit_2(tiny_llama, data, tmp_path):
         assert len(err) == 1 and needle in err[0], p.stderr
         assert "Traceback" not in p.stderr
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_nan_starting_adapter_is_refused(tiny_llama, data, tmp_path):
+    """A starting adapter is the reference: a NaN one is refused, never trained against."""
+    from mlx_kto.model import adapter_config, trainable_lora
+
+    model, _, _ = _lora(tiny_llama)
+    _poison(model)
+    bad = tmp_path / "nan_adapter"
+    bad.mkdir()
+    mx.save_safetensors(str(bad / "adapters.safetensors"), trainable_lora(model))
+    lcfg = KTOConfig(model=str(tiny_llama), lora_rank=4).validate()
+    (bad / "adapter_config.json").write_text(json.dumps(adapter_config(lcfg, str(tiny_llama), 2)))
+    with pytest.raises(UserError, match=f"init_adapter: {bad} holds non-finite"):
+        train(cfg_for(tiny_llama, data, tmp_path / "run", init_adapter=str(bad)), **QUIET)
