@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mlx_kto.errors import UserError
 from mlx_kto.model import trainable_lora
+from mlx_kto.run_dir import check_safetensors_size, write_errors
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +25,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 STATE_FILE = "trainer_state.json"
+STATE_KEYS = {"step": int, "epoch": int, "batch": int, "config": dict}
 
 
 def save_checkpoint(
@@ -35,15 +37,36 @@ def save_checkpoint(
     adapter_config: dict,
     keep: int = 0,
 ) -> Path:
-    """Write checkpoints/step_{step:07d} atomically; prune to the newest `keep`."""
+    """Write checkpoints/step_{step:07d} atomically; prune to the newest `keep`.
+
+    Non-finite weights or optimizer state are never written (and so never prune a finite
+    checkpoint); a write error (disk full, read-only) is one line naming the folder."""
+    from mlx_kto.train_guard import all_finite
+
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
+    weights = trainable_lora(model)
+    opt_state = dict(tree_flatten(optimizer.state))
+    if not (all_finite(weights) and all_finite(opt_state)):
+        raise UserError(
+            f"checkpoint: not writing {final}: the adapter or optimizer state is not finite "
+            "(training diverged; lower --learning-rate)"
+        )
+    with write_errors(final):
+        _write_checkpoint(root, final, step, weights, opt_state, state, adapter_config)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(root, final, step, weights, opt_state, state, adapter_config) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
     try:
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable_lora(model))
-        opt_state = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        for name, arrays in (("adapters", weights), ("optimizer", opt_state)):
+            mx.save_safetensors(str(tmp / f"{name}.safetensors"), arrays)
+            check_safetensors_size(tmp / f"{name}.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         for f in tmp.iterdir():
@@ -55,10 +78,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -80,10 +99,29 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def read_state(ckpt: str | Path) -> dict:
+    """A checkpoint's trainer_state.json, checked: a missing, empty, corrupt or incomplete
+    file is one line naming it."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"resume: {path} is unreadable ({e.strerror or e})") from None
+    except ValueError as e:
+        what = "empty" if not path.read_bytes().strip() else f"not valid JSON ({e})"
+        raise UserError(f"resume: {path} is {what}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"resume: {path} is not a JSON object")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise UserError(f"resume: {path} lacks '{key}' (or it is not a {kind.__name__})")
+    return state
+
+
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> dict:
     """Restore adapter weights and optimizer state; return the trainer state."""
+    state = read_state(ckpt)
     try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
         weights = mx.load(str(ckpt / "adapters.safetensors"))
         opt_state = mx.load(str(ckpt / "optimizer.safetensors"))
     except (OSError, ValueError, RuntimeError) as e:

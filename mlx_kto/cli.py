@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,11 +71,13 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
         resume = yaml_values.get("resume")
     base = {}
     if resume:
-        from mlx_kto.checkpoint import find_checkpoint
+        from mlx_kto.checkpoint import find_checkpoint, read_state
 
-        ckpt = find_checkpoint(resume)
-        base = json.loads((ckpt / "trainer_state.json").read_text())["config"]
-        base.pop("resume", None)
+        base = read_state(find_checkpoint(resume))["config"]
+        # Not inherited: where to write (the folder resumed, see train.resolve_run_dir) and
+        # one-off permissions.
+        for key in ("resume", "adapter_path", "overwrite", "resume_changed"):
+            base.pop(key, None)
     merged = {**base, **yaml_values, **{k: v for k, v in flags.items() if v is not None}}
     return make_config(None, **merged)
 
@@ -259,9 +262,18 @@ _attach_optional_commands()
 
 
 def run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None):
-    """Run a click command; user mistakes become one line on stderr and exit 2."""
+    """Run a click command; user mistakes become one line on stderr and exit 2; a training
+    run stopped by SIGINT / SIGTERM prints how to resume and exits 130 / 143."""
+    from mlx_kto.train_guard import Interrupted
+
     try:
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except Interrupted as e:
+        prog = prog_name or "mlx-kto"
+        train_cmd = f"{prog} train" if command is cli else prog
+        resume = f"{train_cmd} --resume {shlex.quote(str(Path(e.run_dir).resolve()))}"
+        click.echo(f"{e}; resume with: {resume}" if e.checkpoint else str(e), err=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -272,7 +284,7 @@ def run(command: click.Command, args: list[str] | None = None, prog_name: str | 
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted (resume with --resume ADAPTER_PATH)", err=True)
+        click.echo("interrupted", err=True)
         sys.exit(130)
 
 

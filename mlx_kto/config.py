@@ -43,9 +43,21 @@ class KTOConfig:
     resume: str | None = _f(
         None, "Resume from a checkpoint folder (or a run folder: its latest checkpoint)."
     )
+    resume_changed: bool = _f(
+        False,
+        "With --resume: continue even though the training data or the setup (batch size, "
+        "seed, learning rate, ...) differ from the checkpoint's.",
+    )
+    overwrite: bool = _f(
+        False,
+        "Start afresh in an adapter_path that holds a previous run (its adapter, metrics "
+        "and checkpoints are deleted first).",
+    )
     # KTO objective
     loss_type: str = _f(
-        "kto", "Loss: 'kto' or 'apo_zero_unpaired' (no KL term; allows micro-batch 1)."
+        "kto",
+        "Loss: 'kto' or 'apo_zero_unpaired' (no KL term; allows micro-batch 1).",
+        choices=LOSS_TYPES,
     )
     beta: float = _f(0.1, "KTO beta: scale of the implied reward (paper: 0.1 close to best).")
     desirable_weight: Any = _f(
@@ -71,7 +83,9 @@ class KTOConfig:
     epochs: int = _f(1, "Passes over the training data (ignored when iters is set).")
     iters: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
     learning_rate: float = _f(5e-5, "Peak learning rate (LoRA; full fine-tuning would use ~5e-6).")
-    lr_schedule: str = _f("cosine", "Decay after warmup: cosine, linear or constant.")
+    lr_schedule: str = _f(
+        "cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULES
+    )
     warmup_steps: int | None = _f(None, "Linear warmup steps (default: 10% of the steps).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the gradient to this global norm (0 disables).")
@@ -87,9 +101,15 @@ class KTOConfig:
         "Modules inside a block to adapt, e.g. self_attn.q_proj (default: every linear layer).",
     )
     # model handling
-    quantize: int | None = _f(None, "Quantize the base to 4 or 8 bits at load (QLoRA).")
+    quantize: int | None = _f(
+        None, "Quantize the base to 4 or 8 bits at load (QLoRA).", choices=(None, 4, 8)
+    )
     q_group_size: int = _f(64, "Quantization group size.")
-    dtype: str | None = _f(None, "Cast base weights: float16, bfloat16 or float32 (default: keep).")
+    dtype: str | None = _f(
+        None,
+        "Cast base weights: float16, bfloat16 or float32 (default: keep).",
+        choices=(None, "float16", "bfloat16", "float32"),
+    )
     grad_checkpoint: bool = _f(
         False, "Recompute block activations in the backward pass (less memory)."
     )
@@ -120,6 +140,11 @@ class KTOConfig:
         100, "Write a resumable checkpoint every N steps (0 = only at the end)."
     )
     keep_checkpoints: int = _f(2, "Keep only the newest N checkpoints (0 = keep all).")
+    max_bad_steps: int = _f(
+        3,
+        "Stop after N optimizer steps in a row whose loss or gradient is not finite (NaN/inf); "
+        "such steps are skipped, never applied to the weights.",
+    )
     pad_multiple: int = _f(16, "Pad batch lengths to a multiple of this (fewer compiled shapes).")
     wired_limit_mb: int | None = _f(
         None, "Metal wired memory limit in MB (default: mlx-lm's recommended limit)."
@@ -190,6 +215,8 @@ class KTOConfig:
             raise UserError("learning_rate: must be > 0")
         if not 0 <= self.lora_dropout < 1:
             raise UserError("lora_dropout: must be in [0, 1)")
+        if self.max_bad_steps < 1:
+            raise UserError("max_bad_steps: must be >= 1")
         from mlx_kto.config_compat import validate_habits
 
         validate_habits(self)
@@ -206,6 +233,15 @@ class KTOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def field_choices() -> dict[str, tuple]:
+    """{field: its allowed values} for every field with a fixed set of choices."""
+    return {
+        f.name: f.metadata["choices"]
+        for f in dataclasses.fields(KTOConfig)
+        if "choices" in f.metadata
+    }
 
 
 def field_names() -> list[str]:

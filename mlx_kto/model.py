@@ -1,8 +1,8 @@
 """Model loading, LoRA insertion, the adapter-off reference and adapter saving.
 
-One copy of the weights: the policy is base + LoRA, the reference is the same
-modules with LoRA switched off (or, when training starts from an adapter, with
-that adapter's frozen weights swapped back in), dropout off, no gradient.
+One copy of the weights: the policy is base + LoRA, the reference is the base
+layers the LoRA modules wrap (or, when training starts from an adapter, that
+adapter's frozen weights swapped back in), dropout off, no gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlx_kto.config import KTOConfig
 from mlx_kto.errors import UserError
+from mlx_kto.run_dir import check_safetensors_size, write_errors
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -141,27 +142,55 @@ def trainable_lora(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def _base_of(module: nn.Module) -> nn.Module | None:
+    """The wrapped base layer of a LoRA/DoRA module (`.linear` or `.embedding`), else None."""
+    for name in ("linear", "embedding"):
+        base = module.get(name) if isinstance(module, dict) else None
+        if isinstance(base, nn.Module):
+            return base
+    return None
+
+
+def _set_child(model: nn.Module, path: str, child: nn.Module) -> None:
+    """Replace the module at dotted `path` (list items by index) with `child`."""
+    *parents, last = path.split(".")
+    parent = model
+    for part in parents:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    if isinstance(parent, list):
+        parent[int(last)] = child
+    else:
+        setattr(parent, last, child)
+
+
 @contextmanager
 def reference_mode(model: nn.Module, frozen: dict[str, mx.array] | None = None):
-    """Run `model` as the reference: LoRA off (scale 0) or, if `frozen` adapter
-    weights are given, those weights in place of the trained ones; eval mode (no
-    dropout). Restores everything on exit. Never call a function compiled
-    outside this context from inside it (a compiled trace captures `scale`)."""
-    mods = lora_modules(model)
+    """Run `model` as the reference, in eval mode (no dropout); restores everything on exit.
+
+    Without `frozen`: every LoRA/DoRA module is swapped for the base layer it wraps
+    (`.linear` / `.embedding`, quantized or not), so the reference never reads the adapter's
+    values: scaling them by 0 would not do, since 0 * NaN = NaN after a diverged step.
+    With `frozen` (training from a starting adapter): those adapter weights replace the
+    trained ones, so again nothing trained reaches the reference.
+    Never call a function compiled outside this context from inside it (a compiled trace
+    captures the module structure)."""
     was_training = model.training
     model.eval()
     if frozen is None:
-        from mlx_kto.dora import bypass_dora
-
-        scales = [m.scale for m in mods]
-        for m in mods:
-            m.scale = 0.0
+        swapped = [
+            (name, m, _base_of(m)) for name, m in model.named_modules() if hasattr(m, "lora_a")
+        ]
+        unknown = [name for name, _, base in swapped if base is None]
+        if unknown:  # an adapter layer we cannot bypass: never let it leak into the reference
+            model.train(was_training)
+            raise ValueError(f"reference_mode: {unknown[0]} wraps no .linear / .embedding")
+        for name, _, base in swapped:
+            _set_child(model, name, base)
         try:
-            with bypass_dora(model):  # DoRA's magnitude rescales the base: call it directly
-                yield model
+            yield model
         finally:
-            for m, s in zip(mods, scales):
-                m.scale = s
+            for name, lora, _ in swapped:
+                _set_child(model, name, lora)
             model.train(was_training)
     else:
         current = trainable_lora(model)
@@ -200,6 +229,7 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=No
     os.close(fd)
     try:
         mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        check_safetensors_size(tmp)  # MLX does not report a short write (disk full)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -227,11 +257,20 @@ def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
-    """Write adapters.safetensors + adapter_config.json (mlx-lm's folder format)."""
+    """Write adapters.safetensors + adapter_config.json (mlx-lm's folder format). A
+    non-finite adapter is never written; write errors are one line naming the file."""
+    from mlx_kto.train_guard import all_finite
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(out_dir / "adapters.safetensors", trainable_lora(model))
-    atomic_write_bytes(
-        out_dir / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode()
-    )
+    weights = trainable_lora(model)
+    target = out_dir / "adapters.safetensors"
+    if not all_finite(weights):
+        raise UserError(f"{target}: not saved: the adapter holds non-finite values (diverged)")
+    with write_errors(target):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(target, weights)
+    with write_errors(out_dir / "adapter_config.json"):
+        atomic_write_bytes(
+            out_dir / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode()
+        )
     return out_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import struct
@@ -72,14 +73,16 @@ def _pack_value(key: bytes, logp: float, ntoks: int) -> bytes:
 
 
 def _unpack_value(key: bytes, val: bytes) -> tuple[float, int] | None:
-    """(logp, ntoks), or None when the stored bytes fail their checksum."""
+    """(logp, ntoks), or None when the stored bytes fail their checksum or hold a
+    non-finite log-prob (never a valid reference: treated as a corrupt entry)."""
     n = _PAYLOAD.size
     if not isinstance(val, bytes) or len(val) != n + _SUM_BYTES:
         return None
     payload, check = val[:n], val[n:]
     if hashlib.blake2b(key + payload, digest_size=_SUM_BYTES).digest() != check:
         return None
-    return _PAYLOAD.unpack(payload)
+    logp, ntoks = _PAYLOAD.unpack(payload)
+    return (logp, ntoks) if math.isfinite(logp) else None
 
 
 def _is_corruption(e: sqlite3.DatabaseError) -> bool:
@@ -212,10 +215,11 @@ class RefCache:
         return out
 
     def put_many(self, fp_id: int, items: Sequence[tuple[bytes, float, int]]) -> None:
-        """Store (key, logp, ntoks) items in one transaction: all or none survive a crash."""
-        if self.broken or not items:
+        """Store (key, logp, ntoks) items in one transaction: all or none survive a crash.
+        Non-finite log-probs are never stored (they would poison every later run)."""
+        rows = [(k, fp_id, _pack_value(k, logp, n)) for k, logp, n in items if math.isfinite(logp)]
+        if self.broken or not rows:
             return
-        rows = [(k, fp_id, _pack_value(k, logp, n)) for k, logp, n in items]
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
+from mlx_kto.resume import absolute_paths, check_unchanged, rows_hash  # noqa: E402
+from mlx_kto.run_dir import clear_run, prepare_run_dir, write_errors, write_json  # noqa: E402
+from mlx_kto.train_guard import Interrupted, RunGuard, all_finite  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
@@ -103,24 +106,22 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = Non
 def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResult:
     """Train a KTO LoRA adapter as configured (`mlx-kto train`): load cfg.model, then
     `train_model`. Returns where the adapter went and the final metrics."""
-    from mlx_kto.checkpoint import find_checkpoint
+    from mlx_kto.checkpoint import find_checkpoint, read_state
     from mlx_kto.model import load_base
     from mlx_kto.reporting import CallbackList, make_reporters
 
     cfg.validate()
-    ckpt = None
+    ckpt, saved = None, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["config"]
+        saved = read_state(ckpt)
         for key in ("model", "data", "init_adapter"):
             if getattr(cfg, key) is None:
-                setattr(cfg, key, saved.get(key))
-        if cfg.adapter_path == "adapters":
-            cfg.adapter_path = str(ckpt.parent.parent)
+                setattr(cfg, key, saved["config"].get(key))
+    run_dir = resolve_run_dir(cfg, ckpt)
+    absolute_paths(cfg)
     mx.random.seed(cfg.seed)
     set_memory_limits(cfg)
-    run_dir = Path(cfg.adapter_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
     reporters = make_reporters(cfg, run_dir, log)  # before loading: a missing package fails fast
     try:
         model, tokenizer, model_path, _ = load_base(cfg)
@@ -129,7 +130,7 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
         raise
     return train_model(
         cfg, model, tokenizer, model_path, log=log, callbacks=reporters + list(callbacks or []),
-        ckpt=ckpt,
+        ckpt=ckpt, saved=saved,
     )  # fmt: skip
 
 
@@ -142,6 +143,7 @@ def train_model(
     log=print,
     callbacks: list | None = None,
     ckpt: Path | None = None,
+    saved: dict | None = None,
 ) -> TrainResult:
     """KTO training of an already loaded `model` / `tokenizer` (the work behind `train` and
     `mlx_kto.api.KTOTrainer`): LoRA insertion, data (`splits` of Examples, or cfg.data),
@@ -151,13 +153,13 @@ def train_model(
 
     cb = CallbackList(callbacks)
     try:
-        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt)
+        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved)
     finally:
         cb.close()
 
 
-def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> TrainResult:
-    from mlx_kto.checkpoint import load_checkpoint
+def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved) -> TrainResult:
+    from mlx_kto.checkpoint import load_checkpoint, read_state
     from mlx_kto.judge.plot import plot_after_training
     from mlx_kto.judge.probes import make_probe
     from mlx_kto.model import (
@@ -170,8 +172,11 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
     from mlx_kto.reference import make_scorer
     from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
 
+    if ckpt is not None and saved is None:
+        saved = read_state(ckpt)
     run_dir = Path(cfg.adapter_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:  # checked again for the Python API (idempotent after train's check)
+        run_dir = prepare_run_dir(cfg.adapter_path, cfg.overwrite)
     if model_path is None and not cfg.no_ref_cache:
         log(
             "reference cache off: an in-memory model has no folder to fingerprint (give model_path)"
@@ -187,6 +192,8 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
         cfg.num_layers = init_conf.get("num_layers", cfg.num_layers)
         cfg.fine_tune_type = init_conf.get("fine_tune_type", "lora")
         frozen = {k: mx.array(v) for k, v in trainable_lora(model).items()}
+        if not all_finite(frozen):  # it is the reference: NaN there would poison every step
+            raise UserError(f"init_adapter: {cfg.init_adapter} holds non-finite (NaN/inf) weights")
         log(f"starting from adapter {cfg.init_adapter}; it is also the (frozen) reference")
     else:
         apply_lora(model, cfg)
@@ -205,14 +212,16 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
 
         grad_checkpoint(model.layers[0])
 
-    state = TrainState()
+    state = TrainState(meta={"data_hash": rows_hash(train_rows)})
     if ckpt is not None:
+        check_unchanged(ckpt, saved, cfg, state.meta["data_hash"])
         saved_state = load_checkpoint(ckpt, model, optimizer)
         state = TrainState(
             step=saved_state["step"],
             epoch=saved_state["epoch"],
             batch=saved_state["batch"],
             trained_tokens=saved_state.get("trained_tokens", 0),
+            meta=state.meta,
         )
         log(f"resumed from {ckpt} at step {state.step}")
         if state.step >= n_steps:
@@ -225,14 +234,18 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
-    (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if cfg.overwrite:  # only now: the new run's model and data have loaded
+        clear_run(run_dir)
+    write_json(run_dir / "kto_config.json", cfg.to_dict())
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
     cb.on_train_begin(
         {"steps": n_steps, "rows": len(train_rows), "run_dir": run_dir, "config": cfg.to_dict()}
     )
-    last = train_loop(
+    guard = RunGuard(cfg, run_dir, log)
+    loop = partial(
+        train_loop,
         model,
         cfg,
         train_rows,
@@ -248,7 +261,9 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
         log=log,
         probe=probe,
         callbacks=cb,
+        guard=guard,
     )
+    last = run_guarded(loop, guard, model, optimizer, state, cfg, run_dir, a_config)
     save_adapter(model, run_dir, a_config)
     ev = {}
     if valid_rows:
@@ -261,6 +276,62 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt) -> Tr
     result = TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
     cb.on_train_end(result)
     return result
+
+
+def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None) -> Path:
+    """The output folder, created and checked (run_dir.prepare_run_dir). On --resume it is the
+    resumed run's folder unless --adapter-path names another one (a branch)."""
+    from mlx_kto.resume import check_no_newer, run_dir_of
+
+    if ckpt is None:
+        return prepare_run_dir(cfg.adapter_path, cfg.overwrite)
+    if cfg.adapter_path == "adapters":  # not given: continue in the folder resumed
+        cfg.adapter_path = str(run_dir_of(ckpt))
+    run_dir = Path(cfg.adapter_path)
+    same = run_dir.exists() and run_dir.resolve() == run_dir_of(ckpt).resolve()
+    if same and cfg.overwrite:
+        raise UserError(
+            "overwrite: --overwrite would delete the run being resumed; drop it, or give "
+            "--adapter-path NEW_FOLDER"
+        )
+    run_dir = prepare_run_dir(run_dir, cfg.overwrite, resuming=same)
+    if same:
+        check_no_newer(ckpt, run_dir)
+    return run_dir
+
+
+def run_guarded(loop, guard, model, optimizer, state, cfg: KTOConfig, run_dir, a_config) -> dict:
+    """`loop()` with SIGINT / SIGTERM caught (train_guard.StopSignals) and write errors as one
+    line. A first signal ends the loop after its step (checkpointed by the loop); a second
+    abandons the step in flight: the last completed step is restored and checkpointed. Either
+    way the adapter is saved and `Interrupted` (exit 130 / 143) raised."""
+    from mlx_kto.checkpoint import list_checkpoints, save_checkpoint
+    from mlx_kto.model import save_adapter
+    from mlx_kto.trainer import _ckpt_state
+
+    try:
+        with write_errors(run_dir), guard.signals.watch():
+            last = loop()
+    except KeyboardInterrupt:
+        if guard.signals.signum is None or guard.snapshot is None:
+            raise
+        guard.snapshot.restore(model, optimizer, state)
+        if state.step > 0:
+            save_checkpoint(
+                run_dir,
+                state.step,
+                model,
+                optimizer,
+                _ckpt_state(state, cfg),
+                a_config,
+                keep=cfg.keep_checkpoints,
+            )
+    if guard.stop_requested is None:
+        return last
+    found = list_checkpoints(run_dir)
+    if state.step > 0:
+        save_adapter(model, run_dir, a_config)
+    raise Interrupted(guard.stop_requested, state.step, run_dir, found[-1] if found else None)
 
 
 def main(argv: list[str] | None = None) -> None:

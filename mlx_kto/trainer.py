@@ -28,6 +28,8 @@ from mlx_kto.logprobs import (
 )
 from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
 from mlx_kto.reference import ReferenceScorer
+from mlx_kto.run_dir import append_line, truncate_metrics
+from mlx_kto.train_guard import RunGuard, keep_finite_update
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,6 +44,7 @@ class TrainState:
     batch: int = 0
     trained_tokens: int = 0
     history: list = field(default_factory=list)  # last eval metrics etc.
+    meta: dict = field(default_factory=dict)  # stored in checkpoints (data hash: resume.py)
 
 
 def make_schedule(cfg: KTOConfig, total_steps: int):
@@ -57,7 +60,7 @@ def make_schedule(cfg: KTOConfig, total_steps: int):
     elif cfg.lr_schedule == "linear":
         main = optim.linear_schedule(lr, 0.0, decay_steps)
     else:
-        main = lambda _: lr  # noqa: E731
+        main = lambda _: mx.array(lr, dtype=mx.float32)  # noqa: E731  (AdamW needs an array)
     if warmup <= 0:
         return main
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -178,18 +181,12 @@ class MetricsLog:
     def __init__(self, path: Path, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and path.exists():
-            # On resume, drop lines from steps the checkpoint never reached.
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-            ]
-            path.write_text("".join(k + "\n" for k in keep))
+            # On resume, drop lines from steps the checkpoint never reached (and a torn one).
+            truncate_metrics(path, truncate_after_step)
         self.f = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        append_line(self.f, self.path, json.dumps(record) + "\n")  # disk full: one line
 
     def close(self) -> None:
         self.f.close()
@@ -230,7 +227,8 @@ def make_train_step(
                 grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
             else:
                 norm = optim.clip_grad_norm(grad, float("inf"))[1]
-            optimizer.update(model, grad)
+            # A non-finite loss or gradient never reaches the weights (train_guard.py).
+            keep_finite_update(model, optimizer, grad, loss, norm)
             grad = None
         return loss, metrics, grad, norm
 
@@ -295,6 +293,7 @@ def train_loop(
     progress: bool = True,
     probe=None,
     callbacks=None,
+    guard: RunGuard | None = None,
 ) -> dict:
     """Run optimizer steps state.step..n_steps; returns the last step's metrics.
     `probe(step, record, n_steps)` (judge.probes) may add diversity figures to a record;
@@ -307,6 +306,7 @@ def train_loop(
     with_kl = cfg.loss_type == "kto"
     accum = cfg.grad_accumulation_steps
     train_step = make_train_step(model, optimizer, cfg, desirable_weight)
+    guard = guard or RunGuard(cfg, run_dir, log)
 
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
     batches = iterate_batches(
@@ -333,6 +333,7 @@ def train_loop(
     per_epoch = num_batches(len(train_rows), cfg.batch_size, _min_batch(cfg))
     epoch_ref = scorer.stats()
     while state.step < n_steps:
+        guard.begin_step(model, optimizer, state)
         t0 = time.perf_counter()
         ref_s0, ref_before = scorer.seconds, scorer.stats()
         grad, agg, ntoks = None, None, 0
@@ -348,6 +349,7 @@ def train_loop(
             state.epoch, state.batch = epoch, bidx + 1
             if bidx + 1 == per_epoch:  # an epoch ended: report its reference-pass work
                 epoch_ref = _log_epoch_ref(epoch, scorer.stats(), epoch_ref, log, bar)
+        skipped = guard.check(state.step + 1, loss, norm)  # raises Diverged after too many
         state.step += 1
         state.trained_tokens += ntoks
         dt = time.perf_counter() - t0
@@ -358,6 +360,7 @@ def train_loop(
             **agg,
             "lr": float(optimizer.learning_rate),
             "grad_norm": float(norm),
+            **({"skipped": True} if skipped else {}),
             "tokens": ntoks,
             "step_time": round(dt, 4),
             "tokens_per_sec": round(ntoks / dt, 1),
@@ -397,6 +400,8 @@ def train_loop(
             )
             save_adapter(model, run_dir, adapter_config)
             cb.on_save(state.step, run_dir)
+        if guard.stop_requested:  # SIGINT / SIGTERM: the final checkpoint below, then exit
+            break
     if bar is not None:
         bar.close()
     # The final state is always checkpointed so `--resume` can extend a finished run.
@@ -421,6 +426,7 @@ def _ckpt_state(state: TrainState, cfg: KTOConfig) -> dict:
         "trained_tokens": state.trained_tokens,
         "seed": cfg.seed,
         "config": cfg.to_dict(),
+        **state.meta,
     }
 
 

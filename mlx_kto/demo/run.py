@@ -50,6 +50,7 @@ DEMO_DEFAULTS = dict(
     steps_per_report=20,
     steps_per_save=0,
     keep_checkpoints=1,
+    overwrite=True,  # running the demo again replaces its previous run (only the run's files)
 )
 # The shortened run (`--quick`, the test): fewer steps at a higher rate, fewer samples.
 QUICK = dict(iters=40, learning_rate=1e-3, samples=6)
