@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mlx_kto.atomic import umask
 from mlx_kto.errors import UserError
 from mlx_kto.model import trainable_lora
 
@@ -40,6 +41,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would be published by the rename
     try:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable_lora(model))
         opt_state = dict(tree_flatten(optimizer.state))

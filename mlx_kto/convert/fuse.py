@@ -14,10 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from mlx_kto.convert._io import atomic_write_json
+from mlx_kto.atomic import clean_stale_temps, temp_path, write_error
+from mlx_kto.convert._io import atomic_write_json, make_parent
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import check_adapter, checkpoint_names, load_base
 from mlx_kto.errors import UserError
@@ -190,9 +190,11 @@ def fuse(
         if "dtype" in config:
             config["dtype"] = out_dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    make_parent(out)
+    clean_stale_temps(out)
+    tmp = temp_path(out)
     try:
+        tmp.mkdir()  # 0777 & ~umask (mkdtemp would make the published folder 0700)
         _save_checkpoint(tmp, weights, config, tokenizer, info.path)
         if not out.exists():
             os.replace(tmp, out)  # the whole folder appears at once
@@ -203,6 +205,8 @@ def fuse(
                     old.unlink()  # a stale shard or index would be loaded with the new weights
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

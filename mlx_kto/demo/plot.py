@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from mlx_kto.atomic import atomic_write_with
 
 PANELS = (  # (title, [(metrics key, label)])
     ("KTO loss", [("loss", "train"), ("eval/loss", "eval")]),
@@ -74,14 +74,8 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
-    # Atomic: render to a temp file in the same folder, then rename.
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, png_path)
+    try:  # atomic, with the user's umask (a .png suffix tells matplotlib the format)
+        atomic_write_with(png_path, lambda p: fig.savefig(p, dpi=100), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return png_path
