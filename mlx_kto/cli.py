@@ -164,11 +164,15 @@ def data_group():
 @click.argument("path")
 @click.option("--model", default=None, help="Also tokenize with this model's tokenizer.")
 @click.option("--max-length", default=1024, show_default=True, type=int)
-def data_check(path, model, max_length):
+@click.option(
+    "--max-prompt-length", default=None, type=int, help="As for train: keep the last N tokens."
+)
+def data_check(path, model, max_length, max_prompt_length):
     """Validate a feedback file/folder and print its class balance."""
     from mlx_kto.data import load_splits
     from mlx_kto.tokenize import balance_report, tokenize_examples
 
+    make_config(None, max_length=max_length, max_prompt_length=max_prompt_length)  # checks
     splits = load_splits(path)
     for name, examples in splits.items():
         n_d = sum(e.label for e in examples)
@@ -181,14 +185,15 @@ def data_check(path, model, max_length):
             from mlx_lm.utils import load_tokenizer
 
             tok = load_tokenizer(resolve_model_path(model))
-            rows, st = tokenize_examples(examples, tok, max_length)
+            rows, st = tokenize_examples(examples, tok, max_length, max_prompt_length)
             if not rows:
                 click.echo(f"  tokens: no usable rows ({'; '.join(st.lines())})")
                 continue
             lengths = sorted(len(r.tokens) for r in rows)
             click.echo(
                 f"  tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}; "
-                f"dropped {st.n_dropped_long_prompt}, truncated {st.n_truncated}"
+                f"dropped {st.n_dropped_long_prompt}, truncated {st.n_truncated}, "
+                f"prompts cut {st.n_prompt_truncated}"
             )
 
 

@@ -69,6 +69,11 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
             )
         if stats.n_truncated:
             log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
+        if stats.n_prompt_truncated:
+            log(
+                f"{name}: cut {stats.n_prompt_truncated} prompts to their last "
+                f"max_prompt_length={cfg.max_prompt_length} tokens"
+            )
         if stats.n_dropped_empty:
             log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
         if stats.n_boundary_merge:
