@@ -100,29 +100,34 @@ def train_command(config_file, **flags):
 
 
 @cli.command("eval")
-@click.option("--model", required=True, help="Base model folder or hub id.")
-@click.option("--adapter-path", required=True, help="Adapter folder to score.")
+@click.option("--adapter-path", required=True, help="Adapter (run) folder to score.")
+@click.option("--model", default=None, help="Base model [default: the run's].")
+@click.option("--data", default=None, help="Feedback file or folder [default: the run's].")
 @click.option(
-    "--data", required=True, help="Feedback file or folder (uses valid.jsonl if present)."
-)
-@click.option("--split", default="valid", show_default=True, help="train, valid or test.")
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--max-length", default=1024, show_default=True, type=int)
-@click.option("--beta", default=0.1, show_default=True, type=float)
-@click.option("--loss-type", default="kto", show_default=True)
-def eval_command(model, adapter_path, data, split, batch_size, max_length, beta, loss_type):
-    """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data."""
-    from mlx_kto.evaluate import evaluate_adapter
+    "--split", default="valid", show_default=True,
+    type=click.Choice(["train", "valid", "validation", "val", "test"]),
+    help="Split of a data folder (a single file is its own valid split).",
+)  # fmt: skip
+@click.option("--batch-size", default=None, type=int)
+@click.option("--max-length", default=None, type=int)
+@click.option("--max-prompt-length", default=None, type=int)
+@click.option("--beta", default=None, type=float)
+@click.option("--desirable-weight", default=None, help="A number or 'auto'.")
+@click.option("--undesirable-weight", default=None, type=float)
+@click.option("--loss-type", default=None)
+@click.option("--dtype", default=None)
+@click.option("--quantize", default=None, type=int)
+@click.option("--q-group-size", default=None, type=int)
+@click.option("--seed", default=None, type=int, help="Decides the KL partners.")
+@click.option("--eval-batches", default=None, type=int, help="-1 = all.")
+def eval_command(adapter_path, split, **flags):
+    """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data.
 
-    cfg = make_config(
-        None,
-        model=model,
-        data=data,
-        batch_size=batch_size,
-        max_length=max_length,
-        beta=beta,
-        loss_type=loss_type,
-    )
+    Settings not given come from the run folder's kto_config.json, so the numbers equal
+    the trainer's final eval; flags override them."""
+    from mlx_kto.evaluate import eval_config, evaluate_adapter
+
+    cfg = eval_config(adapter_path, **flags)
     click.echo(json.dumps(evaluate_adapter(cfg, adapter_path, split), indent=2))
 
 

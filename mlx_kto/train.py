@@ -44,51 +44,13 @@ def set_memory_limits(cfg: KTOConfig) -> None:
 def prepare_data(cfg: KTOConfig, tokenizer, log=print):
     """Load, tokenize and pair (KL partners) the train/valid splits; report balance."""
     from mlx_kto.data import load_splits
-    from mlx_kto.tokenize import (
-        assign_kl_partners,
-        auto_desirable_weight,
-        balance_report,
-        class_counts,
-        tokenize_examples,
-    )
+    from mlx_kto.tokenize import auto_desirable_weight, balance_report, class_counts
 
     if not cfg.data:
-        raise UserError("data: no data given (--data FILE_OR_FOLDER)")
+        raise UserError("--data (data): no data given (--data FILE_OR_FOLDER)")
     splits = load_splits(cfg.data, seed=cfg.seed)
-    out = {}
-    for name in ("train", "valid"):
-        if name not in splits:
-            continue
-        rows, stats = tokenize_examples(
-            splits[name], tokenizer, cfg.max_length, cfg.max_prompt_length
-        )
-        if stats.n_dropped_long_prompt:
-            log(
-                f"warning: {name}: dropped {stats.n_dropped_long_prompt} rows whose prompt alone "
-                f"reaches max_length={cfg.max_length} (raise --max-length or set --max-prompt-length)"
-            )
-        if stats.n_truncated:
-            log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
-        if stats.n_prompt_truncated:
-            log(
-                f"{name}: cut {stats.n_prompt_truncated} prompts to their last "
-                f"max_prompt_length={cfg.max_prompt_length} tokens"
-            )
-        if stats.n_dropped_empty:
-            log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
-        if stats.n_boundary_merge:
-            log(
-                f"{name}: {stats.n_boundary_merge} rows: prompt tokens were not a prefix of "
-                "prompt+completion tokens; split at the common prefix (as TRL does)"
-            )
-        min_rows = 2 if cfg.loss_type == "kto" else 1
-        if len(rows) < min_rows:
-            raise UserError(
-                f"data: {name} split has {len(rows)} usable rows; need at least {min_rows}"
-            )
-        if cfg.loss_type == "kto":
-            assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
-        out[name] = rows
+    out = {name: tokenize_split(cfg, name, splits[name], tokenizer, log)
+           for name in ("train", "valid") if name in splits}  # fmt: skip
     n_d, n_u = class_counts(out["train"])
     dw = cfg.desirable_weight
     if dw == "auto":
@@ -97,6 +59,40 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
     for line in balance_report(n_d, n_u, float(dw), cfg.undesirable_weight):
         log(line)
     return out["train"], out.get("valid"), float(dw)
+
+
+def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
+    """Tokenize one split as training does (truncation, KL partners); report what was cut."""
+    from mlx_kto.tokenize import assign_kl_partners, tokenize_examples
+
+    rows, stats = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if stats.n_dropped_long_prompt:
+        log(
+            f"warning: {name}: dropped {stats.n_dropped_long_prompt} rows whose prompt alone "
+            f"reaches max_length={cfg.max_length} (raise --max-length or set --max-prompt-length)"
+        )
+    if stats.n_truncated:
+        log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
+    if stats.n_prompt_truncated:
+        log(
+            f"{name}: cut {stats.n_prompt_truncated} prompts to their last "
+            f"max_prompt_length={cfg.max_prompt_length} tokens"
+        )
+    if stats.n_dropped_empty:
+        log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
+    if stats.n_boundary_merge:
+        log(
+            f"{name}: {stats.n_boundary_merge} rows: prompt tokens were not a prefix of "
+            "prompt+completion tokens; split at the common prefix (as TRL does)"
+        )
+    min_rows = 2 if cfg.loss_type == "kto" else 1
+    if len(rows) < min_rows:
+        raise UserError(
+            f"--data (data): {name} split has {len(rows)} usable rows; need at least {min_rows}"
+        )
+    if cfg.loss_type == "kto":
+        assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
+    return rows
 
 
 def train(cfg: KTOConfig, log=print) -> TrainResult:
@@ -176,7 +172,10 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
-    (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    # What was trained, with `desirable_weight: auto` resolved: `mlx-kto eval` reads it.
+    a_config["kto"]["desirable_weight"] = dw
+    run_config = {**cfg.to_dict(), "desirable_weight": dw}
+    (run_dir / "kto_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     last = train_loop(
