@@ -74,10 +74,21 @@ def clean_stale_temps(path: Path) -> int:
     return n
 
 
-def write_error(path: Path, e: OSError) -> UserError:
+def write_error(path: Path, e: Exception) -> UserError:
     """One line for a failed write: `out/adapters.safetensors: cannot write (No space left...)`."""
-    why = e.strerror or str(e)
+    why = getattr(e, "strerror", None) or str(e)
+    try:
+        if shutil.disk_usage(path.parent if path.parent.exists() else ".").free < 2**20:
+            why += "; the disk is full"
+    except OSError:
+        pass
     return UserError(f"{path}: cannot write ({why})")
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    """MLX reports file errors as RuntimeError: `[write] Unable to write ...`, `Failed to open`."""
+    msg = str(e)
+    return msg.startswith("[write]") or "Unable to write" in msg or "Failed to open" in msg
 
 
 def _remove(p: Path) -> None:
@@ -109,6 +120,11 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None], suffix: s
     except OSError as e:
         _remove(tmp)
         raise write_error(path, e) from None
+    except RuntimeError as e:
+        _remove(tmp)
+        if _is_write_failure(e):
+            raise write_error(path, e) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise

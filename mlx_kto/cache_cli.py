@@ -13,11 +13,13 @@ values as for `train` (or the same `-c` YAML file), or the later run simply miss
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig, make_config
 from mlx_kto.errors import UserError
+from mlx_kto.refcache import cache_source
 
 import click
 
@@ -73,9 +75,13 @@ def cache():
 
 
 def _open(ref_cache: str | None):
-    from mlx_kto.reference import RefCache
+    from mlx_kto.reference import RefCache, check_cache_root
 
-    return RefCache(ref_cache)
+    check_cache_root(ref_cache)
+    try:
+        return RefCache(ref_cache)
+    except (OSError, sqlite3.Error) as e:
+        raise UserError(f"{cache_source(ref_cache)}: cannot open the cache ({e})") from None
 
 
 def _fmt_bytes(n: int) -> str:

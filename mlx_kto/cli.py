@@ -150,7 +150,11 @@ def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
-    m, tok = load(str(path), adapter_path=adapter_path)
+    try:
+        m, tok = load(str(path), adapter_path=adapter_path)
+    except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
+        what = f"--adapter-path {adapter_path}" if "lora" in str(e) else f"--model {path}"
+        raise UserError(f"{what}: unreadable weights ({e})") from None
     if chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False

@@ -110,6 +110,10 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
 
     cfg.validate()
+    if not cfg.no_ref_cache:  # a cache folder that is a file: say so before any work
+        from mlx_kto.refcache import check_cache_root
+
+        check_cache_root(cfg.ref_cache)
     ckpt = None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)

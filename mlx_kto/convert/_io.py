@@ -36,7 +36,7 @@ def prepare_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Pat
             raise UserError(
                 f"{out}: folder exists and is not empty (pass --overwrite to write into it)"
             )
-    make_parent(out / "x")
+    make_folder(out)
     return out
 
 
@@ -52,10 +52,16 @@ def check_out_file(out: str | Path, overwrite: bool) -> Path:
 
 def make_parent(out: Path) -> None:
     """Create `out`'s parent folders, or say in one line why they cannot be."""
-    for p in [out.parent, *out.parent.parents]:
+    make_folder(out.parent, out)
+
+
+def make_folder(folder: Path, named: Path | None = None) -> None:
+    """mkdir -p `folder`; a file in the way or a failure is one line naming `named`."""
+    named = named or folder
+    for p in [folder, *folder.parents]:
         if p.exists() and not p.is_dir():
-            raise UserError(f"{out}: cannot write ({p} is a file, not a folder)")
+            raise UserError(f"{named}: cannot write ({p} is a file, not a folder)")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{out}: cannot create {out.parent} ({e.strerror or e})") from None
+        raise UserError(f"{named}: cannot create {folder} ({e.strerror or e})") from None

@@ -129,8 +129,14 @@ def fuse(
     if out.resolve() in (info.path.resolve(), Path(adapter_dir).resolve()):
         raise UserError(f"{out}: is the base or adapter folder; choose another output")
 
-    model, tokenizer = load(str(info.path))
-    load_adapters(model, str(adapter_dir))
+    try:
+        model, tokenizer = load(str(info.path))
+    except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
+        raise UserError(f"--base {info.path}: unreadable weights ({e})") from None
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{adapter_dir}: adapter cannot be loaded onto the base ({e})") from None
     float_dtype = None
     fused = []
     worst = (1.0, "")
