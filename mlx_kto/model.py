@@ -30,13 +30,17 @@ def resolve_model_path(model: str) -> Path:
         if not (p / "config.json").exists():
             raise UserError(f"{p}: not a model folder (no config.json)")
         return p
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"model: '{model}' is neither a local folder nor a hub id (owner/name)")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"--model (model): {model}: no such folder")
+    if model.count("/") != 1:
+        raise UserError(
+            f"--model (model): '{model}' is neither a local folder nor a hub id (owner/name)"
+        )
     try:
         return _download(model)
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise UserError(
-            f"model: could not fetch '{model}' from the Hugging Face hub ({e})"
+            f"--model (model): could not fetch '{model}' from the Hugging Face hub ({e})"
         ) from None
 
 
@@ -46,7 +50,7 @@ def load_base(cfg: KTOConfig):
     from mlx_lm.utils import load_model, load_tokenizer, quantize_model
 
     if not cfg.model:
-        raise UserError("model: no model given (--model PATH_OR_HUB_ID)")
+        raise UserError("--model (model): no model given (--model PATH_OR_HUB_ID)")
     path = resolve_model_path(cfg.model)
     try:
         model, config = load_model(path, trust_remote_code=cfg.trust_remote_code)
@@ -60,7 +64,7 @@ def load_base(cfg: KTOConfig):
         model.update(_cast_tree(model.parameters(), dt))
     if cfg.quantize:
         if "quantization" in config:
-            raise UserError(f"quantize: {cfg.model} is already quantized")
+            raise UserError(f"--quantize (quantize): {cfg.model} is already quantized")
         model, config = quantize_model(model, config, cfg.q_group_size, cfg.quantize)
     mx.eval(model.parameters())
     return model, tokenizer, path, config
