@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlx_kto.atomic import umask
+from mlx_kto.atomic import chmod_like_new
 from mlx_kto.errors import UserError
 from mlx_kto.model import trainable_lora
 
@@ -41,7 +41,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would be published by the rename
+    chmod_like_new(tmp, folder=True)  # mkdtemp's 0700 would be published by the rename
     try:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable_lora(model))
         opt_state = dict(tree_flatten(optimizer.state))
@@ -49,6 +49,7 @@ def save_checkpoint(
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         for f in tmp.iterdir():
+            chmod_like_new(f)  # MLX creates files 0644 whatever the umask
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():

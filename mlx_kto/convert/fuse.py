@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlx_kto.atomic import clean_stale_temps, temp_path, write_error
+from mlx_kto.atomic import chmod_like_new, clean_stale_temps, temp_path, write_error
 from mlx_kto.convert._io import atomic_write_json, make_parent
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import check_adapter, checkpoint_names, load_base
@@ -202,6 +202,8 @@ def fuse(
     try:
         tmp.mkdir()  # 0777 & ~umask (mkdtemp would make the published folder 0700)
         _save_checkpoint(tmp, weights, config, tokenizer, info.path)
+        for f in tmp.rglob("*"):  # MLX writes 0644 whatever the umask
+            chmod_like_new(f, folder=f.is_dir())
         if not out.exists():
             os.replace(tmp, out)  # the whole folder appears at once
         else:  # --overwrite: replace our files; of the rest, drop only stale weight files
