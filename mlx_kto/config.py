@@ -301,11 +301,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a YAML file") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of field: value")
     names = set(field_names())

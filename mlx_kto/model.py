@@ -55,7 +55,8 @@ def load_base(cfg: KTOConfig):
     try:
         model, config = load_model(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
+        # (a config.json that is not an object reaches mlx-lm as AttributeError/TypeError)
         raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
     except RuntimeError as e:  # MLX's safetensors reader: truncated, garbage, empty
         raise UserError(f"{_bad_weights_file(path)}: unreadable weights ({e})") from None

@@ -151,6 +151,17 @@ def _bad_json_line(world):
     p.write_text(p.read_text() + "{broken\n")
 
 
+def _write(rel, data: bytes):
+    def setup(world):
+        if rel.startswith("m/"):
+            _copy_model(world)
+        path = world["w"] / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return setup
+
+
 def _yaml(text):
     def setup(world):
         (world["w"] / "c.yaml").write_text(_fill(text, world))
@@ -333,6 +344,25 @@ CASES = [
      ["./no_such_model", "no such folder"]),
     ("hf-to-mlx-missing-nested", ["convert", "hf-to-mlx", "{w}/folder/model", "{w}/mlx"],
      ["folder/model", "no such folder"]),
+    ("gguf-adapter-config-not-utf8", ["convert", "to-gguf", "{w}/adapter", "{w}/n.gguf",
+                                      "--base", "{model}"], ["adapter_config.json", "UTF-8"],
+     _write("adapter/adapter_config.json", b"\xff\xfe{")),
+    ("gguf-base-config-list", ["convert", "to-gguf", "{w}/adapter", "{w}/n.gguf", "--base",
+                               "{w}/m"], ["m/config.json", "JSON object"],
+     _write("m/config.json", b"[1]")),
+    ("gguf-base-config-not-utf8", ["convert", "to-gguf", "{w}/adapter", "{w}/n.gguf", "--base",
+                                   "{w}/m"], ["m/config.json", "UTF-8"],
+     _write("m/config.json", b"\xff\xfe")),
+    ("train-model-config-list", [TRAIN[0], "--model", "{w}/m", *TRAIN[3:]], ["m"],
+     _write("m/config.json", b"[1]")),
+    ("yaml-not-utf8", ["train", "-c", "{w}/c.yaml"], ["c.yaml", "UTF-8"],
+     _write("c.yaml", b"\xff\xfe: 1")),
+    ("yaml-list", ["train", "-c", "{w}/c.yaml"], ["c.yaml", "mapping"],
+     _write("c.yaml", b"- a\n- b\n")),
+    ("yaml-unknown-field", ["train", "-c", "{w}/c.yaml"], ["c.yaml", "betta"],
+     _write("c.yaml", b"betta: 0.2\n")),
+    ("cache-db-is-folder", ["cache", "info", "--ref-cache", "{w}/cache"], ["--ref-cache"],
+     _write("cache/reference.sqlite/x", b"")),
     ("hf-to-mlx-out-exists", ["convert", "hf-to-mlx", "{model}", "{w}/folder"], ["folder"]),
 ]  # fmt: skip
 
