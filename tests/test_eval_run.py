@@ -71,3 +71,19 @@ def test_eval_split_missing_is_one_line(run, tmp_path):
     res = CliRunner().invoke(cli, ["eval", "--adapter-path", str(out), "--data", str(f),
                                    "--split", "test"])  # fmt: skip
     assert res.exit_code != 0 and "--split" in str(res.exception or res.output)
+
+
+def test_eval_of_a_run_started_from_an_adapter(run, tiny_llama, tmp_path):
+    # The reference of such a run is its starting adapter; eval must use it too (against
+    # the base model, every reward would differ from the trainer's).
+    d, first, _ = run
+    out = tmp_path / "second"
+    cfg = make_config(
+        None, model=str(tiny_llama), data=str(d), adapter_path=str(out), init_adapter=str(first),
+        batch_size=3, iters=4, learning_rate=2e-3, beta=0.3, max_length=24, steps_per_eval=0,
+        quiet=True, seed=5, warmup_steps=0,
+    )  # fmt: skip
+    result = train(cfg, log=lambda *_: None)
+    got = _eval("--adapter-path", str(out))
+    for k, v in result.eval_metrics.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

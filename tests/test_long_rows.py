@@ -79,3 +79,32 @@ def test_a_20mb_completion_is_cut_cheaply(tokenizer):
     assert stats.n_truncated == 1 and len(rows[0].tokens) == 64
     assert max(seen) < 100_000  # never the whole 20 MB text
     assert dt < 5, dt
+
+
+def test_prompt_cuts_are_reported(tiny_llama, tmp_path):
+    import json
+
+    from mlx_kto.cli import cli
+    from mlx_kto.config import make_config
+    from mlx_kto.train import prepare_data
+
+    from click.testing import CliRunner
+
+    rows = [
+        {"prompt": "Tell me about the sky and the sea and the grass, please.", "completion": c,
+         "label": i % 2 == 0}
+        for i, c in enumerate([" Sure.", " No.", " Of course!", " Go away."])
+    ]  # fmt: skip
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(
+        cli, ["data", "check", str(data), "--model", str(tiny_llama), "--max-prompt-length", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "prompts cut 4" in res.output
+    logged = []
+    cfg = make_config(None, model=str(tiny_llama), data=str(data), max_prompt_length=4)
+    from mlx_lm.utils import load_tokenizer
+
+    prepare_data(cfg, load_tokenizer(tiny_llama), log=logged.append)
+    assert any("cut 4 prompts" in line and "max_prompt_length=4" in line for line in logged)
