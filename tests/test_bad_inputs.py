@@ -256,6 +256,13 @@ CASES = [
      ["--lora-keys", "lm_head", "ties its embeddings"]),
     ("lora-keys-unknown", [*TRAIN, "--lora-keys", "self_attn.q_proj,self_attn.bogus"],
      ["--lora-keys", "self_attn.bogus"]),
+    ("init-adapter-not-adapter", [*TRAIN, "--init-adapter", "{w}/folder"], ["--init-adapter"]),
+    ("init-adapter-truncated", [*TRAIN, "--init-adapter", "{w}/adapter"],
+     ["--init-adapter", "adapters.safetensors"], _trunc_adapter),
+    ("init-adapter-bad-config", [*TRAIN, "--init-adapter", "{w}/adapter"],
+     ["--init-adapter", "adapter_config.json"], _bad_adapter_config),
+    ("cache-clear-unknown-model", ["cache", "clear", "--model", "nobody/nothing",
+                                   "--ref-cache", "{w}/cache"], ["--model", "nobody/nothing"]),
     ("num-layers-too-many", [*TRAIN, "--num-layers", "99"], ["--num-layers", "99"]),
     # -- data --------------------------------------------------------------------------
     ("whitespace-completion", TRAIN, ["data.jsonl:2", "completion"], _ws_completion),
