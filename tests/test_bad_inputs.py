@@ -408,3 +408,33 @@ def test_bad_input(case, world, capsys, monkeypatch):
 
 def test_enough_cases():
     assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize(
+    "args, env, needle",
+    [
+        (["train", "--model", "{model}", "--data", "{w}/data.jsonl", "--steps-per-report", "0",
+          "--quiet"], {}, "--steps-per-report"),
+        (["cache", "info"], {"MLX_KTO_CACHE_DIR": "{w}/a_file"}, "MLX_KTO_CACHE_DIR"),
+        (["eval", "--adapter-path", "{w}/adapter", "--model", "{model}", "--data",
+          "{w}/data.jsonl"], {}, "--adapter-path"),
+    ],
+    ids=["steps-per-report-0", "cache-dir-file", "eval-truncated"],
+)  # fmt: skip
+def test_real_process_prints_exactly_one_line(args, env, needle, world):
+    """As a user's shell sees it: stderr is one line, exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    _trunc_adapter(world)
+    before = _snapshot(world["w"])
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", *[_fill(a, world) for a in args]],
+        capture_output=True, text=True, timeout=120, cwd=world["w"],
+        env={**os.environ, **{k: _fill(v, world) for k, v in env.items()}},
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
+    assert _snapshot(world["w"]) == before
