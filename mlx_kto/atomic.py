@@ -54,16 +54,21 @@ def _alive(pid: int) -> bool:
 
 def clean_stale_temps(path: Path) -> int:
     """Remove temp files/folders of `path` left by processes that are gone; returns how many."""
+    return clean_stale_temps_in(path.parent, f".{path.name}{_TMP}")
+
+
+def clean_stale_temps_in(folder: Path, prefix: str = ".") -> int:
+    """Remove every `.NAME.tmp-PID-*` in `folder` (names starting with `prefix`) whose
+    process is gone; returns how many."""
     n = 0
-    prefix = f".{path.name}{_TMP}"
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(Path(folder).iterdir())
     except OSError:
         return 0
     for p in entries:
-        if not p.name.startswith(prefix):
+        if not p.name.startswith(prefix) or _TMP not in p.name:
             continue
-        pid = p.name[len(prefix) :].split("-", 1)[0]
+        pid = p.name.rsplit(_TMP, 1)[1].split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
         try:

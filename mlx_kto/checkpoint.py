@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from mlx_kto.atomic import chmod_like_new
+from mlx_kto.atomic import chmod_like_new, clean_stale_temps_in, temp_path
 from mlx_kto.errors import UserError
 from mlx_kto.model import trainable_lora
 
@@ -40,8 +39,9 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
-    chmod_like_new(tmp, folder=True)  # mkdtemp's 0700 would be published by the rename
+    clean_stale_temps_in(root)  # half-written checkpoints of killed runs
+    tmp = temp_path(final)
+    tmp.mkdir()  # 0777 & ~umask (mkdtemp's 0700 would be published by the rename)
     try:
         mx.save_safetensors(str(tmp / "adapters.safetensors"), trainable_lora(model))
         opt_state = dict(tree_flatten(optimizer.state))

@@ -101,6 +101,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     from mlx_kto.model import (
         adapter_config,
         apply_lora,
+        atomic_write_bytes,
         load_base,
         load_init_adapter,
         save_adapter,
@@ -179,7 +180,9 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     # What was trained, with `desirable_weight: auto` resolved: `mlx-kto eval` reads it.
     a_config["kto"]["desirable_weight"] = dw
     run_config = {**cfg.to_dict(), "desirable_weight": dw}
-    (run_dir / "kto_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    atomic_write_bytes(
+        run_dir / "kto_config.json", (json.dumps(run_config, indent=2) + "\n").encode()
+    )
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     last = train_loop(

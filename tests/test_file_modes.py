@@ -35,11 +35,17 @@ def test_training_outputs_follow_umask(umask, tiny_llama, tmp_path):
 
     write_feedback(tmp_path / "d.jsonl", 12, seed=0)
     out = tmp_path / "run"
+    # A checkpoint half-written by a killed run (its pid is gone) is removed by the next save.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = out / "checkpoints" / f".step_0000001.tmp-{dead}-0badc0de"
+    stale.mkdir(parents=True)
+    (stale / "adapters.safetensors").write_bytes(b"half")
     train(quick_cfg(tiny_llama, tmp_path / "d.jsonl", out, iters=2, steps_per_save=1),
           log=lambda *_: None)  # fmt: skip
     files = [out / "adapters.safetensors", out / "adapter_config.json", out / "kto_config.json"]
     ckpts = sorted((out / "checkpoints").iterdir())
-    assert ckpts
+    assert [c.name for c in ckpts] == ["step_0000001", "step_0000002"]
     for p in [*files, *ckpts, *ckpts[-1].iterdir()]:
         _expect(p, umask)
 
