@@ -66,9 +66,33 @@ def load_base(cfg: KTOConfig):
     if cfg.quantize:
         if "quantization" in config:
             raise UserError(f"--quantize (quantize): {cfg.model} is already quantized")
+        check_group_size(model, cfg.q_group_size)
         model, config = quantize_model(model, config, cfg.q_group_size, cfg.quantize)
     mx.eval(model.parameters())
     return model, tokenizer, path, config
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """mlx-lm leaves a layer unquantized when its input size is not a multiple of the group
+    size, without a word; refuse, naming a group size that fits every layer."""
+    from mlx_kto.config import QUANT_GROUP_SIZES
+
+    dims = {
+        name: m.weight.shape[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Embedding) and ".layers." in f".{name}"
+    }
+    bad = {n: d for n, d in dims.items() if d % group_size}
+    if not bad:
+        return
+    fits = [g for g in QUANT_GROUP_SIZES if all(d % g == 0 for d in dims.values())]
+    name, dim = next(iter(bad.items()))
+    hint = f"use --q-group-size {max(fits)}" if fits else "no group size MLX supports fits"
+    raise UserError(
+        f"--q-group-size (q_group_size): {len(bad)} of {len(dims)} layers have an input size "
+        f"that is not a multiple of {group_size} (e.g. {name}: {dim}) and would stay "
+        f"unquantized; {hint}"
+    )
 
 
 def _bad_weights_file(folder: Path) -> Path:

@@ -199,6 +199,8 @@ CASES = [
     # -- values accepted silently before: each names the flag --------------------------
     ("q-group-size-7", [*TRAIN, "--quantize", "4", "--q-group-size", "7"], ["--q-group-size"]),
     ("q-group-size-16", [*TRAIN, "--quantize", "4", "--q-group-size", "16"], ["--q-group-size"]),
+    ("q-group-size-does-not-divide", [*TRAIN, "--quantize", "4", "--q-group-size", "128"],
+     ["--q-group-size", "not a multiple of 128", "use --q-group-size 64"]),
     ("quantize-7", [*TRAIN, "--quantize", "7"], ["--quantize", "7"]),
     ("quantize-0", [*TRAIN, "--quantize", "0"], ["--quantize"]),
     ("quantize-1", [*TRAIN, "--quantize", "1"], ["--quantize"]),
