@@ -53,14 +53,14 @@ _FLOAT_FIELDS = (
     "lora_scale",
     "lora_dropout",
 )
-# Fields whose CLI flag is not `--` + the field name with dashes (per command).
+# Field -> flag where the flag is not `--` + the field name with dashes (cli.py builds one
+# flag per field that way, so none differ today; add any that ever do).
 FLAGS: dict[str, str] = {}
 
 
-def flag(name: str, flags: dict[str, str] | None = None) -> str:
+def flag(name: str) -> str:
     """The flag a user types for config field `name` (`q_group_size` -> `--q-group-size`)."""
-    table = {**FLAGS, **(flags or {})}
-    return table.get(name, "--" + name.replace("_", "-"))
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _bad(name: str, msg: str) -> UserError:
