@@ -62,6 +62,11 @@ def run_settings(adapter_path: str | Path) -> dict:
 def eval_config(adapter_path: str | Path, **flags) -> KTOConfig:
     """defaults < the run's saved settings < flags given (None = not given)."""
     values = run_settings(adapter_path)
+    saved_data = values.get("data")
+    if flags.get("data") is None and saved_data and not Path(saved_data).exists():
+        raise UserError(
+            f"--data: not given, and the run's data {saved_data} is not found from here"
+        )
     values.update({k: v for k, v in flags.items() if v is not None})
     if not values.get("model"):
         raise UserError(f"--model: not given and {adapter_path} records no base model")

@@ -87,3 +87,21 @@ def test_eval_of_a_run_started_from_an_adapter(run, tiny_llama, tmp_path):
     got = _eval("--adapter-path", str(out))
     for k, v in result.eval_metrics.items():
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_eval_when_the_runs_data_moved(run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mlx_kto.cli import run as run_cli
+
+    _, out, _ = run
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    conf = json.loads((moved / "kto_config.json").read_text())
+    conf["data"] = "relative/elsewhere"
+    (moved / "kto_config.json").write_text(json.dumps(conf))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(cli, ["eval", "--adapter-path", str(moved)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--data" in err and "relative/elsewhere" in err, err
