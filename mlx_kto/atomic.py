@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from mlx_kto.errors import UserError
@@ -138,28 +137,3 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None], suffix: s
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (a reader sees the old or the new file)."""
     atomic_write_with(path, lambda p: p.write_bytes(data))
-
-
-@contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp folder beside `final`; on success it replaces `final` (an
-    existing one is moved aside first, then deleted), on any exception it is removed."""
-    final = Path(final)
-    clean_stale_temps(final)
-    tmp = temp_path(final)
-    try:
-        tmp.mkdir()  # mode 0777 & ~umask, like any mkdir
-        yield tmp
-        old = None
-        if final.exists():
-            old = temp_path(final)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            _remove(old)
-    except OSError as e:
-        _remove(tmp)
-        raise write_error(final, e) from None
-    except BaseException:
-        _remove(tmp)
-        raise

@@ -149,7 +149,7 @@ def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
 
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
-        raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
+        raise UserError(f"--adapter-path: {adapter_path} has no adapters.safetensors")
     try:
         m, tok = load(str(path), adapter_path=adapter_path)
     except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
