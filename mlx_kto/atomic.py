@@ -23,7 +23,15 @@ _TMP = ".tmp-"
 
 
 def umask() -> int:
-    """The process umask (read by setting and restoring it; POSIX has no getter)."""
+    """The process umask: from /proc on Linux, else by setting and restoring it (POSIX
+    has no getter; the brief swap could race a file created by another thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
