@@ -372,6 +372,8 @@ CASES = [
      _write("c.yaml", b"betta: 0.2\n")),
     ("cache-db-is-folder", ["cache", "info", "--ref-cache", "{w}/cache"], ["--ref-cache"],
      _write("cache/reference.sqlite/x", b"")),
+    ("hf-to-mlx-out-under-file", ["convert", "hf-to-mlx", "{model}", "{w}/a_file/mlx"],
+     ["a_file/mlx", "is a file"]),
     ("hf-to-mlx-out-exists", ["convert", "hf-to-mlx", "{model}", "{w}/folder"], ["folder"]),
 ]  # fmt: skip
 

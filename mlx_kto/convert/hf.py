@@ -28,6 +28,9 @@ def hf_to_mlx(
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"{out}: already exists (mlx-lm refuses to write into it)")
+    for parent in out.parents:  # before any download or conversion work
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: cannot write ({parent} is a file, not a folder)")
     if q_bits not in Q_BITS:
         raise UserError(f"--q-bits {q_bits}: expected one of {Q_BITS}")
     if q_group_size not in Q_GROUP_SIZES:
