@@ -72,13 +72,18 @@ def test_a_20mb_completion_is_cut_cheaply(tokenizer):
             seen.append(len(text))
             return encode(text, *a, **kw)
 
+    import resource
+
     big = " " + "the sky is blue " * (20_000_000 // 16)
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     t0 = time.perf_counter()
     rows, stats = tokenize_examples([Example("Hi:", big, True)], Spy(), max_length=64)
     dt = time.perf_counter() - t0
     assert stats.n_truncated == 1 and len(rows[0].tokens) == 64
     assert max(seen) < 100_000  # never the whole 20 MB text
     assert dt < 5, dt
+    # Full tokenization of the row took 3.8 GB; the process peak barely moves now.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0 < 300_000
 
 
 def test_prompt_cuts_are_reported(tiny_llama, tmp_path):
