@@ -13,11 +13,13 @@ values as for `train` (or the same `-c` YAML file), or the later run simply miss
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config import KTOConfig, make_config
 from mlx_kto.errors import UserError
+from mlx_kto.refcache import cache_source
 
 import click
 
@@ -36,7 +38,7 @@ def warm_cache(cfg: KTOConfig, log=print) -> dict:
 
     cfg.validate()
     if cfg.no_ref_cache:
-        raise UserError("no_ref_cache: warming the cache needs the cache switched on")
+        raise UserError("--no-ref-cache: warming the cache needs the cache switched on")
     model, tokenizer, model_path, _ = load_base(cfg)
     frozen = None
     if cfg.init_adapter:
@@ -45,7 +47,7 @@ def warm_cache(cfg: KTOConfig, log=print) -> dict:
     train_rows, valid_rows, _ = prepare_data(cfg, tokenizer, log)
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     if scorer.cache is None:
-        raise UserError("ref_cache: the reference cache could not be opened (see the warning)")
+        raise UserError("--ref-cache: the reference cache could not be opened (see the warning)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with_kl = cfg.loss_type == "kto"
     t0 = time.perf_counter()
@@ -73,9 +75,24 @@ def cache():
 
 
 def _open(ref_cache: str | None):
-    from mlx_kto.reference import RefCache
+    from mlx_kto.reference import RefCache, check_cache_root
 
-    return RefCache(ref_cache)
+    check_cache_root(ref_cache)
+    try:
+        return RefCache(ref_cache)
+    except (OSError, sqlite3.Error) as e:
+        raise UserError(f"{cache_source(ref_cache)}: cannot open the cache ({e})") from None
+
+
+def _db_path(ref_cache: str | None):
+    """The cache database file, or None when there is none yet (info/clear create nothing)."""
+    from pathlib import Path
+
+    from mlx_kto.reference import DB_NAME, check_cache_root, default_cache_dir
+
+    check_cache_root(ref_cache)
+    path = (Path(ref_cache).expanduser() if ref_cache else default_cache_dir()) / DB_NAME
+    return path if path.exists() else None
 
 
 def _fmt_bytes(n: int) -> str:
@@ -91,9 +108,15 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the info as one JSON object.")
 def info_command(ref_cache, as_json):
     """Entries, size on disk and the fingerprints (model, quantization, adapter) cached."""
-    c = _open(ref_cache)
-    info = c.info()
-    c.close()
+    if _db_path(ref_cache) is None:
+        from mlx_kto.reference import DB_NAME, default_cache_dir
+
+        root = ref_cache or str(default_cache_dir())
+        info = {"path": f"{root}/{DB_NAME}", "bytes": 0, "entries": 0, "fingerprints": []}
+    else:
+        c = _open(ref_cache)
+        info = c.info()
+        c.close()
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -112,6 +135,12 @@ def info_command(ref_cache, as_json):
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 def clear_command(model, ref_cache):
     """Delete cached reference log-probs (all, or one model's)."""
+    db = _db_path(ref_cache)
+    if db is None:
+        if model is not None:
+            raise UserError(f"--model: no cache entries recorded for '{model}' (no cache yet)")
+        click.echo("removed 0 entries (no cache yet)")
+        return
     c = _open(ref_cache)
     if model is None:
         n = c.clear()
@@ -119,7 +148,7 @@ def clear_command(model, ref_cache):
         ids = c.fingerprint_ids_for_model(model)
         if not ids:
             c.close()
-            raise UserError(f"model: no cache entries recorded for '{model}' in {c.path}")
+            raise UserError(f"--model: no cache entries recorded for '{model}' in {c.path}")
         n = c.clear(ids)
     c.close()
     click.echo(f"removed {n} entries from {c.path}")

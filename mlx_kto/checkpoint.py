@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from mlx_kto.atomic import chmod_like_new, clean_stale_temps_in, temp_path
 from mlx_kto.errors import UserError
 from mlx_kto.model import trainable_lora
 from mlx_kto.run_dir import check_safetensors_size, write_errors
@@ -62,7 +62,9 @@ def save_checkpoint(
 
 def _write_checkpoint(root, final, step, weights, opt_state, state, adapter_config) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:07d}_"))
+    clean_stale_temps_in(root)  # half-written checkpoints of killed runs
+    tmp = temp_path(final)
+    tmp.mkdir()  # 0777 & ~umask (mkdtemp's 0700 would be published by the rename)
     try:
         for name, arrays in (("adapters", weights), ("optimizer", opt_state)):
             mx.save_safetensors(str(tmp / f"{name}.safetensors"), arrays)
@@ -70,6 +72,7 @@ def _write_checkpoint(root, final, step, weights, opt_state, state, adapter_conf
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         for f in tmp.iterdir():
+            chmod_like_new(f)  # MLX creates files 0644 whatever the umask
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():

@@ -113,33 +113,35 @@ def train_command(config_file, **flags):
 
 
 @cli.command("eval")
-@click.option("--model", required=True, help="Base model folder or hub id.")
-@click.option("--adapter-path", required=True, help="Adapter folder to score.")
+@click.option("--adapter-path", required=True, help="Adapter (run) folder to score.")
+@click.option("--model", default=None, help="Base model [default: the run's].")
+@click.option("--data", default=None, help="Feedback file or folder [default: the run's].")
 @click.option(
-    "--data", required=True, help="Feedback file or folder (uses valid.jsonl if present)."
-)
-@click.option("--split", default="valid", show_default=True, help="train, valid or test.")
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--max-length", default=1024, show_default=True, type=int)
-@click.option("--beta", default=0.1, show_default=True, type=float)
-@click.option("--loss-type", default="kto", show_default=True)
+    "--split", default="valid", show_default=True,
+    type=click.Choice(["train", "valid", "validation", "val", "test"]),
+    help="Split of a data folder (a single file is its own valid split).",
+)  # fmt: skip
+@click.option("--batch-size", default=None, type=int)
+@click.option("--max-length", default=None, type=int)
+@click.option("--max-prompt-length", default=None, type=int)
+@click.option("--beta", default=None, type=float)
+@click.option("--desirable-weight", default=None, help="A number or 'auto'.")
+@click.option("--undesirable-weight", default=None, type=float)
+@click.option("--loss-type", default=None)
+@click.option("--dtype", default=None)
+@click.option("--quantize", default=None, type=int)
+@click.option("--q-group-size", default=None, type=int)
+@click.option("--seed", default=None, type=int, help="Decides the KL partners.")
+@click.option("--eval-batches", default=None, type=int, help="-1 = all.")
 @click.option("--chat-template", default=None, help="Chat template file or text to use instead.")
-def eval_command(
-    model, adapter_path, data, split, batch_size, max_length, beta, loss_type, chat_template
-):
-    """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data."""
-    from mlx_kto.evaluate import evaluate_adapter
+def eval_command(adapter_path, split, **flags):
+    """KTO loss, rewards, margins, kl and reward accuracy of an adapter on labelled data.
 
-    cfg = make_config(
-        None,
-        model=model,
-        data=data,
-        batch_size=batch_size,
-        max_length=max_length,
-        beta=beta,
-        loss_type=loss_type,
-        chat_template=chat_template,
-    )
+    Settings not given come from the run folder's kto_config.json, so the numbers equal
+    the trainer's final eval; flags override them."""
+    from mlx_kto.evaluate import eval_config, evaluate_adapter
+
+    cfg = eval_config(adapter_path, **flags)
     click.echo(json.dumps(evaluate_adapter(cfg, adapter_path, split), indent=2))
 
 
@@ -179,8 +181,12 @@ def generate_command(
 
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
-        raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
-    m, tok = load(str(path), adapter_path=adapter_path)
+        raise UserError(f"--adapter-path: {adapter_path} has no adapters.safetensors")
+    try:
+        m, tok = load(str(path), adapter_path=adapter_path)
+    except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
+        what = f"--adapter-path {adapter_path}" if "lora" in str(e) else f"--model {path}"
+        raise UserError(f"{what}: unreadable weights ({e})") from None
     if chat_template:
         from mlx_kto.chat_template import set_chat_template
 
@@ -207,20 +213,24 @@ def data_group():
 @click.argument("path")
 @click.option("--model", default=None, help="Also tokenize with this model's tokenizer.")
 @click.option("--max-length", default=1024, show_default=True, type=int)
+@click.option(
+    "--max-prompt-length", default=None, type=int, help="As for train: keep the last N tokens."
+)
 @click.option("--chat-template", default=None, help="Chat template file or text (see train).")
 @click.option("--data-split", default=None, help="Training split of a hub dataset id.")
 @column_options
-def data_check(path, model, max_length, chat_template, data_split, **mapping):
+def data_check(path, model, max_length, max_prompt_length, chat_template, data_split, **mapping):
     """Validate feedback data: format, input shapes, class balance; with --model one
     rendered example (prompt/completion boundary marked) and the effect of truncation."""
     from mlx_kto.columns import FieldMap
     from mlx_kto.data_report import data_check_lines
 
+    cfg = make_config(None, max_length=max_length, max_prompt_length=max_prompt_length, **mapping)
     tok = None
     if model:
         tok = _load_tokenizer(model, chat_template)
     for line in data_check_lines(
-        path, tok, max_length, split=data_split, fields=FieldMap.from_config(KTOConfig(**mapping))
+        path, tok, max_length, max_prompt_length, split=data_split, fields=FieldMap.from_config(cfg)
     ):
         click.echo(line)
 

@@ -8,6 +8,7 @@ metadata, so `mlx-kto train --help` documents everything here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,55 @@ from mlx_kto.errors import UserError
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 SCHEDULES = ("cosine", "linear", "constant")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts (affine mode)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+# Smallest accepted value of each integer field (None = unset is always fine).
+_INT_MINIMA = {
+    "grad_accumulation_steps": 1,
+    "epochs": 1,
+    "iters": 1,
+    "lora_rank": 1,
+    "max_prompt_length": 1,
+    "warmup_steps": 0,
+    "steps_per_report": 1,
+    "steps_per_eval": 0,
+    "steps_per_save": 0,
+    "keep_checkpoints": 0,
+    "pad_multiple": 1,
+    "wired_limit_mb": 1,
+    "cache_limit_mb": 0,
+}
+_INT_HINTS = {
+    "steps_per_eval": " (0 = never)",
+    "steps_per_save": " (0 = only at the end)",
+    "keep_checkpoints": " (0 = keep all)",
+    "pad_multiple": " (1 = no padding beyond the longest row)",
+}
+_FLOAT_FIELDS = (
+    "beta",
+    "desirable_weight",
+    "undesirable_weight",
+    "learning_rate",
+    "weight_decay",
+    "max_grad_norm",
+    "lora_alpha",
+    "lora_scale",
+    "lora_dropout",
+)
+# Field -> flag where the flag is not `--` + the field name with dashes (cli.py builds one
+# flag per field that way, so none differ today; add any that ever do).
+FLAGS: dict[str, str] = {}
+
+
+def flag(name: str) -> str:
+    """The flag a user types for config field `name` (`q_group_size` -> `--q-group-size`)."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _bad(name: str, msg: str) -> UserError:
+    """A UserError naming the flag and, for YAML users, the field: `--seed (seed): ...`."""
+    return UserError(f"{flag(name)} ({name}): {msg}")
 
 
 def _f(default, help: str, **kw):
@@ -86,10 +136,10 @@ class KTOConfig:
     lr_schedule: str = _f(
         "cosine", "Decay after warmup: cosine, linear or constant.", choices=SCHEDULES
     )
-    warmup_steps: int | None = _f(None, "Linear warmup steps (default: 10% of the steps).")
+    warmup_steps: int | None = _f(None, "Linear warmup steps, >= 0 (default: 10% of the steps).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the gradient to this global norm (0 disables).")
-    seed: int = _f(0, "Seed for data order, KL partners, LoRA init and dropout.")
+    seed: int = _f(0, "Seed (0 to 2**32-1) for data order, KL partners, LoRA init and dropout.")
     # LoRA
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float | None = _f(16.0, "LoRA alpha; scale = alpha / rank (PEFT convention).")
@@ -102,9 +152,11 @@ class KTOConfig:
     )
     # model handling
     quantize: int | None = _f(
-        None, "Quantize the base to 4 or 8 bits at load (QLoRA).", choices=(None, 4, 8)
+        None,
+        "Quantize the base to 2, 3, 4, 5, 6 or 8 bits at load (QLoRA; 4 is usual).",
+        choices=(None, 2, 3, 4, 5, 6, 8),
     )
-    q_group_size: int = _f(64, "Quantization group size.")
+    q_group_size: int = _f(64, "Quantization group size: 32, 64 or 128.")
     dtype: str | None = _f(
         None,
         "Cast base weights: float16, bfloat16 or float32 (default: keep).",
@@ -171,52 +223,85 @@ class KTOConfig:
     )
 
     def validate(self) -> KTOConfig:
-        """Check field values; raise UserError naming the field."""
+        """Check field values; raise UserError naming the flag and the field.
+
+        Every check lives here, so a YAML file, a flag and a library caller get the
+        same one-line error (`--q-group-size (q_group_size): ...`)."""
         if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"loss_type: '{self.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
+            raise _bad("loss_type", f"'{self.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
         if self.lr_schedule not in SCHEDULES:
-            raise UserError(
-                f"lr_schedule: '{self.lr_schedule}' is not one of {', '.join(SCHEDULES)}"
-            )
+            raise _bad("lr_schedule", f"'{self.lr_schedule}' is not one of {', '.join(SCHEDULES)}")
         if self.batch_size < 1:
-            raise UserError("batch_size: must be >= 1")
+            raise _bad("batch_size", "must be >= 1")
         if self.loss_type == "kto" and self.batch_size < 2:
-            raise UserError(
-                "batch_size: 'kto' needs a micro-batch of at least 2 rows to estimate its KL "
+            raise _bad(
+                "batch_size",
+                "'kto' needs a micro-batch of at least 2 rows to estimate its KL "
                 "reference point; use --batch-size 2 or more (with --grad-accumulation-steps to "
-                "save memory), or --loss-type apo_zero_unpaired, which has no KL term"
+                "save memory), or --loss-type apo_zero_unpaired, which has no KL term",
             )
         if isinstance(self.desirable_weight, str):
             if self.desirable_weight.strip().lower() != "auto":
                 try:
                     self.desirable_weight = float(self.desirable_weight)
                 except ValueError:
-                    raise UserError(
-                        f"desirable_weight: '{self.desirable_weight}' is not a number or 'auto'"
+                    raise _bad(
+                        "desirable_weight", f"'{self.desirable_weight}' is not a number or 'auto'"
                     ) from None
             else:
                 self.desirable_weight = "auto"
-        if self.desirable_weight != "auto" and float(self.desirable_weight) <= 0:
-            raise UserError("desirable_weight: must be > 0")
-        if self.undesirable_weight <= 0:
-            raise UserError("undesirable_weight: must be > 0")
-        if self.beta <= 0:
-            raise UserError("beta: must be > 0")
-        for name in ("grad_accumulation_steps", "epochs", "lora_rank", "max_length"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: must be >= 1")
-        if self.iters is not None and self.iters < 1:
-            raise UserError("iters: must be >= 1")
-        if self.quantize not in (None, 4, 8):
-            raise UserError(f"quantize: {self.quantize} bits is not supported (use 4 or 8)")
+        for name in _FLOAT_FIELDS:  # NaN passes every `<= 0` test below: refuse it first
+            value = getattr(self, name)
+            if value is not None and value != "auto" and not math.isfinite(float(value)):
+                raise _bad(name, f"{value} is not a finite number")
+        positive = ("beta", "undesirable_weight", "learning_rate", "lora_alpha", "lora_scale")
+        if self.desirable_weight != "auto":
+            positive += ("desirable_weight",)
+        for name in positive:  # 0 would silently train nothing (alpha 0: LoRA scale 0)
+            value = getattr(self, name)
+            if value is not None and float(value) <= 0:
+                raise _bad(name, f"must be > 0 (got {value})")
+        for name in ("max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise _bad(name, f"must be >= 0 (got {getattr(self, name)})")
+        for name, lo in _INT_MINIMA.items():
+            value = getattr(self, name)
+            if value is not None and value < lo:
+                raise _bad(name, f"must be >= {lo} (got {value}){_INT_HINTS.get(name, '')}")
+        for name in ("num_layers", "eval_batches"):  # -1 = all; 0 would also mean all
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise _bad(name, f"must be -1 (all) or >= 1 (got {value})")
+        if not 0 <= self.seed < 2**32:
+            raise _bad("seed", f"must be in [0, 2**32) (got {self.seed})")
+        if self.max_length < 2:
+            raise _bad("max_length", f"must be >= 2 (got {self.max_length})")
+        if self.quantize is not None and self.quantize not in QUANT_BITS:
+            raise _bad(
+                "quantize",
+                f"{self.quantize} bits is not supported by MLX (use one of "
+                f"{', '.join(map(str, QUANT_BITS))})",
+            )
+        if self.q_group_size not in QUANT_GROUP_SIZES:
+            # MLX refuses other sizes; mlx-lm then skips every layer: an unquantized model
+            raise _bad(
+                "q_group_size",
+                f"{self.q_group_size} is not supported by MLX (use one of "
+                f"{', '.join(map(str, QUANT_GROUP_SIZES))})",
+            )
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
-            raise UserError(f"dtype: '{self.dtype}' is not float16, bfloat16 or float32")
-        if self.learning_rate <= 0:
-            raise UserError("learning_rate: must be > 0")
+            raise _bad("dtype", f"'{self.dtype}' is not float16, bfloat16 or float32")
         if not 0 <= self.lora_dropout < 1:
-            raise UserError("lora_dropout: must be in [0, 1)")
+            raise _bad("lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_keys is not None:
+            keys = [k.strip() for k in self.lora_keys]
+            if not keys or any(not k for k in keys):
+                raise _bad(
+                    "lora_keys", "needs module names, e.g. self_attn.q_proj,self_attn.v_proj"
+                )
+            self.lora_keys = keys
         if self.max_bad_steps < 1:
-            raise UserError("max_bad_steps: must be >= 1")
+            raise _bad("max_bad_steps", f"must be >= 1 (got {self.max_bad_steps})")
         from mlx_kto.config_compat import validate_habits
 
         validate_habits(self)
@@ -296,11 +381,15 @@ def load_yaml(path: str | Path, log=None) -> dict:
     if not path.exists():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a YAML file") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of field: value")
     if log is None:

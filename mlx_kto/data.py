@@ -130,16 +130,21 @@ def _check_text_or_messages(value: Any, field: str, where: str) -> str | list[di
 
 
 def _is_empty(value: str | list[dict]) -> bool:
-    """An empty string, or messages with neither text nor tool calls."""
+    """An empty or whitespace-only string, or messages with neither text nor tool calls
+    (a blank reply teaches nothing but where the EOS goes)."""
     if isinstance(value, str):
-        return value == ""
-    return all(m.get("content") in ("", None, []) and not m.get("tool_calls") for m in value)
+        return not value.strip()
+    return all(_blank(m.get("content")) and not m.get("tool_calls") for m in value)
+
+
+def _blank(content: Any) -> bool:
+    return content in (None, []) or (isinstance(content, str) and not content.strip())
 
 
 def _check_completion(value: Any, field: str, where: str) -> str | list[dict]:
     value = _check_text_or_messages(value, field, where)
     if _is_empty(value):
-        raise UserError(f"{where}: '{field}' is empty")
+        raise UserError(f"{where}: '{field}' is empty or only whitespace")
     return value
 
 

@@ -81,7 +81,7 @@ def adapter_digest(adapter_dir: str | Path, memo: FileMemo | None = None) -> str
     weights = adapter_dir / "adapters.safetensors"
     conf_path = adapter_dir / "adapter_config.json"
     if not weights.exists() or not conf_path.exists():
-        raise UserError(f"init_adapter: {adapter_dir} is not an mlx-lm adapter folder")
+        raise UserError(f"--init-adapter: {adapter_dir} is not an mlx-lm adapter folder")
     conf = json.loads(conf_path.read_text())
     lp = {k: v for k, v in conf.get("lora_parameters", {}).items() if k != "dropout"}
     relevant = {

@@ -8,8 +8,6 @@ adapter's frozen weights swapped back in), dropout off, no gradient.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,13 +31,17 @@ def resolve_model_path(model: str) -> Path:
         if not (p / "config.json").exists():
             raise UserError(f"{p}: not a model folder (no config.json)")
         return p
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise UserError(f"model: '{model}' is neither a local folder nor a hub id (owner/name)")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"--model (model): {model}: no such folder")
+    if model.count("/") != 1:
+        raise UserError(
+            f"--model (model): '{model}' is neither a local folder nor a hub id (owner/name)"
+        )
     try:
         return _download(model)
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise UserError(
-            f"model: could not fetch '{model}' from the Hugging Face hub ({e})"
+            f"--model (model): could not fetch '{model}' from the Hugging Face hub ({e})"
         ) from None
 
 
@@ -49,13 +51,16 @@ def load_base(cfg: KTOConfig):
     from mlx_lm.utils import load_model, load_tokenizer, quantize_model
 
     if not cfg.model:
-        raise UserError("model: no model given (--model PATH_OR_HUB_ID)")
+        raise UserError("--model (model): no model given (--model PATH_OR_HUB_ID)")
     path = resolve_model_path(cfg.model)
     try:
         model, config = load_model(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, AttributeError, TypeError) as e:
+        # (a config.json that is not an object reaches mlx-lm as AttributeError/TypeError)
         raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
+    except RuntimeError as e:  # MLX's safetensors reader: truncated, garbage, empty
+        raise UserError(f"{_bad_weights_file(path)}: unreadable weights ({e})") from None
     if getattr(cfg, "chat_template", None):
         from mlx_kto.chat_template import set_chat_template
 
@@ -65,10 +70,70 @@ def load_base(cfg: KTOConfig):
         model.update(_cast_tree(model.parameters(), dt))
     if cfg.quantize:
         if "quantization" in config:
-            raise UserError(f"quantize: {cfg.model} is already quantized")
+            raise UserError(f"--quantize (quantize): {cfg.model} is already quantized")
+        check_group_size(model, cfg.q_group_size)
         model, config = quantize_model(model, config, cfg.q_group_size, cfg.quantize)
     mx.eval(model.parameters())
     return model, tokenizer, path, config
+
+
+def check_group_size(model: nn.Module, group_size: int) -> None:
+    """mlx-lm leaves a layer unquantized when its input size is not a multiple of the group
+    size, without a word; refuse, naming a group size that fits every layer."""
+    from mlx_kto.config import QUANT_GROUP_SIZES
+
+    dims = {
+        name: m.weight.shape[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Embedding) and ".layers." in f".{name}"
+    }
+    bad = {n: d for n, d in dims.items() if d % group_size}
+    if not bad:
+        return
+    fits = [g for g in QUANT_GROUP_SIZES if all(d % g == 0 for d in dims.values())]
+    name, dim = next(iter(bad.items()))
+    hint = f"use --q-group-size {max(fits)}" if fits else "no group size MLX supports fits"
+    raise UserError(
+        f"--q-group-size (q_group_size): {len(bad)} of {len(dims)} layers have an input size "
+        f"that is not a multiple of {group_size} (e.g. {name}: {dim}) and would stay "
+        f"unquantized; {hint}"
+    )
+
+
+def _bad_weights_file(folder: Path) -> Path:
+    """The first *.safetensors in `folder` that MLX cannot read (else the folder)."""
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            mx.load(str(f))
+        except (RuntimeError, ValueError, OSError):
+            return f
+    return folder
+
+
+def check_lora_keys(model: nn.Module, keys: list[str] | None, num_layers: int) -> None:
+    """Every --lora-keys entry must name a module, or mlx-lm drops it without a word.
+
+    Keys are matched inside each adapted block, and `lm_head`-style keys at model level;
+    a tied-embedding model has no lm_head module (the output reuses embed_tokens)."""
+    if not keys:
+        return
+    blocks = model.layers[-max(num_layers, 0) :]
+    in_blocks = {name for b in blocks for name, _ in b.named_modules()}
+    top = {name for name, _ in model.named_modules()}
+    tied = bool(getattr(getattr(model, "args", None), "tie_word_embeddings", False))
+    for key in keys:
+        if key in in_blocks or key in top:
+            continue
+        if key.split(".")[-1] == "lm_head" and tied:
+            raise UserError(
+                f"--lora-keys (lora_keys): '{key}': this model ties its embeddings (the output "
+                "head is embed_tokens), so there is no lm_head to adapt; drop it from the list"
+            )
+        some = sorted(n for n in in_blocks if n and "." in n)[:4]
+        raise UserError(
+            f"--lora-keys (lora_keys): '{key}' names no module of this model "
+            f"(module paths inside a block look like {', '.join(some)})"
+        )
 
 
 def _cast_tree(tree, dtype):
@@ -93,15 +158,18 @@ def apply_lora(model: nn.Module, cfg: KTOConfig) -> nn.Module:
     mx.random.seed(cfg.seed)
     n_blocks = len(model.layers)
     if cfg.num_layers > n_blocks:
-        raise UserError(f"num_layers: {cfg.num_layers} > the model's {n_blocks} blocks")
+        raise UserError(
+            f"--num-layers (num_layers): {cfg.num_layers} > the model's {n_blocks} blocks"
+        )
     from mlx_kto.lora_keys import expand_lora_keys
 
     cfg.lora_keys = expand_lora_keys(model, cfg.lora_keys)  # PEFT short names -> paths
+    check_lora_keys(model, cfg.lora_keys, cfg.num_layers)
     linear_to_lora_layers(
         model, cfg.num_layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora"
     )
     if not lora_modules(model):
-        raise UserError(f"lora_keys: {cfg.lora_keys} matched no layer of the model")
+        raise UserError(f"--lora-keys (lora_keys): {cfg.lora_keys} matched no layer of the model")
     return model
 
 
@@ -110,20 +178,33 @@ def lora_modules(model: nn.Module) -> list[nn.Module]:
     return [m for _, m in model.named_modules() if hasattr(m, "lora_a") and hasattr(m, "scale")]
 
 
-def load_init_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
-    """Load an mlx-lm adapter folder onto the (already LoRA-fied) model.
+def load_init_adapter(
+    model: nn.Module, adapter_dir: str | Path, what: str = "--init-adapter"
+) -> dict:
+    """Load an mlx-lm adapter folder onto the model (LoRA layers are inserted).
 
-    The adapter's own config decides the layers; returns its adapter_config."""
+    The adapter's own config decides the layers; returns its adapter_config. `what` is
+    the flag that named the folder, for error messages."""
     from mlx_lm.tuner.utils import load_adapters
 
     adapter_dir = Path(adapter_dir)
     conf = adapter_dir / "adapter_config.json"
-    if not conf.exists() or not (adapter_dir / "adapters.safetensors").exists():
+    weights = adapter_dir / "adapters.safetensors"
+    if not conf.is_file() or not weights.is_file():
         raise UserError(
-            f"init_adapter: {adapter_dir} is not an mlx-lm adapter folder "
+            f"{what}: {adapter_dir} is not an mlx-lm adapter folder "
             "(needs adapters.safetensors and adapter_config.json)"
         )
-    config = json.loads(conf.read_text())
+    try:
+        config = json.loads(conf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: {conf} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("lora_parameters"), dict):
+        raise UserError(f"{what}: {conf} has no lora_parameters object")
+    try:
+        mx.load(str(weights))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise UserError(f"{what}: {weights} is unreadable ({e})") from None
     if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise UserError(
             f"{conf}: fine_tune_type '{config.get('fine_tune_type')}' is not supported; "
@@ -132,8 +213,10 @@ def load_init_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     model.freeze()
     try:
         load_adapters(model, str(adapter_dir))
-    except ValueError as e:
-        raise UserError(f"{adapter_dir}: adapter does not match the model ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"{what}: {adapter_dir}: adapter does not match the model ({type(e).__name__}: {e})"
+        ) from None
     return config
 
 
@@ -209,32 +292,21 @@ def _unflatten(flat: dict[str, mx.array]):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Temp file + rename, with the user's umask (mlx_kto.atomic)."""
+    from mlx_kto.atomic import atomic_write_bytes as write
+
+    write(path, data)
 
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
     """mx.save_safetensors through a temp file + rename (never a half-written file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        check_safetensors_size(tmp)  # MLX does not report a short write (disk full)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from mlx_kto.atomic import atomic_write_with
+
+    def write(p):
+        mx.save_safetensors(str(p), arrays, metadata=metadata or {})
+        check_safetensors_size(p)  # MLX does not report a short write (disk full)
+
+    atomic_write_with(path, write, suffix=".safetensors")
 
 
 def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:

@@ -306,3 +306,25 @@ class RefCache:
         except sqlite3.OperationalError:
             pass
         return n
+
+
+def cache_source(root: str | Path | None) -> str:
+    """How the user named the cache folder: `--ref-cache X`, `MLX_KTO_CACHE_DIR=X` or the default."""
+    if root:
+        return f"--ref-cache {root}"
+    if os.environ.get("MLX_KTO_CACHE_DIR"):
+        return f"MLX_KTO_CACHE_DIR={os.environ['MLX_KTO_CACHE_DIR']}"
+    return str(default_cache_dir())
+
+
+def check_cache_root(root: str | Path | None) -> None:
+    """UserError if the cache folder (or a parent) is an existing non-folder."""
+    from mlx_kto.errors import UserError
+
+    path = Path(root).expanduser() if root else default_cache_dir()
+    for p in [path, *path.parents]:
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == path else f"is under {p}, a file"
+            raise UserError(
+                f"{cache_source(root)}: the reference cache folder {what}; point it at a folder"
+            )

@@ -23,7 +23,13 @@ from mlx_kto.batches import Batch
 from mlx_kto.fingerprint import Fingerprint, reference_fingerprint
 from mlx_kto.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.model import reference_mode
-from mlx_kto.refcache import DB_NAME, RefCache, default_cache_dir, entry_key  # noqa: F401
+from mlx_kto.refcache import (  # noqa: F401
+    DB_NAME,
+    RefCache,
+    check_cache_root,
+    default_cache_dir,
+    entry_key,
+)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -193,6 +199,7 @@ def make_scorer(
     cfg.no_ref_cache. A cache that cannot be opened is reported and skipped."""
     if cfg.no_ref_cache:
         return ReferenceScorer(model, frozen, compile=cfg.compile)
+    check_cache_root(cfg.ref_cache)  # a misconfigured location is an error, not a warning
     try:
         cache = RefCache(cfg.ref_cache, log=log)
         fp = reference_fingerprint(

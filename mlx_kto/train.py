@@ -48,13 +48,7 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = Non
     """Load (or take `splits`: {"train": [Example], "valid": ...}), tokenize and pair (KL
     partners) the train/valid splits; report balance."""
     from mlx_kto.data import load_splits
-    from mlx_kto.tokenize import (
-        assign_kl_partners,
-        auto_desirable_weight,
-        balance_report,
-        class_counts,
-        tokenize_examples,
-    )
+    from mlx_kto.tokenize import auto_desirable_weight, balance_report, class_counts
 
     if splits is None:
         if not cfg.data:
@@ -64,35 +58,8 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = Non
         splits = load_splits(
             cfg.data, seed=cfg.seed, fields=FieldMap.from_config(cfg), split=cfg.data_split
         )
-    out = {}
-    for name in ("train", "valid"):
-        if name not in splits:
-            continue
-        rows, stats = tokenize_examples(
-            splits[name], tokenizer, cfg.max_length, cfg.max_prompt_length
-        )
-        if stats.n_dropped_long_prompt:
-            log(
-                f"warning: {name}: dropped {stats.n_dropped_long_prompt} rows whose prompt alone "
-                f"reaches max_length={cfg.max_length} (raise --max-length or set --max-prompt-length)"
-            )
-        if stats.n_truncated:
-            log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
-        if stats.n_dropped_empty:
-            log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
-        if stats.n_boundary_merge:
-            log(
-                f"{name}: {stats.n_boundary_merge} rows: prompt tokens were not a prefix of "
-                "prompt+completion tokens; split at the common prefix (as TRL does)"
-            )
-        min_rows = 2 if cfg.loss_type == "kto" else 1
-        if len(rows) < min_rows:
-            raise UserError(
-                f"data: {name} split has {len(rows)} usable rows; need at least {min_rows}"
-            )
-        if cfg.loss_type == "kto":
-            assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
-        out[name] = rows
+    out = {name: tokenize_split(cfg, name, splits[name], tokenizer, log)
+           for name in ("train", "valid") if name in splits}  # fmt: skip
     n_d, n_u = class_counts(out["train"])
     dw = cfg.desirable_weight
     if dw == "auto":
@@ -103,6 +70,40 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = Non
     return out["train"], out.get("valid"), float(dw)
 
 
+def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
+    """Tokenize one split as training does (truncation, KL partners); report what was cut."""
+    from mlx_kto.tokenize import assign_kl_partners, tokenize_examples
+
+    rows, stats = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    if stats.n_dropped_long_prompt:
+        log(
+            f"warning: {name}: dropped {stats.n_dropped_long_prompt} rows whose prompt alone "
+            f"reaches max_length={cfg.max_length} (raise --max-length or set --max-prompt-length)"
+        )
+    if stats.n_truncated:
+        log(f"{name}: truncated {stats.n_truncated} completions to max_length={cfg.max_length}")
+    if stats.n_prompt_truncated:
+        log(
+            f"{name}: cut {stats.n_prompt_truncated} prompts to their last "
+            f"max_prompt_length={cfg.max_prompt_length} tokens"
+        )
+    if stats.n_dropped_empty:
+        log(f"warning: {name}: dropped {stats.n_dropped_empty} rows with an empty completion")
+    if stats.n_boundary_merge:
+        log(
+            f"{name}: {stats.n_boundary_merge} rows: prompt tokens were not a prefix of "
+            "prompt+completion tokens; split at the common prefix (as TRL does)"
+        )
+    min_rows = 2 if cfg.loss_type == "kto" else 1
+    if len(rows) < min_rows:
+        raise UserError(
+            f"--data (data): {name} split has {len(rows)} usable rows; need at least {min_rows}"
+        )
+    if cfg.loss_type == "kto":
+        assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
+    return rows
+
+
 def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResult:
     """Train a KTO LoRA adapter as configured (`mlx-kto train`): load cfg.model, then
     `train_model`. Returns where the adapter went and the final metrics."""
@@ -111,6 +112,10 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
     from mlx_kto.reporting import CallbackList, make_reporters
 
     cfg.validate()
+    if not cfg.no_ref_cache:  # a cache folder that is a file: say so before any work
+        from mlx_kto.refcache import check_cache_root
+
+        check_cache_root(cfg.ref_cache)
     ckpt, saved = None, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
@@ -236,7 +241,9 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
     )
     if cfg.overwrite:  # only now: the new run's model and data have loaded
         clear_run(run_dir)
-    write_json(run_dir / "kto_config.json", cfg.to_dict())
+    # What was trained, with `desirable_weight: auto` resolved: `mlx-kto eval` reads it.
+    a_config["kto"]["desirable_weight"] = dw
+    write_json(run_dir / "kto_config.json", {**cfg.to_dict(), "desirable_weight": dw})
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)

@@ -206,7 +206,7 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
     [
         ({"batch_size": 1}, "apo_zero_unpaired"),
         ({"loss_type": "dpo"}, "loss_type"),
-        ({"quantize": 3}, "quantize"),
+        ({"quantize": 7}, "quantize"),
         ({"desirable_weight": "lots"}, "desirable_weight"),
     ],
 )

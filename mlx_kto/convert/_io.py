@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_kto.atomic import atomic_write_with
 from mlx_kto.errors import UserError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
     """Call `write(tmp)` on a temp file beside `path`, then rename it into place, so a
-    crash never leaves a half-written file. `suffix` keeps writers that append an
-    extension (mx.save_safetensors adds `.safetensors`) writing where we expect."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    crash never leaves a half-written file (mlx_kto.atomic: umask respected, strays of
+    dead processes removed, a failed write is one line naming `path`)."""
+    atomic_write_with(path, write, suffix)
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -43,7 +36,7 @@ def prepare_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Pat
             raise UserError(
                 f"{out}: folder exists and is not empty (pass --overwrite to write into it)"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     return out
 
 
@@ -53,5 +46,22 @@ def check_out_file(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"{out}: is a folder, expected a file path")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: file exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     return out
+
+
+def make_parent(out: Path) -> None:
+    """Create `out`'s parent folders, or say in one line why they cannot be."""
+    make_folder(out.parent, out)
+
+
+def make_folder(folder: Path, named: Path | None = None) -> None:
+    """mkdir -p `folder`; a file in the way or a failure is one line naming `named`."""
+    named = named or folder
+    for p in [folder, *folder.parents]:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{named}: cannot write ({p} is a file, not a folder)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{named}: cannot create {folder} ({e.strerror or e})") from None

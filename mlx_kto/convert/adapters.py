@@ -110,6 +110,8 @@ def read_config(adapter_dir: Path) -> dict:
         cfg = json.loads(conf.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{conf}: expected a JSON object")
     return cfg

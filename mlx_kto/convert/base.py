@@ -83,6 +83,10 @@ def load_base(ref: str | Path, what: str = "--base") -> BaseModel:
         config = json.loads(conf.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{conf}: expected a JSON object")
     from mlx_lm.utils import _get_classes
 
     try:
@@ -130,9 +134,17 @@ def check_adapter(adapter: MlxAdapter, base: BaseModel, where: str = "adapter") 
 
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes) without reading data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > path.stat().st_size:
+                raise ValueError(f"header length {n} exceeds the file size")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, OSError) as e:  # truncated, garbage, unreadable
+        raise UserError(f"{path}: not a safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (header is not a JSON object)")
+    return header
 
 
 def checkpoint_names(folder: Path) -> set[str]:

@@ -14,10 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from mlx_kto.convert._io import atomic_write_json
+from mlx_kto.atomic import chmod_like_new, clean_stale_temps, temp_path, write_error
+from mlx_kto.convert._io import atomic_write_json, make_parent
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import check_adapter, checkpoint_names, load_base
 from mlx_kto.errors import UserError
@@ -129,8 +129,14 @@ def fuse(
     if out.resolve() in (info.path.resolve(), Path(adapter_dir).resolve()):
         raise UserError(f"{out}: is the base or adapter folder; choose another output")
 
-    model, tokenizer = load(str(info.path))
-    load_adapters(model, str(adapter_dir))
+    try:
+        model, tokenizer = load(str(info.path))
+    except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
+        raise UserError(f"--base {info.path}: unreadable weights ({e})") from None
+    try:
+        load_adapters(model, str(adapter_dir))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{adapter_dir}: adapter cannot be loaded onto the base ({e})") from None
     float_dtype = None
     fused = []
     worst = (1.0, "")
@@ -190,10 +196,14 @@ def fuse(
         if "dtype" in config:
             config["dtype"] = out_dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    make_parent(out)
+    clean_stale_temps(out)
+    tmp = temp_path(out)
     try:
+        tmp.mkdir()  # 0777 & ~umask (mkdtemp would make the published folder 0700)
         _save_checkpoint(tmp, weights, config, tokenizer, info.path)
+        for f in tmp.rglob("*"):  # MLX writes 0644 whatever the umask
+            chmod_like_new(f, folder=f.is_dir())
         if not out.exists():
             os.replace(tmp, out)  # the whole folder appears at once
         else:  # --overwrite: replace our files; of the rest, drop only stale weight files
@@ -203,6 +213,8 @@ def fuse(
                     old.unlink()  # a stale shard or index would be loaded with the new weights
             for f in sorted(tmp.iterdir()):
                 os.replace(f, out / f.name)
+    except OSError as e:
+        raise write_error(out, e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -10,11 +10,11 @@ as the base weights (A is never permuted). The result is checked the way llama.c
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_kto.atomic import atomic_write_with
 from mlx_kto.convert._io import check_out_file
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import BaseModel, check_adapter, load_base
@@ -242,14 +242,15 @@ def to_gguf(
     check_lora(planned, arch, base_tensors)
 
     out = check_out_file(out_path, overwrite)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    fallback = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal fallback
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        fallback = 0
         for name, x in tensors.items():
             data, raw = _encode(x, outtype)
             fallback += outtype == "q8_0" and raw is None
@@ -262,10 +263,8 @@ def to_gguf(
         check_lora(written, arch, base_tensors)
         if written.tensors != planned.tensors:
             raise UserError(f"{out}: tensors read back differ from what was written")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write_with(out, write)  # disk full / read-only: one line, `out` untouched
     if fallback:
         print(
             f"note: {fallback} tensors with rows not a multiple of 32 were written as F16",

@@ -28,6 +28,9 @@ def hf_to_mlx(
     out = Path(out_dir)
     if out.exists():
         raise UserError(f"{out}: already exists (mlx-lm refuses to write into it)")
+    for parent in out.parents:  # before any download or conversion work
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{out}: cannot write ({parent} is a file, not a folder)")
     if q_bits not in Q_BITS:
         raise UserError(f"--q-bits {q_bits}: expected one of {Q_BITS}")
     if q_group_size not in Q_GROUP_SIZES:
@@ -37,6 +40,10 @@ def hf_to_mlx(
     src = Path(model).expanduser()
     if src.exists() and not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json (not a Hugging Face model folder)")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if not src.exists() and (looks_local or (src.parent.name and src.parent.is_dir())):
+        # a path, not owner/name: say it is missing (mlx-lm would complain about hub syntax)
+        raise UserError(f"{model}: no such folder")
     try:
         convert(
             str(src) if src.exists() else model,
@@ -46,6 +53,7 @@ def hf_to_mlx(
             q_bits=q_bits if quantize else None,
             dtype=dtype,
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise UserError(f"hf-to-mlx {model}: {e}") from None
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        where = model if src.exists() else f"{model} (no local folder of that name; hub)"
+        raise UserError(f"hf-to-mlx {where}: {str(e).splitlines()[0] if str(e) else e}") from None
     return out

@@ -242,6 +242,8 @@ def read_peft(peft_dir: str | Path) -> tuple[dict, dict[str, dict[str, mx.array]
         cfg = json.loads(conf.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
     _check_peft_config(cfg, conf)
     try:
         tensors = mx.load(str(wfile))
