@@ -37,13 +37,16 @@ def expand_lora_keys(model: nn.Module, keys: list[str] | None) -> list[str] | No
             hits = [key]
         else:
             hits = [p for p in paths if p.endswith("." + key)]
+        if not hits and key.split(".")[-1] == "lm_head":
+            out.append(key)  # a model-level module: model.check_lora_keys judges it (tied?)
+            continue
         if not hits:
             close = difflib.get_close_matches(
                 key, paths + sorted({p.split(".")[-1] for p in paths}), n=2
             )
             hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
             raise UserError(
-                f"lora_keys: '{key}' matches no linear layer of the model's blocks{hint}; "
+                f"--lora-keys (lora_keys): '{key}' matches no linear layer of the model's blocks{hint}; "
                 f"they are: {', '.join(paths)}"
             )
         out += [h for h in hits if h not in out]

@@ -32,9 +32,16 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def existing_run_files(run_dir: str | Path) -> list[str]:
-    """The RUN_FILES present in run_dir (a previous run's output)."""
+    """The RUN_FILES present in run_dir (a previous run's output). A checkpoints folder
+    counts only if it holds a finished checkpoint (not just the temp folder of a killed save)."""
     run_dir = Path(run_dir)
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if "checkpoints" in found:
+        from mlx_kto.checkpoint import list_checkpoints
+
+        if not list_checkpoints(run_dir):
+            found.remove("checkpoints")
+    return found
 
 
 def clear_run(run_dir: str | Path) -> None:

@@ -112,10 +112,6 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
     from mlx_kto.reporting import CallbackList, make_reporters
 
     cfg.validate()
-    if not cfg.no_ref_cache:  # a cache folder that is a file: say so before any work
-        from mlx_kto.refcache import check_cache_root
-
-        check_cache_root(cfg.ref_cache)
     ckpt, saved = None, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
@@ -124,6 +120,10 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
             if getattr(cfg, key) is None:
                 setattr(cfg, key, saved["config"].get(key))
     run_dir = resolve_run_dir(cfg, ckpt)
+    if not cfg.no_ref_cache:  # a cache folder that is a file: say so before any work
+        from mlx_kto.refcache import check_cache_root
+
+        check_cache_root(cfg.ref_cache)
     absolute_paths(cfg)
     mx.random.seed(cfg.seed)
     set_memory_limits(cfg)

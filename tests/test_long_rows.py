@@ -106,7 +106,7 @@ def test_prompt_cuts_are_reported(tiny_llama, tmp_path):
         cli, ["data", "check", str(data), "--model", str(tiny_llama), "--max-prompt-length", "4"]
     )
     assert res.exit_code == 0, res.output
-    assert "prompts cut 4" in res.output
+    assert "4 prompts cut to their last 4 tokens" in res.output
     logged = []
     cfg = make_config(None, model=str(tiny_llama), data=str(data), max_prompt_length=4)
     from mlx_lm.utils import load_tokenizer
