@@ -92,7 +92,7 @@ CONFIGS = {
         "rope_scaling": None,
         "query_pre_attn_scalar": 256,
         "sliding_window": 512,
-        "sliding_window_pattern": 6,
+        "sliding_window_pattern": 2,  # 6 in the release: 2 keeps both layer kinds in 2 layers
         "max_position_embeddings": 32768,
         "hidden_activation": "gelu_pytorch_tanh",
         "final_logit_softcapping": None,
