@@ -131,6 +131,16 @@ CONVERSATIONS = {
 }
 
 
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather at a place",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_conversational_rows_match_trl(loaded, name):
     _, tok, hf = loaded(name)
@@ -138,6 +148,7 @@ def test_conversational_rows_match_trl(loaded, name):
     if name == "llama2":  # Mistral v0.1's template has no system role
         convs.pop("system")
     examples = [Example(p, c, True, where=k) for k, (p, c) in convs.items()]
+    examples.append(Example([USER], [BLUE], False, where="tools", tools=[TOOL]))
     rows, stats = _ours(tok, examples)
     assert stats.n_boundary_merge == 0
     for ex, row in zip(examples, rows):
@@ -147,6 +158,8 @@ def test_conversational_rows_match_trl(loaded, name):
         # No EOS appended beyond what the template renders.
         assert row.completion_ids.count(hf.eos_token_id) == 1
     assert hf.decode(rows[0].completion_ids) == COMPLETION_TEXT[name]
+    if name == "qwen3":  # the one template here that renders tools: they reach the prompt
+        assert "get_weather" in hf.decode(rows[-1].prompt_ids)
     assert (
         hf.decode(rows[0].prompt_ids)
         .rstrip()
