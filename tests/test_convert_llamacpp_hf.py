@@ -12,9 +12,10 @@ import subprocess
 from pathlib import Path
 
 from mlx_kto.convert import fuse, hf_to_mlx
-from mlx_kto.convert._testing import make_adapter
+from mlx_kto.convert._testing import logits, make_adapter
 from mlx_kto.convert.tokenizer_files import tokenizer_files
 
+import numpy as np
 import pytest
 from assets_tokenizers import CACHE, MISTRAL_CHAT_TEMPLATE, real_model
 
@@ -61,7 +62,7 @@ def test_llamacpp_converts_fused_sentencepiece_model(tmp_path, family):
             f"llama.cpp converter venv not in {CONVERTER} (run .ci/llamacpp_convert_venv.sh)"
         )
     base = real_model("llama2", tmp_path / "base", family=None if family == "mistral" else family)
-    src, _ = make_adapter(base, tmp_path / "ad", num_layers=2, rank=4, scale=2.0)
+    src, model = make_adapter(base, tmp_path / "ad", num_layers=2, rank=4, scale=2.0)
     fused = fuse(src, tmp_path / "fused")
     _same_tokenizer_files(base, fused)
 
@@ -91,3 +92,18 @@ def test_llamacpp_converts_fused_sentencepiece_model(tmp_path, family):
     want = AutoTokenizer.from_pretrained(str(base)).encode(TEXT)
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     assert llm.tokenize(TEXT.encode(), add_bos=True) == want
+    llm.close()
+    # ... and computes what MLX computes with base + adapter (weights, q/k layout, fused qkv).
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=64, n_batch=64, n_threads=2, logits_all=True,
+        verbose=False, seed=0, type_k=f32, type_v=f32,
+    )  # fmt: skip
+    llm.eval(want)
+    got = np.array(llm.scores[: len(want)], dtype=np.float32)
+    llm.close()
+    from mlx_lm.utils import load_model
+
+    expect = logits(model, want)
+    assert np.abs(expect - logits(load_model(base)[0], want)).max() > 0.05  # the adapter matters
+    np.testing.assert_allclose(got, expect, atol=1e-4, rtol=0)
