@@ -137,6 +137,7 @@ def eval_command(model, adapter_path, data, split, batch_size, max_length, beta,
 def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
     """Generate text with a base model and (optionally) a trained adapter."""
     from mlx_kto.model import resolve_model_path
+    from mlx_kto.tokenize import chat_prompt_ids, has_chat_template
 
     import mlx.core as mx
     from mlx_lm import generate, load
@@ -146,10 +147,8 @@ def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
     m, tok = load(str(path), adapter_path=adapter_path)
-    if chat and getattr(tok, "chat_template", None):
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+    if chat and has_chat_template(tok):  # the prompt as training renders it
+        prompt = chat_prompt_ids(tok, [{"role": "user", "content": prompt}])
     mx.random.seed(seed)
     out = generate(m, tok, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=temp))
     click.echo(out)

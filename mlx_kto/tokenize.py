@@ -129,6 +129,15 @@ def _chat_ids(tokenizer, messages: list[dict], ex: Example, generation_prompt: b
     return _as_ids(out)
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """A conversation rendered as training renders prompts (chat template with the
+    generation prompt, called as TRL calls it), for sampling from the same context."""
+    out = _template_tokenizer(tokenizer).apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, **template_kwargs
+    )
+    return _as_ids(out)
+
+
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)

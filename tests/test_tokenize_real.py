@@ -203,3 +203,25 @@ def test_thinking_switch_is_the_templates_default_as_in_trl(loaded, tmp_path):
     (row_on,), _ = _ours(wrapped, [ex_on])
     assert hf2.decode(row_on.prompt_ids).endswith("<|im_start|>assistant\n")
     assert (row_on.prompt_ids, row_on.completion_ids) == trl_split(hf2, ex_on)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampling_prompt_is_the_training_prompt(loaded, name):
+    """`generate` and the demo's sampler render prompts with `chat_prompt_ids`: the same
+    ids training uses as the prompt of a conversational row."""
+    from mlx_kto.tokenize import chat_prompt_ids
+
+    _, tok, _ = loaded(name)
+    (row,), _ = _ours(tok, [Example([USER], [BLUE], True)])
+    assert chat_prompt_ids(tok, [USER]) == row.prompt_ids
+
+
+def test_generate_command_uses_the_chat_prompt(tiny_llama):
+    from mlx_kto.cli import cli
+
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(
+        cli, ["generate", "--model", str(tiny_llama), "--prompt", "Hello", "--max-tokens", "3"]
+    )
+    assert res.exit_code == 0, res.output  # the ids from chat_prompt_ids reach mlx-lm's generate
