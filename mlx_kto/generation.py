@@ -44,12 +44,12 @@ def prompt_ids(
 ) -> list[int]:
     """Token ids to generate from: the chat template with a generation prompt (system +
     user messages) when `chat` and the tokenizer has one, else the raw text."""
-    from mlx_kto.tokenize import _as_ids, has_chat_template
+    from mlx_kto.tokenize import _as_ids, chat_prompt_ids, has_chat_template
 
     if chat and has_chat_template(tokenizer):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return chat_prompt_ids(tokenizer, messages)  # rendered as training renders prompts
     if chat:
         log(
             f"note: the tokenizer has no chat template, so the prompt is used as raw text; {FLAG_HINT}"

@@ -170,7 +170,22 @@ def apply_lora(model: nn.Module, cfg: KTOConfig) -> nn.Module:
     )
     if not lora_modules(model):
         raise UserError(f"--lora-keys (lora_keys): {cfg.lora_keys} matched no layer of the model")
+    refuse_embedding_lora(model, "lora_keys")
     return model
+
+
+def refuse_embedding_lora(model: nn.Module, where: str) -> None:
+    """LoRA on an embedding (mlx-lm's LoRAEmbedding) trains, but no converter (to-peft,
+    to-gguf, fuse) can export it, so it is refused before any step is spent."""
+    from mlx_lm.tuner.dora import DoRAEmbedding
+    from mlx_lm.tuner.lora import LoRAEmbedding
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRAEmbedding | DoRAEmbedding)]
+    if names:
+        raise UserError(
+            f"{where}: '{names[0]}' is an embedding; LoRA on embeddings cannot be exported "
+            "(to-peft, to-gguf and fuse refuse it): adapt linear layers only"
+        )
 
 
 def lora_modules(model: nn.Module) -> list[nn.Module]:
@@ -217,6 +232,7 @@ def load_init_adapter(
         raise UserError(
             f"{what}: {adapter_dir}: adapter does not match the model ({type(e).__name__}: {e})"
         ) from None
+    refuse_embedding_lora(model, f"init_adapter {conf}")
     return config
 
 
@@ -309,13 +325,21 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=No
     atomic_write_with(path, write, suffix=".safetensors")
 
 
+def model_reference(model: str) -> str:
+    """How adapter_config.json names the base: a local path made absolute (a relative
+    one breaks fuse/to-peft run from another folder and would land in PEFT's
+    base_model_name_or_path), a hub id as typed."""
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
 def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:
     """adapter_config.json as mlx-lm's load_adapters reads it, plus our settings."""
     return {
         "fine_tune_type": getattr(cfg, "fine_tune_type", "lora"),
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(cfg),
-        "model": base_model,
+        "model": model_reference(base_model),
         "trainer": "mlx_kto",
         "kto": {
             "loss_type": cfg.loss_type,

@@ -4,7 +4,11 @@
   prompt_ids = encode(prompt), full = encode(prompt + completion) (BOS once, if the
   tokenizer adds one).
 - conversational rows: prompt_ids = chat template of the prompt with the generation
-  prompt; full = chat template of prompt + completion; no extra EOS.
+  prompt; full = chat template of prompt + completion; no extra EOS. The template is
+  the transformers tokenizer's, called as TRL calls it (no kwargs added).
+- prompt and completion are never tokenized apart: SentencePiece tokenizers (Llama 2,
+  Mistral) put a "▁" before the first piece of a text, so encode(completion) would
+  start with a token that encode(prompt + completion) does not have.
 - split at k = common prefix length of prompt_ids and full: prompt = prompt_ids[:k],
   completion = full[k:] (k < len(prompt_ids) means the boundary tokens merged).
 - truncation: optional legacy `max_prompt_length` (keep_end, BOS kept); rows whose
@@ -99,18 +103,38 @@ def has_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
+def _template_tokenizer(tokenizer):
+    """The tokenizer whose chat template TRL would call: the transformers tokenizer under
+    an mlx-lm TokenizerWrapper, whose own apply_chat_template adds a thinking switch
+    (`enable_thinking=<has think tokens>`) that changes templates defaulting to off.
+    The wrapper itself only when it renders a template the inner tokenizer lacks."""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is not None and getattr(inner, "chat_template", None) is not None:
+        return inner
+    return tokenizer
+
+
 def _chat_ids(tokenizer, messages: list[dict], ex: Example, generation_prompt: bool) -> list[int]:
     kwargs = dict(ex.chat_template_kwargs or {})
     if ex.tools is not None:
         kwargs["tools"] = ex.tools
     kwargs.update(tokenize=True, add_generation_prompt=generation_prompt)
     try:
-        out = tokenizer.apply_chat_template(messages, **kwargs)
+        out = _template_tokenizer(tokenizer).apply_chat_template(messages, **kwargs)
     except Exception as e:  # jinja errors, unknown kwargs: report the row, one line
         msg = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
             f"{ex.where}: the chat template failed on this row ({type(e).__name__}: {msg})"
         ) from None
+    return _as_ids(out)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """A conversation rendered as training renders prompts (chat template with the
+    generation prompt, called as TRL calls it), for sampling from the same context."""
+    out = _template_tokenizer(tokenizer).apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, **template_kwargs
+    )
     return _as_ids(out)
 
 

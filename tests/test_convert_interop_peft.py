@@ -123,3 +123,38 @@ def test_peft_only_features_are_refused(bases, tmp_path):
     cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"  # the real file passes our config checks
     from_peft(tmp_path / "ok", tmp_path / "o3", base=str(base))
+
+
+def test_peft_lm_head_adapter_skips_the_saved_base_copy(bases, tmp_path, capfd):
+    """PEFT 0.21 saves `lm_head.base_layer.weight` (a copy of the base weight) with LoRA
+    on lm_head; it is skipped after checking it equals the base's, and refused when the
+    adapter was saved on another base."""
+    base = bases["llama"]
+    pm = _peft_made(
+        base, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "np") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in set(f.keys())
+    out = from_peft(tmp_path / "peft", tmp_path / "mlx", base=str(base))
+    assert "equal to the base's" in capfd.readouterr().err
+    assert "lm_head" in read_adapter(out).modules
+    model, _ = load(str(base))
+    load_adapters(model, str(out))
+    want = _torch_logits(pm)
+    assert np.abs(want - _torch_logits(_hf(base))).max() > 0.02
+    np.testing.assert_allclose(logits(model.eval(), TOKENS), want, atol=TOL, rtol=0)
+
+    # base_model_name_or_path (a local folder here) is the default base
+    from_peft(tmp_path / "peft", tmp_path / "mlx_default")
+    assert "equal to the base's" in capfd.readouterr().err
+    conf = tmp_path / "peft" / "adapter_config.json"
+    conf.write_text(
+        json.dumps({**json.loads(conf.read_text()), "base_model_name_or_path": "x/absent"})
+    )
+    from_peft(tmp_path / "peft", tmp_path / "mlx_nobase")  # no base at hand: a note
+    assert "not compared: no base at hand" in capfd.readouterr().err
+    other = build_model(tmp_path / "other", family="llama", seed=7)
+    with pytest.raises(UserError, match=r"lm_head\.base_layer\.weight.*differs from the base"):
+        from_peft(tmp_path / "peft", tmp_path / "mlx_other", base=str(other))

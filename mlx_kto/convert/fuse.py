@@ -20,6 +20,7 @@ from mlx_kto.atomic import chmod_like_new, clean_stale_temps, temp_path, write_e
 from mlx_kto.convert._io import atomic_write_json, make_parent
 from mlx_kto.convert.adapters import read_adapter
 from mlx_kto.convert.base import check_adapter, checkpoint_names, load_base
+from mlx_kto.convert.tokenizer_files import copy_tokenizer_files
 from mlx_kto.errors import UserError
 
 import mlx.core as mx
@@ -226,7 +227,7 @@ def fuse(
 
 def _save_checkpoint(dst: Path, weights: dict, config: dict, tokenizer, src: Path) -> None:
     """Hugging Face layout: shards with {"format": "pt"} metadata (+ index when more than
-    one), config.json, tokenizer files, generation_config.json."""
+    one), config.json, the base's tokenizer files as they are, generation_config.json."""
     from mlx_lm.utils import make_shards
 
     shards = make_shards(weights)
@@ -242,7 +243,8 @@ def _save_checkpoint(dst: Path, weights: dict, config: dict, tokenizer, src: Pat
         index["weight_map"] = dict(sorted(index["weight_map"].items()))
         atomic_write_json(dst / "model.safetensors.index.json", index)
     atomic_write_json(dst / "config.json", config)
-    tokenizer.save_pretrained(str(dst))
+    if not copy_tokenizer_files(src, dst):  # the base's own files, unchanged
+        tokenizer.save_pretrained(str(dst))
     for extra in ("generation_config.json",):
         if (src / extra).is_file():
             shutil.copy(src / extra, dst / extra)

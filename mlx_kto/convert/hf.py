@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlx_kto.convert.base import resolve_local
+from mlx_kto.convert.tokenizer_files import copy_tokenizer_files
 from mlx_kto.errors import UserError
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -22,7 +24,8 @@ def hf_to_mlx(
     """Convert a Hugging Face checkpoint (folder or hub id) to an MLX folder with
     `mlx_lm.convert`, quantized (affine, `q_bits`, `q_group_size`) when `quantize`.
     `dtype` casts the float weights (default: the checkpoint's `torch_dtype`). A model
-    quantized here can be trained as QLoRA; fuse it later with --dequantize."""
+    quantized here can be trained as QLoRA; fuse it later with --dequantize. The
+    tokenizer files are the source's, unchanged (tokenizer.model included)."""
     from mlx_lm.convert import convert
 
     out = Path(out_dir)
@@ -56,4 +59,8 @@ def hf_to_mlx(
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         where = model if src.exists() else f"{model} (no local folder of that name; hub)"
         raise UserError(f"hf-to-mlx {where}: {str(e).splitlines()[0] if str(e) else e}") from None
+    # mlx-lm re-saves the tokenizer through transformers; keep the source's files instead.
+    local = src if src.exists() else resolve_local(model)
+    if local is not None:
+        copy_tokenizer_files(local, out, replace=True)
     return out

@@ -250,7 +250,15 @@ def read_peft(peft_dir: str | Path) -> tuple[dict, dict[str, dict[str, mx.array]
     except Exception as e:
         raise UserError(f"{wfile}: cannot read safetensors ({e})") from None
 
-    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m"}
+    # PEFT (save_embedding_layers, on by default when lm_head is a target) also stores the
+    # frozen base weight of such modules as `<module>.base_layer.weight`: a copy, no LoRA.
+    suffixes = {
+        ".lora_A.weight": "A",
+        ".lora_B.weight": "B",
+        ".lora_magnitude_vector": "m",
+        ".base_layer.weight": "base_weight",
+        ".base_layer.bias": "base_bias",
+    }
     modules: dict[str, dict[str, mx.array]] = {}
     for name, t in tensors.items():
         leaf = next((s for s in suffixes if name.endswith(s)), None)
@@ -264,9 +272,57 @@ def read_peft(peft_dir: str | Path) -> tuple[dict, dict[str, dict[str, mx.array]
             )
         path = name[len(PREFIX) : -len(leaf)]
         modules.setdefault(path, {})[suffixes[leaf]] = t
+    for path, d in modules.items():
+        if ("base_weight" in d or "base_bias" in d) and "A" not in d and "B" not in d:
+            raise UserError(
+                f"{wfile}: '{PREFIX}{path}.base_layer.*' is a full weight of a module without "
+                "LoRA tensors; only LoRA adapters convert"
+            )
     if not modules:
         raise UserError(f"{wfile}: no LoRA tensors")
     return cfg, modules
+
+
+def _check_base_copies(raw: dict, info, wfile: Path) -> None:
+    """PEFT's saved copies of base weights (`<module>.base_layer.weight`) are skipped, as
+    llama.cpp's converter does; with a base at hand each must equal the base's weight
+    (compared in the lower precision of the two), or the adapter was made for another
+    base (or trained that weight) and is refused."""
+    copies = {p: d["base_weight"] for p, d in raw.items() if "base_weight" in d}
+    if not copies:
+        return
+    names = ", ".join(f"{p}.base_layer.weight" for p in sorted(copies))
+    if info is None or info.quantized:
+        why = "no base at hand (pass --base)" if info is None else "the base is quantized"
+        print(f"note: skipped PEFT's copies of base weights ({names}); not compared: {why}",
+              file=sys.stderr)  # fmt: skip
+        return
+    stored = _checkpoint_tensors(info.path)
+    for p, copy in sorted(copies.items()):
+        name = f"{p}.weight"
+        if name not in stored and info.config.get("tie_word_embeddings") and p == "lm_head":
+            name = "model.embed_tokens.weight"  # tied: the head is the embedding matrix
+        if name not in stored:
+            raise UserError(f"{wfile}: '{p}.base_layer.weight' has no '{p}.weight' in the base")
+        w = stored[name]
+        low = min((copy.dtype, w.dtype), key=lambda t: t.size)
+        if tuple(copy.shape) != tuple(w.shape) or not mx.array_equal(
+            copy.astype(low), w.astype(low)
+        ):
+            raise UserError(
+                f"{wfile}: '{p}.base_layer.weight' (PEFT's copy of the base weight) differs "
+                f"from the base's '{name}': the adapter was saved on another base"
+            )
+    print(f"note: skipped PEFT's copies of base weights ({names}); equal to the base's",
+          file=sys.stderr)  # fmt: skip
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, mx.array]:
+    """Every tensor of a folder's *.safetensors, lazily (mx.load reads on evaluation)."""
+    out: dict[str, mx.array] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
 
 
 def from_peft(
@@ -373,6 +429,7 @@ def from_peft(
     )
     if info is not None:
         check_adapter(ad, info, where=str(peft_dir))
+    _check_base_copies(raw, info, wfile)
     out = prepare_out_dir(out_dir, overwrite, (peft_dir,))
     write_adapter(ad, out)
     return out

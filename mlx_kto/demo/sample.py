@@ -17,20 +17,11 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _ids(out) -> list[int]:
-    """Token ids from apply_chat_template (a list, or a dict with input_ids)."""
-    if hasattr(out, "keys") and "input_ids" in out:
-        out = out["input_ids"]
-    out = list(out.tolist() if hasattr(out, "tolist") else out)
-    if out and isinstance(out[0], (list, tuple)):
-        out = list(out[0])
-    return [int(t) for t in out]
-
-
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The chat-formatted prompt, ending with the assistant's turn marker."""
-    msgs = [{"role": "user", "content": prompt}]
-    return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+    from mlx_kto.tokenize import chat_prompt_ids  # rendered as training renders it
+
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def sample_completions(
