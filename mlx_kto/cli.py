@@ -175,6 +175,7 @@ def generate_command(
     """Generate text with a base model and (optionally) a trained adapter."""
     from mlx_kto.generation import generate, prompt_ids, read_prompt
     from mlx_kto.model import resolve_model_path
+
     import mlx.core as mx
     from mlx_lm import load
 
