@@ -31,13 +31,14 @@ def expand_lora_keys(model: nn.Module, keys: list[str] | None) -> list[str] | No
     if not keys:
         return keys
     paths = adaptable_paths(model)
+    top = {name for name, _ in model.named_modules()}
     out: list[str] = []
     for key in keys:
         if key in paths:
             hits = [key]
         else:
             hits = [p for p in paths if p.endswith("." + key)]
-        if not hits and key.split(".")[-1] == "lm_head":
+        if not hits and (key in top or key.split(".")[-1] == "lm_head"):
             out.append(key)  # a model-level module: model.check_lora_keys judges it (tied?)
             continue
         if not hits:

@@ -170,7 +170,7 @@ def apply_lora(model: nn.Module, cfg: KTOConfig) -> nn.Module:
     )
     if not lora_modules(model):
         raise UserError(f"--lora-keys (lora_keys): {cfg.lora_keys} matched no layer of the model")
-    refuse_embedding_lora(model, "lora_keys")
+    refuse_embedding_lora(model, "--lora-keys (lora_keys)")
     return model
 
 

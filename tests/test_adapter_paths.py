@@ -65,7 +65,9 @@ def test_lora_on_embeddings_is_refused_before_training(tiny_llama, tmp_path):
     data = _data(tmp_path / "data")
     cfg = _cfg(str(tiny_llama), str(data), str(tmp_path / "run"),
                lora_keys=["self_attn.q_proj", "model.embed_tokens"])  # fmt: skip
-    with pytest.raises(UserError, match=r"^lora_keys: 'model\.embed_tokens' is an embedding"):
+    with pytest.raises(
+        UserError, match=r"^--lora-keys \(lora_keys\): 'model\.embed_tokens' is an embedding"
+    ):
         train(cfg, log=lambda *_: None)
     assert not (tmp_path / "run" / "adapters.safetensors").exists()
 
