@@ -37,6 +37,8 @@ the first step; TRL's includes its precompute), ref_pass_s, loop_s, tail_s (afte
 step: saving, plots), epoch1_s, warm_step_median_s (steps with the reference cached; end of
 step to end of step, everything included), step_time_median_s (each trainer's own step span),
 peak_rss_mb (ru_maxrss of the child, from wait4), cpu_s and cores_used; and a last line with
+one "efficiency" line per trainer (model FLOPs of a mean warm step over its median time,
+as a share of its framework's best matmul rate: see warm_step_flops); and a last line with
 the mlx/trl ratios and issue 15's floors (wall < 1, warm step <= 1, peak RSS <= 0.6).
 """
 
@@ -173,6 +175,8 @@ def summarize_trl(proc: dict, rec: dict, per_epoch: int, precompute: bool) -> di
     intervals = [steps[0][1] - loop_start] + [b[1] - a[1] for a, b in zip(steps, steps[1:])]
     spans = [e - b for b, e in steps]
     ref_pass = rec["precompute_s"] if precompute else rec["ref_in_steps_s"]
+    if not precompute and not rec["ref_in_steps_calls"]:
+        ref_pass = None  # the in-step timer never fired: no figure rather than a false 0
     # With precompute every step has the reference cached; the first one also pays warm-up.
     warm = list(range(1, len(steps))) if precompute and len(steps) > 1 else []
     out = {
@@ -206,6 +210,30 @@ def _common(proc: dict, loop_start: float, loop_end: float, n_steps: int) -> dic
         "cpu_s": r3(proc["cpu_s"]),
         "cores_used": r3(proc["cpu_s"] / proc["wall_s"]),
     }
+
+
+def warm_step_flops(ids_path: Path, per_epoch: int, rank: int = 8) -> float:
+    """Model FLOPs of a mean warm step (bench/throughput.py's count, from the config): per
+    token of length-L rows, forward 2 x (base + LoRA matmul weights) + causal attention
+    4 x (L+1)/2 x layers x heads x head_dim; the LoRA backward 2 x base + 4 x LoRA + twice the
+    attention; a warm step = forward + backward of the main rows + the KL forward (taken at
+    the main rows' lengths: the same tokens in all, paired differently by the two trainers)."""
+    from fixture import BENCH_SHAPE as S
+
+    h, layers, inter = S["hidden_size"], S["num_hidden_layers"], S["intermediate_size"]
+    hd = h // S["num_attention_heads"]
+    kv = S["num_key_value_heads"] * hd
+    base = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + S["vocab_size"] * h
+    lora = layers * rank * (2 * (h + h) + 2 * (h + kv))  # q, o: h -> h; k, v: h -> kv
+    width = layers * S["num_attention_heads"] * hd
+    total = 0.0
+    for row in json.loads(ids_path.read_text()):
+        L = len(row["prompt_ids"]) + len(row["completion_ids"])
+        attn = 2 * 2 * (L + 1) / 2 * width
+        fwd = L * (2 * (base + lora) + attn)
+        bwd = L * (2 * base + 4 * lora + 2 * attn)
+        total += 2 * fwd + bwd
+    return total / per_epoch
 
 
 def ratio(a, b):
@@ -414,6 +442,23 @@ def main(argv: list[str] | None = None) -> None:
             emit({"h2h": "run", "trainer": name, **results[name]}, sink)
 
     after = matmul("after")
+    flops = warm_step_flops(ids, per_epoch)
+    for name, res in results.items():
+        framework = "mlx" if name == "mlx" else "torch"
+        best = max(r[framework]["gflops"] for r in (before, after) if framework in r)
+        step = res.get("warm_step_median_s")
+        rate = flops / step / 1e9 if step else None
+        emit(
+            {
+                "h2h": "efficiency",
+                "trainer": name,
+                "warm_step_gflop": r3(flops / 1e9),
+                "warm_step_gflops": r3(rate),
+                "matmul_gflops": r3(best),
+                "share_of_matmul_rate": r3(rate / best) if rate else None,
+            },
+            sink,
+        )
     if "mlx" in results and "trl" in results:
         m, t = results["mlx"], results["trl"]
         ratios = {

@@ -5,7 +5,7 @@
            each step) and ru_maxrss; h2h.py reads the per-step figures from metrics.jsonl.
     logits --model DIR --ids token_ids.json --out logits.json: the model's logits (as
            mlx_lm.load builds it) on the first row's first tokens.
-    matmul --out matmul.json: the best-of-3 2048^3 fp32 matmul rate (MLX + the BLAS
+    matmul --out matmul.json: the best-of-5 2048^3 fp32 matmul rate (MLX + the BLAS
            mlx_kto loads).
 
 The timestamp hook wraps MetricsLog.write only; the training itself is untouched.
@@ -36,7 +36,7 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def matmul_rate(n: int = 2048, reps: int = 3) -> dict:
+def matmul_rate(n: int = 2048, reps: int = 5) -> dict:
     import mlx.core as mx
 
     a = mx.random.normal((n, n))  # [n, n]

@@ -8,18 +8,20 @@ project's: it imports neither mlx nor mlx_kto. Three modes, each writing one JSO
             KTOTrainer on the text rows (TRL tokenizes them itself); asserts that the dataset
             TRL prepared holds exactly the fixture's token ids; records phase timestamps,
             per-step begin/end times (a TrainerCallback), the reference pass (TRL's own
-            `_precompute_ref_logps`, or every in-step `compute_ref_log_probs` without
-            precompute) and ru_maxrss at each phase.
+            `_precompute_ref_logps`, or the in-step reference forwards without precompute)
+            and ru_maxrss at each phase.
     logits  --model DIR --ids token_ids.json --out logits.json: HF LlamaForCausalLM's
             logits on the first row's first tokens (h2h.py compares them with MLX's).
-    matmul  --out matmul.json: the best-of-3 2048^3 fp32 torch matmul rate.
+    matmul  --out matmul.json: the best-of-5 2048^3 fp32 torch matmul rate.
 
-The measurement subclass only wraps two methods with timers; it changes no computation.
+The timers wrap `_precompute_ref_logps` (a subclass) and the `use_adapter` block that holds
+the in-step reference forwards; they change no computation.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -47,7 +49,7 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def matmul_rate(n: int = 2048, reps: int = 3) -> dict:
+def matmul_rate(n: int = 2048, reps: int = 5) -> dict:
     import torch
 
     a = torch.randn(n, n)  # [n, n]
@@ -97,8 +99,28 @@ def train(args) -> dict:
     timers = {"precompute_s": 0.0, "ref_in_steps_s": 0.0, "ref_in_steps_calls": 0}
     in_precompute = [False]
 
+    # Without precompute, the reference forwards of a step run inside `use_adapter(...)` (the
+    # adapter switched off) in KTOTrainer._compute_loss: time that block, outside precompute.
+    import trl.trainer.kto_trainer as kto_module
+
+    use_adapter = getattr(kto_module, "use_adapter", None)
+
+    @contextlib.contextmanager
+    def timed_use_adapter(*a, **kw):
+        t0 = time.perf_counter()
+        with use_adapter(*a, **kw) as ctx:
+            yield ctx
+        if not in_precompute[0]:
+            timers["ref_in_steps_s"] += time.perf_counter() - t0
+            timers["ref_in_steps_calls"] += 1
+
+    if use_adapter is not None:
+        kto_module.use_adapter = timed_use_adapter
+    else:
+        timers["ref_in_steps_s"] = None  # this TRL has no such block to time
+
     class TimedKTOTrainer(KTOTrainer):
-        """KTOTrainer with timers around the reference pass (nothing else changed)."""
+        """KTOTrainer with a timer around the reference precompute (nothing else changed)."""
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             t0 = time.perf_counter()
@@ -108,14 +130,6 @@ def train(args) -> dict:
             finally:
                 in_precompute[0] = False
             timers["precompute_s"] += time.perf_counter() - t0
-            return out
-
-        def compute_ref_log_probs(self, model, inputs):
-            t0 = time.perf_counter()
-            out = super().compute_ref_log_probs(model, inputs)
-            if not in_precompute[0]:  # in-step (no precompute); the precompute is timed above
-                timers["ref_in_steps_s"] += time.perf_counter() - t0
-                timers["ref_in_steps_calls"] += 1
             return out
 
     steps: list[list[float]] = []  # [begin, end] wall times per optimizer step
