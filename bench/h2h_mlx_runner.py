@@ -1,0 +1,115 @@
+"""The mlx-kto side of bench/h2h.py, one process in the project's venv. Three modes:
+
+    train  --out run.json -- ARGS...   `python -m mlx_kto.train ARGS...` in this process (the
+           same entry point), plus the wall time of each metrics.jsonl write (the end of
+           each step) and ru_maxrss; h2h.py reads the per-step figures from metrics.jsonl.
+    logits --model DIR --ids token_ids.json --out logits.json: the model's logits (as
+           mlx_lm.load builds it) on the first row's first tokens.
+    matmul --out matmul.json: the best-of-5 2048^3 fp32 matmul rate (MLX + the BLAS
+           mlx_kto loads).
+
+The timestamp hook wraps MetricsLog.write only; the training itself is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+T_START = time.time()
+
+import mlx_kto  # noqa: E402  (OpenBLAS before mlx.core)
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> dict:
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))  # [n, n]
+    b = mx.random.normal((n, n))  # [n, n]
+    mx.eval(a, b, a @ b)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t0)
+    return {
+        "gflops": 2 * n**3 / min(times) / 1e9,
+        "blas": mlx_kto._blas.loaded,
+        "mlx": mx.__version__,
+    }
+
+
+def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    ids = json.loads(Path(ids_path).read_text())[0]
+    tokens = (ids["prompt_ids"] + ids["completion_ids"])[:n_tokens]
+    model, _ = load_model(Path(model_dir))
+    logits = model(mx.array([tokens]))[0].astype(mx.float32)  # [T, vocab]
+    return {"class": type(model).__module__, "tokens": tokens, "logits": logits.tolist()}
+
+
+def train(train_args: list[str]) -> dict:
+    import mlx_kto.train as mlx_train
+    from mlx_kto import trainer
+
+    rec: dict = {"t_start": T_START, "t_imported": time.time()}
+    stamps: list[float] = []
+    write = trainer.MetricsLog.write
+
+    def stamped_write(self, record):
+        stamps.append(time.time())
+        write(self, record)
+
+    trainer.MetricsLog.write = stamped_write
+    code = 0
+    try:
+        mlx_train.main(train_args)
+    except SystemExit as e:  # the CLI exits on a user error
+        code = e.code if isinstance(e.code, int) else 1
+    rec.update(step_end_times=stamps, exit_code=code, rss_end_mb=maxrss_mb(), t_end=time.time())
+    return rec
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    train_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["train", "logits", "matmul"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model")
+    p.add_argument("--ids")
+    p.add_argument("--logit-tokens", type=int, default=8)
+    args = p.parse_args(argv)
+    if args.mode == "matmul":
+        out = matmul_rate()
+    elif args.mode == "logits":
+        out = first_row_logits(args.model, args.ids, args.logit_tokens)
+    else:
+        out = train(train_args)
+    write_json(args.out, out)
+    if out.get("exit_code"):
+        sys.exit(out["exit_code"])
+
+
+if __name__ == "__main__":
+    main()
