@@ -325,10 +325,12 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=No
     atomic_write_with(path, write, suffix=".safetensors")
 
 
-def model_reference(model: str) -> str:
+def model_reference(model: str | None) -> str | None:
     """How adapter_config.json names the base: a local path made absolute (a relative
     one breaks fuse/to-peft run from another folder and would land in PEFT's
     base_model_name_or_path), a hub id as typed."""
+    if not model:  # a model handed to the Python API, loaded from who knows where
+        return model
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
 
