@@ -100,7 +100,7 @@ def train_command(config_file, **flags):
 
 
 @cli.command("eval")
-@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf file or hub id.")
 @click.option("--adapter-path", required=True, help="Adapter folder to score.")
 @click.option(
     "--data", required=True, help="Feedback file or folder (uses valid.jsonl if present)."
@@ -127,7 +127,7 @@ def eval_command(model, adapter_path, data, split, batch_size, max_length, beta,
 
 
 @cli.command("generate")
-@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf file or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--chat/--no-chat", default=True, help="Apply the chat template if there is one.")
@@ -145,7 +145,12 @@ def generate_command(model, adapter_path, prompt, chat, max_tokens, temp, seed):
     path = resolve_model_path(model)
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"adapter-path: {adapter_path} has no adapters.safetensors")
-    m, tok = load(str(path), adapter_path=adapter_path)
+    if path.suffix.lower() == ".gguf":
+        from mlx_kto.model import load_gguf_for_inference
+
+        m, tok = load_gguf_for_inference(path, adapter_path)
+    else:
+        m, tok = load(str(path), adapter_path=adapter_path)
     if chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
@@ -180,7 +185,13 @@ def data_check(path, model, max_length):
 
             from mlx_lm.utils import load_tokenizer
 
-            tok = load_tokenizer(resolve_model_path(model))
+            mpath = resolve_model_path(model)
+            if mpath.suffix.lower() == ".gguf":
+                from mlx_kto.convert.gguf_base import load_gguf_tokenizer
+
+                tok = load_gguf_tokenizer(mpath)
+            else:
+                tok = load_tokenizer(mpath)
             rows, st = tokenize_examples(examples, tok, max_length)
             if not rows:
                 click.echo(f"  tokens: no usable rows ({'; '.join(st.lines())})")

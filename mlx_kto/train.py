@@ -123,7 +123,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     run_dir = Path(cfg.adapter_path)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer, model_path, _ = load_base(cfg)
+    model, tokenizer, model_path, _ = load_base(cfg, log)
     frozen = None
     if cfg.init_adapter:
         init_conf = load_init_adapter(model, cfg.init_adapter)

@@ -1,8 +1,9 @@
 """GGUF base models (llama.cpp / Ollama / LM Studio files) as mlx-lm models.
 
 What comes from where:
-- config and tokenizer: transformers' own GGUF reader (`from_pretrained(dir, gguf_file=...)`),
-  which turns the GGUF metadata into a config and a fast tokenizer with its chat template;
+- config: the GGUF metadata (`{arch}.block_count`, ...), read with gguf-py;
+- tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
+  turns the GGUF vocabulary into a fast tokenizer with its chat template;
 - weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
   MLX affine quantization with group size 32 (`w = scale * q + bias`: Q4_1 is exactly that,
   Q4_0 is `d * (q - 8)` so bias = -8 d, Q8_0 is `d * q` with signed q so bias = -128 d).
@@ -39,12 +40,7 @@ NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # kept quantized, group size 32
 GROUP = 32
 # Bumped when the GGUF -> MLX mapping changes: part of the reference fingerprint.
 MAPPING_VERSION = "mlx_kto.gguf/1"
-# Config keys worth keeping in an mlx-lm config.json (transformers adds many generic ones).
-_CONFIG_KEYS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings",
-    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-)  # fmt: skip
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -95,8 +91,9 @@ def _field(reader, key: str, default=None):
 
 
 def read_config(path: Path, reader=None) -> dict:
-    """mlx-lm config.json for a GGUF file: transformers' GGUF config, normalised for mlx-lm
-    (rope_theta out of transformers 5's rope_parameters, ties decided by the tensors)."""
+    """mlx-lm config.json from a GGUF file's metadata: the `{arch}.*` hyperparameters
+    llama.cpp's converter writes, mapped to the Hugging Face keys (as transformers'
+    GGUF_CONFIG_MAPPING does; the tests check both agree), ties decided by the tensors."""
     reader = reader or _reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHES:
@@ -108,30 +105,43 @@ def read_config(path: Path, reader=None) -> dict:
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise UserError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not mapped to mlx-lm")
-    from transformers import AutoConfig
 
-    try:
-        hf = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-    except Exception as e:
-        raise UserError(f"{path}: transformers cannot read its GGUF config ({e})") from None
-    config = {k: hf[k] for k in _CONFIG_KEYS if hf.get(k) is not None}
-    model_type, _ = ARCHES[arch]
-    config["model_type"] = model_type
-    rope = hf.get("rope_parameters") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta"))
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{path}: rope type {rope['rope_type']!r} is not mapped to mlx-lm")
-    freq_base = _field(reader, f"{arch}.rope.freq_base")
-    config["rope_theta"] = float(theta if theta is not None else (freq_base or 10000.0))
-    names = {t.name for t in reader.tensors}
-    config["tie_word_embeddings"] = "output.weight" not in names
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    config["vocab_size"] = int(embd.shape[1])  # ggml ne = [n_embd, n_vocab]
-    config["architectures"] = [
-        {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
-            model_type
-        ]
-    ]
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise UserError(f"{path}: GGUF metadata has no {arch}.{key}")
+        return v
+
+    model_type = ARCHES[arch][0]
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: no token_embd.weight tensor")
+    n_head = int(need("attention.head_count"))
+    config = {
+        "model_type": model_type,
+        "architectures": [_HF_CLASS[model_type]],
+        "hidden_size": int(need("embedding_length")),
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml ne = [n_embd, n_vocab]
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if (ctx := _field(reader, f"{arch}.context_length")) is not None:
+        config["max_position_embeddings"] = int(ctx)
+    if (head_dim := _field(reader, f"{arch}.attention.key_length")) is not None:
+        config["head_dim"] = int(head_dim)
+    else:
+        config["head_dim"] = config["hidden_size"] // n_head
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    for key in ("bos", "eos", "pad"):
+        if (tid := _field(reader, f"tokenizer.ggml.{key}_token_id")) is not None:
+            config[f"{key}_token_id"] = int(tid)
     return config
 
 
@@ -316,6 +326,15 @@ def save_tokenizer(path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file."""
+    from mlx_lm.utils import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mlx_kto_gguf_tok_") as tmp:
+        save_tokenizer(Path(path), Path(tmp))
+        return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
+
+
 def load_gguf(
     path: str | Path,
     quantize: int | None = None,
@@ -325,8 +344,6 @@ def load_gguf(
 ):
     """(model, tokenizer, config) for a GGUF file, the way mlx-lm loads a folder; logs
     what happened to each GGML type once. `quantize`: re-quantize dequantized layers."""
-    from mlx_lm.utils import load_tokenizer
-
     base = read_gguf(path, float_dtype)
     model = build_model(base)
     for line in base.report():
@@ -334,9 +351,7 @@ def load_gguf(
     if quantize:
         done = requantize(model, base, quantize, q_group_size)
         log(f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
-    with tempfile.TemporaryDirectory(prefix="mlx_kto_gguf_tok_") as tmp:
-        save_tokenizer(base.path, Path(tmp))
-        tokenizer = load_tokenizer(Path(tmp), eos_token_ids=base.config.get("eos_token_id"))
+    tokenizer = load_gguf_tokenizer(base.path, base.config.get("eos_token_id"))
     mx.eval(model.parameters())
     return model, tokenizer, base.config
 
