@@ -326,13 +326,45 @@ def save_tokenizer(path: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def _tokenizer_cache(path: Path) -> Path:
+    """Cache folder of a GGUF file's converted tokenizer, keyed like the fingerprint's file
+    memo by (real path, size, mtime_ns) plus the transformers version that converted it."""
+    import hashlib
+    import os
+
+    from mlx_kto.refcache import default_cache_dir
+
+    import transformers
+
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{MAPPING_VERSION}"
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return default_cache_dir() / "gguf_tokenizers" / digest
+
+
 def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
-    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file."""
+    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file. The converted
+    tokenizer files are cached (converting re-parses the whole vocabulary: seconds)."""
+    import os
+    import shutil
+
     from mlx_lm.utils import load_tokenizer
 
-    with tempfile.TemporaryDirectory(prefix="mlx_kto_gguf_tok_") as tmp:
-        save_tokenizer(Path(path), Path(tmp))
-        return load_tokenizer(Path(tmp), eos_token_ids=eos_token_ids)
+    path = Path(path)
+    folder = _tokenizer_cache(path)
+    if not (folder / "tokenizer_config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        try:
+            save_tokenizer(path, tmp)
+            try:
+                os.replace(tmp, folder)  # atomic: a reader never sees half the files
+            except OSError:  # another process got there first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(folder, eos_token_ids=eos_token_ids)
 
 
 def load_gguf(
