@@ -106,7 +106,7 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @click.argument("out", type=click.Path())
 @click.option(
     "--base", required=True,
-    help="Hugging Face base model (folder or cached id) the GGUF base was made from.",
+    help="The base .gguf file, or the Hugging Face model (folder or cached id) it was made from.",
 )  # fmt: skip
 @click.option(
     "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,

@@ -168,6 +168,30 @@ def name_map(config: dict, arch: str, model: nn.Module) -> dict[str, str]:
     return out
 
 
+def describe(path: str | Path):
+    """(BaseModel, GGUF 2-D tensor name -> ggml ne, architecture, q/k permuted) of a GGUF
+    base, for converters that check an adapter against it (no weights are read)."""
+    from mlx_kto.convert.base import BaseModel, _kind
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--base {path}: no such GGUF file")
+    reader = _reader(path)
+    config = read_config(path, reader)
+    model = _lazy_model(config)
+    info = BaseModel(
+        ref=str(path),
+        path=path,
+        config=config,
+        shapes={k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
+        kinds={name: _kind(m) for name, m in model.named_modules() if name},
+        n_layers=len(model.layers),
+    )
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
+    arch = _field(reader, "general.architecture")
+    return info, tensors, arch, ARCHES[arch][1]
+
+
 def _unpermute(x, n_head: int):
     """ggml interleaved-rope rows -> HF rotate-half rows (inverse of llama.cpp's permute);
     a row permutation, so it applies to packed weights, scales and biases alike."""
