@@ -65,6 +65,7 @@ def load_base(cfg: KTOConfig, log=None):
         cfg_dtype_from_device(cfg, model, log)
         if cfg.dtype:
             model.update(_cast_tree(model.parameters(), getattr(mx, cfg.dtype)))
+        _blas_for_quantized(model, log)
         mx.eval(model.parameters())
         return model, tokenizer, path, config
     try:
@@ -80,6 +81,7 @@ def load_base(cfg: KTOConfig, log=None):
         if "quantization" in config:
             raise UserError(f"quantize: {cfg.model} is already quantized")
         model, config = quantize_model(model, config, cfg.q_group_size, cfg.quantize)
+    _blas_for_quantized(model, log)
     mx.eval(model.parameters())
     return model, tokenizer, path, config
 
@@ -110,10 +112,19 @@ def load_gguf_for_inference(path: Path, adapter_path: str | None = None, log=Non
     cfg_dtype_from_device(cfg, model, log)
     if cfg.dtype:
         model.update(_cast_tree(model.parameters(), getattr(mx, cfg.dtype)))
+    _blas_for_quantized(model, log)
     if adapter_path:
         model = load_adapters(model, str(adapter_path))
     model.eval()
     return model, tokenizer
+
+
+def _blas_for_quantized(model: nn.Module, log) -> None:
+    from mlx_kto.qmatmul import use_blas_for_quantized
+
+    if n := use_blas_for_quantized(model):
+        log(f"CPU device: {n} quantized layers multiply through BLAS (dequantized per call; "
+            "MLX's CPU quantized kernel is ~8x slower; MLX_KTO_CPU_QMM=1 keeps it)")  # fmt: skip
 
 
 def _cast_tree(tree, dtype):

@@ -72,7 +72,42 @@ class GGUFBase:
         return lines
 
 
-def _reader(path: Path):
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # ggml ne: [cols, rows]
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray  # [rows, cols] for F32/F16, else raw bytes [rows, row bytes]
+
+
+@dataclass
+class _Header:
+    fields: dict  # scalar and string KVs (arrays are skipped: the tokenizer reads those)
+    tensors: list[_Tensor]
+
+
+# GGUF value type -> struct format of a scalar (8 = string, 9 = array).
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+
+
+def _reader(path: Path) -> _Header:
+    """The GGUF header (scalar KVs, tensor infos) and memory-mapped tensor data. gguf-py's
+    GGUFReader also parses every vocabulary string into numpy views, seconds per file; the
+    vocabulary is read once by transformers for the tokenizer, so this reader skips it."""
+    import struct
+
     try:
         import gguf
     except ImportError:
@@ -80,14 +115,72 @@ def _reader(path: Path):
             "GGUF models need the gguf package: pip install 'mlx-kto[convert]'"
         ) from None
     try:
-        return gguf.GGUFReader(str(path))
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        mv = memoryview(buf)
+        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", mv, 0)
+        if magic != 0x46554747 or version < 2:
+            raise ValueError("no GGUF v2/v3 magic")
+        pos = 24
+
+        def read(fmt):
+            nonlocal pos
+            v = struct.unpack_from("<" + fmt, mv, pos)[0]
+            pos += struct.calcsize("<" + fmt)
+            return v
+
+        def string():
+            nonlocal pos
+            n = read("Q")
+            pos += n
+            return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
+
+        def value(typ, keep=True):
+            nonlocal pos
+            if typ in _SCALARS:
+                return read(_SCALARS[typ])
+            if typ == 8:
+                return string()
+            if typ == 9:
+                sub, n = read("I"), read("Q")
+                if sub in _SCALARS:  # fixed size: skip in one step
+                    pos += n * struct.calcsize("<" + _SCALARS[sub])
+                else:
+                    for _ in range(n):
+                        value(sub, keep=False)
+                return None
+            raise ValueError(f"unknown GGUF value type {typ}")
+
+        fields = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(read("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            ne = tuple(read("Q") for _ in range(read("I")))
+            infos.append((name, ne, gguf.GGMLQuantizationType(read("I")), read("Q")))
+        align = int(fields.get("general.alignment") or 32)
+        start = (pos + align - 1) // align * align
+        tensors = []
+        for name, ne, typ, offset in infos:
+            block, size = gguf.GGML_QUANT_SIZES[typ]
+            rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+            row_bytes = ne[0] // block * size
+            raw = buf[start + offset : start + offset + rows * row_bytes]
+            if typ.name in ("F32", "F16"):
+                data = raw.view(np.float32 if typ.name == "F32" else np.float16)
+                data = data.reshape(tuple(reversed(ne)))
+            else:
+                data = raw.reshape(rows, row_bytes)
+            tensors.append(_Tensor(name, ne, typ, data))
     except Exception as e:  # truncated / not GGUF: one line naming the file
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    return _Header(fields, tensors)
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: _Header, key: str, default=None):
+    v = reader.fields.get(key)
+    return default if v is None else v
 
 
 def read_config(path: Path, reader=None) -> dict:
@@ -139,8 +232,8 @@ def read_config(path: Path, reader=None) -> dict:
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
-    for key in ("bos", "eos", "pad"):
-        if (tid := _field(reader, f"tokenizer.ggml.{key}_token_id")) is not None:
+    for key, gkey in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        if (tid := _field(reader, f"tokenizer.ggml.{gkey}_token_id")) is not None:
             config[f"{key}_token_id"] = int(tid)
     return config
 
