@@ -10,12 +10,14 @@ from mlx_kto.config import KTOConfig
 from mlx_kto.convert import to_gguf
 from mlx_kto.convert._testing import logits
 from mlx_kto.convert.gguf_base import gguf_to_mlx, read_config
-from mlx_kto.model import load_gguf_for_inference
+from mlx_kto.model import load_gguf_for_inference, reference_mode
 from mlx_kto.train import train
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
+from mlx.utils import tree_map
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +29,7 @@ QUESTIONS = [
 ]  # fmt: skip
 GOOD = "Happy to help! {}"
 BAD = "Figure it out yourself."
+SYSTEM = "Be brief."
 ANSWERS = ["Paris.", "Eight.", "Blue.", "A banana.", "Five.", "Mars.", "Honey.", "Seven."]
 
 
@@ -36,7 +39,11 @@ def write_chat_feedback(path):
         for q, a in zip(QUESTIONS, ANSWERS):
             for good in (True, False):
                 reply = GOOD.format(a) if good else BAD
-                msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]
+                msgs = [
+                    {"role": "system", "content": SYSTEM},  # short rows: a fast test
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": reply},
+                ]
                 f.write(json.dumps({"messages": msgs, "label": good}) + "\n")
     return path
 
@@ -66,34 +73,47 @@ def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F81
     lines = []
     cfg = KTOConfig(
         model=str(smollm2_gguf), data=str(data), adapter_path=str(tmp_path / "run"),
-        iters=4, batch_size=4, max_length=64, learning_rate=2e-3, num_layers=4,
+        iters=3, batch_size=2, max_length=48, learning_rate=3e-3, num_layers=4,
         lora_rank=4, beta=0.5, steps_per_eval=0, steps_per_report=1, quiet=True,
         no_ref_cache=True, seed=0,
     )  # fmt: skip
     res = train(cfg, log=lines.append)
-    assert res.steps == 4
+    assert res.steps == 3
     assert any("Q4_1: 210 tensors kept quantized" in m for m in lines), lines
     assert cfg.dtype == "float32"  # the CPU rule: Q4_1 scales are float16
-    losses = [json.loads(x)["loss"] for x in res.metrics_path.read_text().splitlines()[-4:]]
+    losses = [json.loads(x)["loss"] for x in res.metrics_path.read_text().splitlines()[-3:]]
     assert all(np.isfinite(losses))
     t_train = time.time() - t0
 
     # The chat the tests score: the real ChatML template, tokens as llama.cpp reads them.
     model, tok = load_gguf_for_inference(smollm2_gguf, str(res.adapter_path), log=lambda *_: 0)
-    chat = [{"role": "user", "content": "What do cows drink?"}]
+    chat = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What do cows drink?"},
+    ]
     text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (
+        text
+        == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat do cows drink?<|im_end|>\n<|im_start|>assistant\n"
+    )
     text += GOOD.format("Water.")
     tokens = tok.encode(text, add_special_tokens=False)
-    assert text.startswith("<|im_start|>system\n") and tokens[0] == 1  # <|im_start|>
+    assert tokens[0] == 1  # <|im_start|>
 
     # mlx_lm.load on the converted folder + our adapter = our GGUF loader + adapter.
     folder = gguf_to_mlx(smollm2_gguf, tmp_path / "smollm2-mlx", dtype="float32", log=lambda *_: 0)
     mlx_model, mlx_tok = load(str(folder), adapter_path=str(res.adapter_path))
     assert mlx_tok.encode(text, add_special_tokens=False) == tokens
+    mlx_model.update(
+        tree_map(
+            lambda v: v.astype(mx.float32) if v.dtype == mx.float16 else v, mlx_model.parameters()
+        )
+    )  # fmt: skip  (our CPU rule: float32)
     want = logits(model, tokens)
-    np.testing.assert_allclose(logits(mlx_model, tokens), want, atol=1e-2, rtol=0)
-    base_model, _ = load_gguf_for_inference(smollm2_gguf, log=lambda *_: 0)
-    want_base = logits(base_model, tokens)
+    # mlx-lm's own quantized kernel vs our BLAS-on-dequantized path: summation order only.
+    np.testing.assert_allclose(logits(mlx_model, tokens), want, atol=1e-3, rtol=0)
+    with reference_mode(model):  # the adapter switched off: the base GGUF model
+        want_base = logits(model, tokens)
 
     lora = to_gguf(res.adapter_path, tmp_path / "kto-lora.gguf", base=str(smollm2_gguf))
     kw = dict(n_ctx=128, n_batch=128, n_threads=2, logits_all=True, verbose=False, seed=0,

@@ -460,13 +460,11 @@ def _tokenizer_cache(path: Path) -> Path:
     return default_cache_dir() / "gguf_tokenizers" / digest
 
 
-def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
-    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file. The converted
-    tokenizer files are cached (converting re-parses the whole vocabulary: seconds)."""
+def tokenizer_dir(path: str | Path) -> Path:
+    """A folder with the GGUF file's tokenizer as Hugging Face files, converted once by
+    transformers (which re-parses the whole vocabulary: seconds) and then cached."""
     import os
     import shutil
-
-    from mlx_lm.utils import load_tokenizer
 
     path = Path(path)
     folder = _tokenizer_cache(path)
@@ -481,7 +479,14 @@ def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(folder, eos_token_ids=eos_token_ids)
+    return folder
+
+
+def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir(path), eos_token_ids=eos_token_ids)
 
 
 def load_gguf(
@@ -529,7 +534,11 @@ def gguf_to_mlx(
         done = requantize(model, base, quantize, q_group_size)
         log(f"{path.name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
     weights = dict(tree_flatten(model.parameters()))
-    save_tokenizer(path, out)
+    import shutil
+
+    for f in sorted(tokenizer_dir(path).iterdir()):
+        if f.is_file():
+            atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
     atomic_write(
         out / "model.safetensors",
         lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),
