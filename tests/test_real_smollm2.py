@@ -145,3 +145,32 @@ def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F81
     assert reply_logp(want) > reply_logp(want_base)
     assert reply_logp(got) > reply_logp(got_base)
     print(f"train {t_train:.0f}s, total {time.time() - t0:.0f}s, effect corr {corr:.4f}")
+
+
+def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, tmp_path):  # noqa: F811
+    """MLX on the Q4_1/Q8_0 file = llama.cpp on its own float32 dequantization of the same
+    file (llama_model_quantize to ALL_F32) to 1e-3 (measured 1.2e-4): the quantized layers
+    hold llama.cpp's exact values, names/config/q-k order are right. llama.cpp's Q4_1
+    kernels themselves differ more (8-bit activations), see the test above."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
+    )
+    f32 = tmp_path / "smollm2-f32.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = 0, True, 2  # LLAMA_FTYPE_ALL_F32
+    rc = llama_cpp.llama_model_quantize(
+        str(smollm2_gguf).encode(), str(f32).encode(), ctypes.byref(params)
+    )
+    assert rc == 0
+    model, tok = load_gguf_for_inference(smollm2_gguf, log=lambda *_: 0)
+    chat = [{"role": "user", "content": "Why is the sea salty?"},
+            {"role": "assistant", "content": "Rivers carry dissolved minerals into it."}]  # fmt: skip
+    tokens = tok.encode(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)
+    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=128, n_batch=128, n_threads=2,
+                          logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)  # fmt: skip
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    np.testing.assert_allclose(got, logits(model, tokens), atol=1e-3, rtol=0)
