@@ -208,3 +208,28 @@ def test_gguf_to_mlx_folder_loads_in_mlx_lm(tiny_llama, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_cli_generate_and_data_check_take_a_gguf(tiny_llama, tmp_path):
+    """`generate --model FILE.gguf` prints what the HF folder it was made from prints;
+    `data check --model FILE.gguf` tokenizes with the GGUF's tokenizer."""
+    from mlx_kto.cli import cli
+
+    from click.testing import CliRunner
+
+    path = write_toy_gguf(tiny_llama, tmp_path / "m.gguf")
+    runner = CliRunner()
+    args = ["generate", "--model", str(path), "--prompt", "What color is the sky?",
+            "--max-tokens", "8"]  # fmt: skip
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    ref = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", *args[:2], str(tiny_llama), *args[3:]],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.stdout.strip() == ref.stdout.strip()  # the GGUF is the same model
+    data = tmp_path / "d.jsonl"
+    row = {"prompt": "What color is the sky?", "completion": " It is blue.", "label": True}
+    data.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": False}) + "\n")
+    r = runner.invoke(cli, ["data", "check", str(data), "--model", str(path)])
+    assert r.exit_code == 0 and "tokens: median" in r.output, r.output
