@@ -117,7 +117,8 @@ def test_types_mlx_cannot_read_are_dequantized(tmp_path):
 
     base = build_model(tmp_path / "wide", hidden_size=256, intermediate_size=512,
                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    types = {"*": "Q4_1", "ffn_down.weight": "Q5_0", "ffn_up.weight": "Q6_K"}
+    types = {"*": "Q4_1", "ffn_down.weight": "Q5_0", "ffn_up.weight": "Q6_K",
+             "attn_output.weight": "BF16"}  # fmt: skip
     path = write_toy_gguf(base, tmp_path / "k.gguf", types)
     with pytest.raises(RuntimeError, match="load_gguf"):  # MLX's loader cannot read this file
         mx.load(str(path))
@@ -128,6 +129,7 @@ def test_types_mlx_cannot_read_are_dequantized(tmp_path):
     mlp = model.model.layers[1].mlp
     assert type(mlp.gate_proj).__name__ == "QuantizedLinear"
     assert type(mlp.up_proj).__name__ == "Linear" and mlp.up_proj.weight.dtype == mx.float32
+    assert model.model.layers[0].self_attn.o_proj.weight.dtype == mx.bfloat16  # as stored
     ref = dequantized_reference(path, base)
     np.testing.assert_array_equal(
         np.array(mlp.up_proj.weight), np.array(ref.model.layers[1].mlp.up_proj.weight)

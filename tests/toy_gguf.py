@@ -1,6 +1,6 @@
 """Write a GGUF base model of a toy Hugging Face folder, laid out like llama.cpp's
 convert_hf_to_gguf.py (llama.cpp tensor names, Llama q/k rows permuted, BPE "gpt2" vocab),
-with a chosen GGML type per tensor: F32/F16/BF16 and Q4_0/Q4_1/Q5_0/Q8_0 are quantized by
+with a chosen GGML type per tensor: F32/F16 as floats, BF16 and Q4_0/Q4_1/Q5_0/Q8_0 made by
 gguf-py; Q6_K (which gguf-py cannot quantize) gets random blocks with a sane scale."""
 
 from __future__ import annotations
