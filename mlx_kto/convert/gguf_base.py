@@ -1,19 +1,21 @@
 """GGUF base models (llama.cpp / Ollama / LM Studio files) as mlx-lm models.
 
 What comes from where:
-- config: the GGUF metadata (`{arch}.block_count`, ...), read with gguf-py;
+- config: the GGUF metadata (`{arch}.block_count`, ...), read by `_reader` (scalar keys and
+  tensor infos only; gguf-py's GGUFReader turns all ~50k vocabulary strings into numpy
+  views first, 4-15 s per load here), with gguf-py's type tables;
 - tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
   turns the GGUF vocabulary into a fast tokenizer with its chat template;
 - weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
   MLX affine quantization with group size 32 (`w = scale * q + bias`: Q4_1 is exactly that,
   Q4_0 is `d * (q - 8)` so bias = -8 d, Q8_0 is `d * q` with signed q so bias = -128 d).
   Those layers become mlx-lm QuantizedLinear / QuantizedEmbedding with the same bits: QLoRA
-  trains on the quantized weights llama.cpp runs, bit for bit. Every other type (F16, BF16,
-  Q4_K, Q6_K, Q5_0, ...) is dequantized exactly by gguf-py (float32 on the CPU device,
-  float16 elsewhere) and can be re-quantized to MLX 4/8 bit (`requantize`).
-  Files with a type MLX's loader cannot read at all (Q5_0, Q3_K, Q5_K, ...) are read
-  entirely through gguf-py; their Q4_0 / Q4_1 / Q8_0 tensors are repacked into the same
-  MLX layout (`pack_native`, checked against `mx.load` bit for bit in the tests).
+  trains on the quantized weights llama.cpp runs, bit for bit. F32 / F16 / BF16 stay as
+  stored; every other type (Q4_K, Q6_K, Q5_0, ...) is dequantized exactly by gguf-py
+  (float32 on the CPU device, float16 elsewhere) and can be re-quantized to MLX 4/8 bit
+  (`requantize`). Files with a type MLX's loader cannot read at all (Q5_0, Q3_K, Q5_K,
+  ...) are read from the memory-mapped file instead; their Q4_0 / Q4_1 / Q8_0 tensors are
+  repacked into the same MLX layout (`pack_native`, checked against `mx.load` bit for bit).
 - tensor names: gguf-py's HF <-> GGUF name map, inverted over the mlx-lm model's parameters;
   llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone.
 Anything that cannot be mapped is refused by name: architectures, tensors (e.g. Llama 3's
