@@ -1,9 +1,8 @@
 """GGUF base models (llama.cpp / Ollama / LM Studio files) as mlx-lm models.
 
 What comes from where:
-- config: the GGUF metadata (`{arch}.block_count`, ...), read by `_reader` (scalar keys and
-  tensor infos only; gguf-py's GGUFReader turns all ~50k vocabulary strings into numpy
-  views first, 4-15 s per load here), with gguf-py's type tables;
+- config: the GGUF metadata (`{arch}.block_count`, ...), read by `gguf_reader.read_header`
+  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse);
 - tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
   turns the GGUF vocabulary into a fast tokenizer with its chat template;
 - weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
@@ -29,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_kto.convert.gguf_reader import meta, read_header
 from mlx_kto.errors import UserError
 
 import mlx.core as mx
@@ -74,135 +74,24 @@ class GGUFBase:
         return lines
 
 
-@dataclass
-class _Tensor:
-    name: str
-    shape: tuple[int, ...]  # ggml ne: [cols, rows]
-    tensor_type: object  # gguf.GGMLQuantizationType
-    data: np.ndarray  # [rows, cols] for F32/F16, else raw bytes [rows, row bytes]
-
-
-@dataclass
-class _Header:
-    fields: dict  # scalar and string KVs (arrays are skipped: the tokenizer reads those)
-    tensors: list[_Tensor]
-
-
-# GGUF value type -> struct format of a scalar (8 = string, 9 = array).
-_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-
-
-def _reader(path: Path) -> _Header:
-    """The GGUF header (scalar KVs, tensor infos) and memory-mapped tensor data. gguf-py's
-    GGUFReader also parses every vocabulary string into numpy views, seconds per file; the
-    vocabulary is read once by transformers for the tokenizer, so this reader skips it."""
-    import struct
-
-    try:
-        import gguf
-    except ImportError:
-        raise UserError(
-            "GGUF models need the gguf package: pip install 'mlx-kto[convert]'"
-        ) from None
-    try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
-        mv = memoryview(buf)
-        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", mv, 0)
-        if magic != 0x46554747 or version < 2:
-            raise ValueError("no GGUF v2/v3 magic")
-        pos = 24
-
-        def read(fmt):
-            nonlocal pos
-            v = struct.unpack_from("<" + fmt, mv, pos)[0]
-            pos += struct.calcsize("<" + fmt)
-            return v
-
-        def string():
-            nonlocal pos
-            n = read("Q")
-            pos += n
-            return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
-
-        def value(typ, keep=True):
-            nonlocal pos
-            if typ in _SCALARS:
-                return read(_SCALARS[typ])
-            if typ == 8:
-                return string()
-            if typ == 9:
-                sub, n = read("I"), read("Q")
-                if sub in _SCALARS:  # fixed size: skip in one step
-                    pos += n * struct.calcsize("<" + _SCALARS[sub])
-                else:
-                    for _ in range(n):
-                        value(sub, keep=False)
-                return None
-            raise ValueError(f"unknown GGUF value type {typ}")
-
-        fields = {}
-        for _ in range(n_kv):
-            key = string()
-            fields[key] = value(read("I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            ne = tuple(read("Q") for _ in range(read("I")))
-            infos.append((name, ne, gguf.GGMLQuantizationType(read("I")), read("Q")))
-        align = int(fields.get("general.alignment") or 32)
-        start = (pos + align - 1) // align * align
-        tensors = []
-        for name, ne, typ, offset in infos:
-            block, size = gguf.GGML_QUANT_SIZES[typ]
-            rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
-            row_bytes = ne[0] // block * size
-            raw = buf[start + offset : start + offset + rows * row_bytes]
-            if typ.name in ("F32", "F16"):
-                data = raw.view(np.float32 if typ.name == "F32" else np.float16)
-                data = data.reshape(tuple(reversed(ne)))
-            else:
-                data = raw.reshape(rows, row_bytes)
-            tensors.append(_Tensor(name, ne, typ, data))
-    except Exception as e:  # truncated / not GGUF: one line naming the file
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
-    return _Header(fields, tensors)
-
-
-def _field(reader: _Header, key: str, default=None):
-    v = reader.fields.get(key)
-    return default if v is None else v
-
-
 def read_config(path: Path, reader=None) -> dict:
     """mlx-lm config.json from a GGUF file's metadata: the `{arch}.*` hyperparameters
     llama.cpp's converter writes, mapped to the Hugging Face keys (as transformers'
     GGUF_CONFIG_MAPPING does; the tests check both agree), ties decided by the tensors."""
-    reader = reader or _reader(path)
-    arch = _field(reader, "general.architecture")
+    reader = reader or read_header(path)
+    arch = meta(reader, "general.architecture")
     if arch not in ARCHES:
         raise UserError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHES)})"
         )
-    if _field(reader, "general.type", "model") != "model":
-        raise UserError(f"{path}: general.type is {_field(reader, 'general.type')!r}, not a model")
-    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if meta(reader, "general.type", "model") != "model":
+        raise UserError(f"{path}: general.type is {meta(reader, 'general.type')!r}, not a model")
+    scaling = meta(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         raise UserError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not mapped to mlx-lm")
 
     def need(key):
-        v = _field(reader, f"{arch}.{key}")
+        v = meta(reader, f"{arch}.{key}")
         if v is None:
             raise UserError(f"{path}: GGUF metadata has no {arch}.{key}")
         return v
@@ -219,15 +108,15 @@ def read_config(path: Path, reader=None) -> dict:
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "num_key_value_heads": int(meta(reader, f"{arch}.attention.head_count_kv", n_head)),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "rope_theta": float(meta(reader, f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml ne = [n_embd, n_vocab]
         "tie_word_embeddings": "output.weight" not in tensors,
     }
-    if (ctx := _field(reader, f"{arch}.context_length")) is not None:
+    if (ctx := meta(reader, f"{arch}.context_length")) is not None:
         config["max_position_embeddings"] = int(ctx)
-    if (head_dim := _field(reader, f"{arch}.attention.key_length")) is not None:
+    if (head_dim := meta(reader, f"{arch}.attention.key_length")) is not None:
         config["head_dim"] = int(head_dim)
     else:
         config["head_dim"] = config["hidden_size"] // n_head
@@ -235,7 +124,7 @@ def read_config(path: Path, reader=None) -> dict:
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     for key, gkey in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        if (tid := _field(reader, f"tokenizer.ggml.{gkey}_token_id")) is not None:
+        if (tid := meta(reader, f"tokenizer.ggml.{gkey}_token_id")) is not None:
             config[f"{key}_token_id"] = int(tid)
     return config
 
@@ -271,7 +160,7 @@ def describe(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--base {path}: no such GGUF file")
-    reader = _reader(path)
+    reader = read_header(path)
     config = read_config(path, reader)
     model = _lazy_model(config)
     info = BaseModel(
@@ -283,7 +172,7 @@ def describe(path: str | Path):
         n_layers=len(model.layers),
     )
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
-    arch = _field(reader, "general.architecture")
+    arch = meta(reader, "general.architecture")
     return info, tensors, arch, ARCHES[arch][1]
 
 
@@ -332,9 +221,9 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
-    reader = _reader(path)
+    reader = read_header(path)
     config = read_config(path, reader)
-    arch = _field(reader, "general.architecture")
+    arch = meta(reader, "general.architecture")
     permute = ARCHES[arch][1]
     if float_dtype is None:
         float_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
