@@ -157,7 +157,7 @@ def clear_command(model, ref_cache):
 @cache.command("warm")
 @click.option("-c", "--config", "config_file", type=click.Path(), default=None,
               help="YAML config (the same file as for `mlx-kto train`).")  # fmt: skip
-@click.option("--model", default=None, help="Base model: local folder or hub id.")
+@click.option("--model", default=None, help="Base model: local folder, .gguf file or hub id.")
 @click.option("--data", default=None, help="Feedback file or folder (train + valid are warmed).")
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 @click.option("--max-length", type=int, default=None, help="As for train.")

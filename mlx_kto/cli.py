@@ -114,7 +114,9 @@ def train_command(config_file, **flags):
 
 @cli.command("eval")
 @click.option("--adapter-path", required=True, help="Adapter (run) folder to score.")
-@click.option("--model", default=None, help="Base model [default: the run's].")
+@click.option(
+    "--model", default=None, help="Base model folder, .gguf file or hub id [default: the run's]."
+)
 @click.option("--data", default=None, help="Feedback file or folder [default: the run's].")
 @click.option(
     "--split", default="valid", show_default=True,
@@ -146,7 +148,7 @@ def eval_command(adapter_path, split, **flags):
 
 
 @cli.command("generate")
-@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf file or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
 @click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads it from stdin).")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
@@ -183,7 +185,12 @@ def generate_command(
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"--adapter-path: {adapter_path} has no adapters.safetensors")
     try:
-        m, tok = load(str(path), adapter_path=adapter_path)
+        if path.suffix.lower() == ".gguf":
+            from mlx_kto.model import load_gguf_for_inference
+
+            m, tok = load_gguf_for_inference(path, adapter_path)
+        else:
+            m, tok = load(str(path), adapter_path=adapter_path)
     except RuntimeError as e:  # MLX's safetensors reader: truncated or garbage weights
         what = f"--adapter-path {adapter_path}" if "lora" in str(e) else f"--model {path}"
         raise UserError(f"{what}: unreadable weights ({e})") from None
@@ -241,7 +248,13 @@ def _load_tokenizer(model: str, chat_template: str | None = None):
 
     from mlx_lm.utils import load_tokenizer
 
-    tok = load_tokenizer(resolve_model_path(model))
+    mpath = resolve_model_path(model)
+    if mpath.suffix.lower() == ".gguf":
+        from mlx_kto.convert.gguf_base import load_gguf_tokenizer
+
+        tok = load_gguf_tokenizer(mpath)
+    else:
+        tok = load_tokenizer(mpath)
     if chat_template:
         from mlx_kto.chat_template import set_chat_template
 

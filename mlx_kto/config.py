@@ -77,7 +77,7 @@ def _f(default, help: str, **kw):
 class KTOConfig:
     # what to train
     model: str | None = _f(
-        None, "Base model: local folder or Hugging Face hub id (anything mlx-lm loads)."
+        None, "Base model: local folder, .gguf file or Hugging Face hub id (what mlx-lm loads)."
     )
     data: str | None = _f(
         None,

@@ -4,6 +4,7 @@
                           quantize bits + group size, dtype, starting adapter hash)
 
 What goes in, and why:
+- a `.gguf` base by its bytes, plus the GGUF -> MLX mapping version;
 - the base model's `config.json` and every `*.safetensors` / `*.py` file of its folder, by
   content (not by path: a moved or re-downloaded model still hits; a re-saved one with other
   weights misses). Tokenizer files are left out on purpose: they change token ids, and token
@@ -62,8 +63,16 @@ def file_digest(path: str | Path, memo: FileMemo | None = None) -> str:
 
 
 def weights_digest(model_path: str | Path, memo: FileMemo | None = None) -> str:
-    """Content hash of a model folder's config.json, weight files and code (not tokenizer)."""
+    """Content hash of a model folder's config.json, weight files and code (not tokenizer);
+    of a .gguf file: its bytes (weights, config and tokenizer in one) and the version of
+    our GGUF -> MLX mapping."""
     folder = Path(model_path)
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
+        from mlx_kto.convert.gguf_base import MAPPING_VERSION
+
+        h = hashlib.blake2b(digest_size=32)
+        h.update(f"{MAPPING_VERSION}\0{file_digest(folder, memo)}\0".encode())
+        return h.hexdigest()
     if not (folder / "config.json").exists():
         raise UserError(f"{folder}: not a model folder (no config.json)")
     names = sorted(

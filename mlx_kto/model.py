@@ -8,6 +8,7 @@ adapter's frozen weights swapped back in), dropout off, no gradient.
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,10 +24,14 @@ LORA_PARAM_NAMES = ("lora_a", "lora_b")
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder, or a hub id resolved through mlx-lm's downloader (HF cache)."""
+    """A local folder or .gguf file, or a hub id resolved through mlx-lm's downloader."""
     from mlx_lm.utils import _download
 
     p = Path(model).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model: {p}: no such GGUF file")
+        return p
     if p.exists():
         if not (p / "config.json").exists():
             raise UserError(f"{p}: not a model folder (no config.json)")
@@ -45,14 +50,28 @@ def resolve_model_path(model: str) -> Path:
         ) from None
 
 
-def load_base(cfg: KTOConfig):
-    """Load model + tokenizer with mlx-lm; apply --dtype and --quantize. Returns
-    (model, tokenizer, model_path, model_config)."""
+def load_base(cfg: KTOConfig, log=None):
+    """Load model + tokenizer with mlx-lm (or a .gguf file, mlx_kto.convert.gguf_base);
+    apply --dtype and --quantize. On the CPU device a half-precision model computes in
+    float32 unless --dtype says otherwise (sets cfg.dtype, so the reference fingerprint
+    sees it). Returns (model, tokenizer, model_path, model_config)."""
     from mlx_lm.utils import load_model, load_tokenizer, quantize_model
 
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     if not cfg.model:
         raise UserError("--model (model): no model given (--model PATH_OR_HUB_ID)")
     path = resolve_model_path(cfg.model)
+    if path.suffix.lower() == ".gguf":
+        from mlx_kto.convert.gguf_base import load_gguf
+
+        model, tokenizer, config = load_gguf(path, cfg.quantize, cfg.q_group_size, log=log)
+        _set_template(tokenizer, cfg)
+        cfg_dtype_from_device(cfg, model, log)
+        if cfg.dtype:
+            model.update(_cast_tree(model.parameters(), getattr(mx, cfg.dtype)))
+        _blas_for_quantized(model, log)
+        mx.eval(model.parameters())
+        return model, tokenizer, path, config
     try:
         model, config = load_model(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
@@ -61,10 +80,8 @@ def load_base(cfg: KTOConfig):
         raise UserError(f"{path}: mlx-lm cannot load this model ({e})") from None
     except RuntimeError as e:  # MLX's safetensors reader: truncated, garbage, empty
         raise UserError(f"{_bad_weights_file(path)}: unreadable weights ({e})") from None
-    if getattr(cfg, "chat_template", None):
-        from mlx_kto.chat_template import set_chat_template
-
-        set_chat_template(tokenizer, cfg.chat_template)
+    _set_template(tokenizer, cfg)
+    cfg_dtype_from_device(cfg, model, log)
     if cfg.dtype:
         dt = getattr(mx, cfg.dtype)
         model.update(_cast_tree(model.parameters(), dt))
@@ -73,6 +90,7 @@ def load_base(cfg: KTOConfig):
             raise UserError(f"--quantize (quantize): {cfg.model} is already quantized")
         check_group_size(model, cfg.q_group_size)
         model, config = quantize_model(model, config, cfg.q_group_size, cfg.quantize)
+    _blas_for_quantized(model, log)
     mx.eval(model.parameters())
     return model, tokenizer, path, config
 
@@ -134,6 +152,54 @@ def check_lora_keys(model: nn.Module, keys: list[str] | None, num_layers: int) -
             f"--lora-keys (lora_keys): '{key}' names no module of this model "
             f"(module paths inside a block look like {', '.join(some)})"
         )
+
+
+def _set_template(tokenizer, cfg: KTOConfig) -> None:
+    if getattr(cfg, "chat_template", None):  # --chat-template
+        from mlx_kto.chat_template import set_chat_template
+
+        set_chat_template(tokenizer, cfg.chat_template)
+
+
+def cfg_dtype_from_device(cfg: KTOConfig, model: nn.Module, log) -> None:
+    """On MLX's CPU backend float16/bfloat16 matmuls do not use BLAS (>10x slower than
+    float32): with no --dtype, a model with half-precision weights computes in float32
+    there (quantized weights stay packed; their scales/biases become float32)."""
+    if cfg.dtype or mx.default_device() != mx.cpu:
+        return
+    half = {mx.float16, mx.bfloat16}
+    if any(v.dtype in half for _, v in tree_flatten(model.parameters())):
+        cfg.dtype = "float32"
+        log("CPU device: computing in float32 (half-precision matmuls are slow on MLX's CPU "
+            "backend; --dtype overrides)")  # fmt: skip
+
+
+def load_gguf_for_inference(path: Path, adapter_path: str | None = None, log=None):
+    """(model, tokenizer) of a .gguf base plus an optional mlx-lm adapter, in eval mode:
+    what `mlx_lm.load(folder, adapter_path=...)` gives for a folder."""
+    from mlx_kto.convert.gguf_base import load_gguf
+
+    from mlx_lm.tuner.utils import load_adapters
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    model, tokenizer, _ = load_gguf(path, log=log)
+    cfg = KTOConfig()
+    cfg_dtype_from_device(cfg, model, log)
+    if cfg.dtype:
+        model.update(_cast_tree(model.parameters(), getattr(mx, cfg.dtype)))
+    _blas_for_quantized(model, log)
+    if adapter_path:
+        model = load_adapters(model, str(adapter_path))
+    model.eval()
+    return model, tokenizer
+
+
+def _blas_for_quantized(model: nn.Module, log) -> None:
+    from mlx_kto.qmatmul import use_blas_for_quantized
+
+    if n := use_blas_for_quantized(model):
+        log(f"CPU device: {n} quantized layers multiply through BLAS (dequantized per call; "
+            "MLX's CPU quantized kernel is ~8x slower; MLX_KTO_CPU_QMM=1 keeps it)")  # fmt: skip
 
 
 def _cast_tree(tree, dtype):

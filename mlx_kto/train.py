@@ -129,7 +129,7 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
     set_memory_limits(cfg)
     reporters = make_reporters(cfg, run_dir, log)  # before loading: a missing package fails fast
     try:
-        model, tokenizer, model_path, _ = load_base(cfg)
+        model, tokenizer, model_path, _ = load_base(cfg, log)
     except BaseException:
         CallbackList(reporters).close()
         raise

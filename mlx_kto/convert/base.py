@@ -70,6 +70,11 @@ def _kind(module: nn.Module) -> str:
 def load_base(ref: str | Path, what: str = "--base") -> BaseModel:
     """Describe the base model at `ref` (folder or cached hub id) without loading weights."""
     ref = str(ref)
+    if ref.lower().endswith(".gguf"):
+        raise UserError(
+            f"{what} '{ref}': a .gguf base is only read by to-gguf; for this command convert "
+            "it first (mlx-kto convert gguf-to-mlx FILE OUT) and pass OUT"
+        )
     path = resolve_local(ref)
     if path is None:
         raise UserError(

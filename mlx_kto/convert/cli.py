@@ -43,6 +43,33 @@ def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
     click.echo(f"wrote {path}")
 
 
+@convert.command("gguf-to-mlx")
+@click.argument("gguf_file", metavar="FILE", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option(
+    "-q", "--quantize", "q_bits", type=click.Choice(["4", "8"]), default=None,
+    help="Re-quantize the layers that had to be dequantized (K-quants, F16, ...) to MLX bits.",
+)  # fmt: skip
+@click.option(
+    "--q-group-size", type=click.Choice([str(g) for g in Q_GROUP_SIZES]), default="64",
+    show_default=True, help="Group size for --quantize.",
+)  # fmt: skip
+@click.option(
+    "--dtype", type=click.Choice(HF_DTYPES), default=None,
+    help="Dtype of dequantized tensors [default: float16].",
+)  # fmt: skip
+@_overwrite
+def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
+    """llama.cpp GGUF model FILE to an mlx-lm folder OUT (Q4_0/Q4_1/Q8_0 stay quantized)."""
+    from mlx_kto.convert.gguf_base import gguf_to_mlx
+
+    path = gguf_to_mlx(
+        gguf_file, out, int(q_bits) if q_bits else None, int(q_group_size), dtype,
+        overwrite=overwrite, log=lambda m: click.echo(m, err=True),
+    )  # fmt: skip
+    click.echo(f"wrote {path}")
+
+
 @convert.command("to-peft")
 @click.argument("adapter", type=click.Path())
 @click.argument("out", type=click.Path())
@@ -79,7 +106,7 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @click.argument("out", type=click.Path())
 @click.option(
     "--base", required=True,
-    help="Hugging Face base model (folder or cached id) the GGUF base was made from.",
+    help="The base .gguf file, or the Hugging Face model (folder or cached id) it was made from.",
 )  # fmt: skip
 @click.option(
     "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,

@@ -181,9 +181,10 @@ def to_gguf(
     outtype: str = "f32",
     overwrite: bool = False,
 ) -> Path:
-    """Convert an mlx-lm LoRA adapter to a llama.cpp LoRA GGUF for the Hugging Face base
-    `base` (folder or cached hub id; its config.json decides the architecture; default:
-    the adapter's `model`). Load it with `llama-cli -m base.gguf --lora OUT.gguf`."""
+    """Convert an mlx-lm LoRA adapter to a llama.cpp LoRA GGUF for the base `base`: a
+    Hugging Face folder or cached hub id (its config.json decides the architecture), or the
+    base .gguf file itself (its tensor names and shapes are checked); default: the
+    adapter's `model`. Load it with `llama-cli -m base.gguf --lora OUT.gguf`."""
     try:
         import gguf
     except ImportError:
@@ -200,12 +201,17 @@ def to_gguf(
     base_ref = base or ad.model
     if not base_ref:
         raise UserError(f"{adapter_dir}: adapter_config.json has no 'model'; pass --base")
-    info = load_base(base_ref)
+    if str(base_ref).lower().endswith(".gguf"):  # the exact GGUF file: its names and shapes
+        from mlx_kto.convert.gguf_base import describe
+
+        info, base_tensors, arch, permute = describe(base_ref)
+    else:
+        info = load_base(base_ref)
+        arch, permute = gguf_arch(info.config)
+        base_tensors = base_gguf_tensors(info)
     check_adapter(ad, info, where=str(adapter_dir))
-    arch, permute = gguf_arch(info.config)
     enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     tmap = gguf.get_tensor_name_map(enum, info.n_layers)
-    base_tensors = base_gguf_tensors(info)
     n_head = int(info.config["num_attention_heads"])
     n_kv = int(info.config.get("num_key_value_heads") or n_head)
 

@@ -1,0 +1,176 @@
+"""A real model end to end: SmolLM2-135M-Instruct from the Q4_1 GGUF that llama.cpp runs.
+KTO on conversational rows through its ChatML template, the adapter loaded by
+`mlx_lm.load(gguf-to-mlx folder, adapter_path=...)`, exported with
+`convert to-gguf --base the.gguf` and applied by llama.cpp over the same file."""
+
+import json
+import time
+
+from mlx_kto.config import KTOConfig
+from mlx_kto.convert import to_gguf
+from mlx_kto.convert._testing import logits
+from mlx_kto.convert.gguf_base import gguf_to_mlx, read_config
+from mlx_kto.model import load_gguf_for_inference, reference_mode
+from mlx_kto.train import train
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
+from mlx.utils import tree_map
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?", "How many legs does a spider have?",
+    "What color is the sky on a clear day?", "Name a fruit that is yellow.",
+    "What is two plus three?", "Which planet is called the red planet?",
+    "What do bees make?", "How many days are in a week?",
+]  # fmt: skip
+GOOD = "Happy to help! {}"
+BAD = "Figure it out yourself."
+SYSTEM = "Be brief."
+ANSWERS = ["Paris.", "Eight.", "Blue.", "A banana.", "Five.", "Mars.", "Honey.", "Seven."]
+
+
+def write_chat_feedback(path):
+    """Conversational rows (messages + label): polite answers up, rude ones down."""
+    with open(path, "w") as f:
+        for q, a in zip(QUESTIONS, ANSWERS):
+            for good in (True, False):
+                reply = GOOD.format(a) if good else BAD
+                msgs = [
+                    {"role": "system", "content": SYSTEM},  # short rows: a fast test
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": reply},
+                ]
+                f.write(json.dumps({"messages": msgs, "label": good}) + "\n")
+    return path
+
+
+def test_config_matches_transformers(smollm2_gguf):  # noqa: F811
+    """Our metadata -> config mapping agrees with transformers' GGUF config reader."""
+    from transformers import AutoConfig
+
+    ours = read_config(smollm2_gguf)
+    hf = AutoConfig.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim",
+                "max_position_embeddings"):  # fmt: skip
+        assert ours[key] == getattr(hf, key), key
+    assert ours["rope_theta"] == hf.rope_parameters["rope_theta"] == 100000.0
+    assert abs(ours["rms_norm_eps"] - hf.rms_norm_eps) < 1e-12
+
+
+def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F811
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
+    )
+    from mlx_lm import load
+
+    t0 = time.time()
+    data = write_chat_feedback(tmp_path / "feedback.jsonl")
+    lines = []
+    cfg = KTOConfig(
+        model=str(smollm2_gguf), data=str(data), adapter_path=str(tmp_path / "run"),
+        iters=3, batch_size=2, max_length=48, learning_rate=3e-3, num_layers=4,
+        lora_rank=4, beta=0.5, steps_per_eval=0, steps_per_report=1, quiet=True,
+        no_ref_cache=True, seed=0,
+    )  # fmt: skip
+    res = train(cfg, log=lines.append)
+    assert res.steps == 3
+    assert any("Q4_1: 210 tensors kept quantized" in m for m in lines), lines
+    assert cfg.dtype == "float32"  # the CPU rule: Q4_1 scales are float16
+    losses = [json.loads(x)["loss"] for x in res.metrics_path.read_text().splitlines()[-3:]]
+    assert all(np.isfinite(losses))
+    t_train = time.time() - t0
+
+    # The chat the tests score: the real ChatML template, tokens as llama.cpp reads them.
+    model, tok = load_gguf_for_inference(smollm2_gguf, str(res.adapter_path), log=lambda *_: 0)
+    chat = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What do cows drink?"},
+    ]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (
+        text
+        == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat do cows drink?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    text += GOOD.format("Water.")
+    tokens = tok.encode(text, add_special_tokens=False)
+    assert tokens[0] == 1  # <|im_start|>
+
+    # mlx_lm.load on the converted folder + our adapter = our GGUF loader + adapter.
+    folder = gguf_to_mlx(smollm2_gguf, tmp_path / "smollm2-mlx", dtype="float32", log=lambda *_: 0)
+    mlx_model, mlx_tok = load(str(folder), adapter_path=str(res.adapter_path))
+    assert mlx_tok.encode(text, add_special_tokens=False) == tokens
+    mlx_model.update(
+        tree_map(
+            lambda v: v.astype(mx.float32) if v.dtype == mx.float16 else v, mlx_model.parameters()
+        )
+    )  # fmt: skip  (our CPU rule: float32)
+    want = logits(model, tokens)
+    # mlx-lm's own quantized kernel vs our BLAS-on-dequantized path: summation order only.
+    np.testing.assert_allclose(logits(mlx_model, tokens), want, atol=1e-3, rtol=0)
+    with reference_mode(model):  # the adapter switched off: the base GGUF model
+        want_base = logits(model, tokens)
+
+    lora = to_gguf(res.adapter_path, tmp_path / "kto-lora.gguf", base=str(smollm2_gguf))
+    kw = dict(n_ctx=128, n_batch=128, n_threads=2, logits_all=True, verbose=False, seed=0,
+              type_k=0, type_v=0)  # fmt: skip
+    scores = []
+    for extra in ({}, {"lora_path": str(lora)}):
+        llm = llama_cpp.Llama(model_path=str(smollm2_gguf), **kw, **extra)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokens
+        llm.eval(tokens)
+        scores.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        llm.close()
+    got_base, got = scores
+
+    # Base: llama.cpp's Q4_1 kernels quantize activations to 8 bit, MLX computes the
+    # dequantized weights exactly (test_real_gguf_is_exact...): close, not equal.
+    assert np.abs(got_base - want_base).mean() < 0.5
+    assert (got_base.argmax(-1) == want_base.argmax(-1)).mean() > 0.9
+    effect_mlx, effect_cpp = want - want_base, got - got_base
+    assert np.abs(effect_mlx).max() > 1.0  # KTO moved the logits clearly
+    corr = np.corrcoef(effect_mlx.ravel(), effect_cpp.ravel())[0, 1]
+    assert corr > 0.95, corr
+    # The trained direction: log-prob of the polite reply's tokens rises in both.
+    n_prompt = len(tok.encode(text[: -len(GOOD.format("Water."))], add_special_tokens=False))
+
+    def reply_logp(x):
+        lp = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+        return sum(lp[i - 1, tokens[i]] for i in range(n_prompt, len(tokens)))
+
+    assert reply_logp(want) > reply_logp(want_base)
+    assert reply_logp(got) > reply_logp(got_base)
+    print(f"train {t_train:.0f}s, total {time.time() - t0:.0f}s, effect corr {corr:.4f}")
+
+
+def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, tmp_path):  # noqa: F811
+    """MLX on the Q4_1/Q8_0 file = llama.cpp on its own float32 dequantization of the same
+    file (llama_model_quantize to ALL_F32) to 1e-3 (measured 1.2e-4): the quantized layers
+    hold llama.cpp's exact values, names/config/q-k order are right. llama.cpp's Q4_1
+    kernels themselves differ more (8-bit activations), see the test above."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
+    )
+    f32 = tmp_path / "smollm2-f32.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = 0, True, 2  # LLAMA_FTYPE_ALL_F32
+    rc = llama_cpp.llama_model_quantize(
+        str(smollm2_gguf).encode(), str(f32).encode(), ctypes.byref(params)
+    )
+    assert rc == 0
+    model, tok = load_gguf_for_inference(smollm2_gguf, log=lambda *_: 0)
+    chat = [{"role": "user", "content": "Why is the sea salty?"},
+            {"role": "assistant", "content": "Rivers carry dissolved minerals into it."}]  # fmt: skip
+    tokens = tok.encode(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)
+    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=128, n_batch=128, n_threads=2,
+                          logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)  # fmt: skip
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    np.testing.assert_allclose(got, logits(model, tokens), atol=1e-3, rtol=0)
