@@ -234,4 +234,4 @@ def test_cli_generate_and_data_check_take_a_gguf(tiny_llama, tmp_path):
     row = {"prompt": "What color is the sky?", "completion": " It is blue.", "label": True}
     data.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": False}) + "\n")
     r = runner.invoke(cli, ["data", "check", str(data), "--model", str(path)])
-    assert r.exit_code == 0 and "tokens: median" in r.output, r.output
+    assert r.exit_code == 0 and "tokens before truncation: prompt median 7" in r.output, r.output
