@@ -35,7 +35,7 @@ DEMO_DEFAULTS = dict(
     dtype="float32",  # weights ship in float16; CPU matmuls are fastest in float32
     iters=120,
     batch_size=8,
-    learning_rate=1.5e-3,  # a tiny model with LoRA moves slowly at LLM-sized rates
+    learning_rate=5e-4,  # a tiny model with LoRA moves slowly at LLM-sized rates
     lr_schedule="cosine",
     # Good and bad answers share their content ("It is blue."): a higher beta saturates
     # the loss sooner, so pushing the rude style down does not drag the content with it.
@@ -53,7 +53,7 @@ DEMO_DEFAULTS = dict(
     overwrite=True,  # running the demo again replaces its previous run (only the run's files)
 )
 # The shortened run (`--quick`, the test): fewer steps at a higher rate, fewer samples.
-QUICK = dict(iters=40, learning_rate=3e-3, samples=6)
+QUICK = dict(iters=40, learning_rate=1e-3, samples=6)
 SAMPLES_PER_PROMPT = 16
 MAX_NEW_TOKENS = 32
 
