@@ -1,34 +1,20 @@
-"""Atomic writes of report files with the permissions the user's umask asks for."""
+"""Atomic writes of report files with the permissions the user's umask asks for: a thin
+layer over `mlx_kto.atomic` (temp file beside the target, fsync, rename; 0666 & ~umask)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # read it (the only way), then put it back
-    os.umask(mask)
-    return mask
+from mlx_kto.atomic import atomic_write_with
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """`write(tmp)` into a temp file beside `path`, then rename it into place: a reader
-    never sees a half-written file and a failed write leaves the old one. The file gets
-    0666 & ~umask, like one opened with open() (mkstemp's own 0600 would hide it)."""
+    """`write(tmp)` into a temp file beside `path`, then rename it into place (the folder is
+    created first). The temp name keeps `path`'s suffix, so matplotlib picks the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_with(path, lambda tmp: write(str(tmp)), suffix=path.suffix)
     return path
 
 
