@@ -8,6 +8,7 @@ metadata, so `mlx-kto train --help` documents everything here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from mlx_kto.errors import UserError
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KL_ESTIMATES = ("step", "micro_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -56,8 +58,23 @@ class KTOConfig:
     max_prompt_length: int | None = _f(
         None, "If set, keep only the last N prompt tokens (legacy TRL keep_end)."
     )
-    batch_size: int = _f(4, "Micro-batch size (rows per forward). 'kto' needs >= 2.")
+    batch_size: int = _f(
+        4,
+        "Micro-batch size (rows per forward). 'kto' with 1 needs grad_accumulation_steps >= 2 "
+        "(or several ranks) and kl_estimate 'step'.",
+    )
     grad_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    kl_estimate: str = _f(
+        "step",
+        "KTO reference point z over the whole optimizer step ('step': every micro-batch and "
+        "rank, the update equals one batch of micro-batch x accumulation x ranks rows) or over "
+        "each micro-batch on its own ('micro_batch', as TRL does with accumulation).",
+    )
+    distributed_timeout: float = _f(
+        600.0,
+        "Several ranks (mlx.launch): end the run with a message when a collective waits longer "
+        "than this many seconds for the other ranks (0 = wait forever).",
+    )
     # schedule
     epochs: int = _f(1, "Passes over the training data (ignored when iters is set).")
     iters: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
@@ -118,12 +135,21 @@ class KTOConfig:
             )
         if self.batch_size < 1:
             raise UserError("batch_size: must be >= 1")
-        if self.loss_type == "kto" and self.batch_size < 2:
+        if self.kl_estimate not in KL_ESTIMATES:
             raise UserError(
-                "batch_size: 'kto' needs a micro-batch of at least 2 rows to estimate its KL "
-                "reference point; use --batch-size 2 or more (with --grad-accumulation-steps to "
-                "save memory), or --loss-type apo_zero_unpaired, which has no KL term"
+                f"kl_estimate: '{self.kl_estimate}' is not one of {', '.join(KL_ESTIMATES)}"
             )
+        if self.loss_type == "kto" and self.batch_size < 2 and self.kl_estimate != "step":
+            raise UserError(
+                "batch_size: 'kto' with kl_estimate 'micro_batch' needs a micro-batch of at least "
+                "2 rows to estimate its KL reference point; use --kl-estimate step with "
+                "--grad-accumulation-steps 2 or more, --batch-size 2 or more, or --loss-type "
+                "apo_zero_unpaired, which has no KL term"
+            )
+        if "MLX_RANK" not in os.environ:  # one process; under mlx.launch train() checks ranks
+            check_rows_per_step(self, world_size=1)
+        if self.distributed_timeout < 0:
+            raise UserError("distributed_timeout: must be >= 0 (0 = wait forever)")
         if isinstance(self.desirable_weight, str):
             if self.desirable_weight.strip().lower() != "auto":
                 try:
@@ -155,6 +181,10 @@ class KTOConfig:
             raise UserError("lora_dropout: must be in [0, 1)")
         return self
 
+    def rows_per_step(self, world_size: int = 1) -> int:
+        """Rows of one optimizer step: micro-batch x accumulation x ranks."""
+        return self.batch_size * self.grad_accumulation_steps * world_size
+
     @property
     def scale(self) -> float:
         """LoRA scale (mlx-lm) = alpha / rank (PEFT), unless lora_scale is given."""
@@ -166,6 +196,18 @@ class KTOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_rows_per_step(cfg: KTOConfig, world_size: int) -> None:
+    """'kto' takes its reference point over an optimizer step's rows: it needs at least 2."""
+    if cfg.loss_type == "kto" and cfg.rows_per_step(world_size) < 2:
+        raise UserError(
+            f"batch_size: 'kto' needs at least 2 rows per optimizer step to estimate its KL "
+            f"reference point (micro-batch {cfg.batch_size} x grad_accumulation_steps "
+            f"{cfg.grad_accumulation_steps} x {world_size} rank(s)); raise "
+            "--grad-accumulation-steps or --batch-size, or use --loss-type apo_zero_unpaired, "
+            "which has no KL term"
+        )
 
 
 def field_names() -> list[str]:

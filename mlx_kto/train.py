@@ -97,6 +97,8 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print):
 def train(cfg: KTOConfig, log=print) -> TrainResult:
     """Train a KTO LoRA adapter as configured; returns where it went and final metrics."""
     from mlx_kto.checkpoint import find_checkpoint, load_checkpoint
+    from mlx_kto.config import check_rows_per_step
+    from mlx_kto.distributed import broadcast_from_main, check_same_step, init_distributed
     from mlx_kto.model import (
         adapter_config,
         apply_lora,
@@ -109,6 +111,10 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     from mlx_kto.trainer import TrainState, evaluate, make_schedule, total_steps, train_loop
 
     cfg.validate()
+    dist = init_distributed(cfg.distributed_timeout)
+    check_rows_per_step(cfg, dist.size)
+    if not dist.is_main:
+        log = lambda *_: None  # noqa: E731  (rank 0 speaks for the run)
     ckpt = None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
@@ -141,7 +147,7 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log)
-    n_steps = total_steps(cfg, len(train_rows))
+    n_steps = total_steps(cfg, len(train_rows), dist.size)
     optimizer = optim.AdamW(
         learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay
     )
@@ -154,6 +160,15 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     state = TrainState()
     if ckpt is not None:
         saved_state = load_checkpoint(ckpt, model, optimizer)
+        saved_world = saved_state.get("world_size", 1)
+        if saved_world != dist.size:
+            raise UserError(
+                f"resume: {ckpt} was written by a run on {saved_world} rank(s); this run has "
+                f"{dist.size}: resume with the same number of ranks (mlx.launch -n / hostfile)"
+            )
+        if "global_batch" not in saved_state and cfg.grad_accumulation_steps > 1:
+            # Written before data positions counted global batches: it counted micro-batches.
+            saved_state["batch"] = -(-saved_state["batch"] // cfg.grad_accumulation_steps)
         state = TrainState(
             step=saved_state["step"],
             epoch=saved_state["epoch"],
@@ -166,12 +181,19 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
                 f"nothing to do: the checkpoint is at step {state.step} of {n_steps} (raise --iters)"
             )
 
+    check_same_step(state.step, dist)
+    if dist.size > 1:  # every rank starts from rank 0's adapter and optimizer state
+        model.update(broadcast_from_main(model.trainable_parameters(), dist))
+        optimizer.state = broadcast_from_main(optimizer.state, dist)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        log(f"data parallel: {dist.size} ranks, global batch {cfg.rows_per_step(dist.size)} rows")
     n_params = sum(v.size for v in trainable_lora(model).values())
     log(
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
-    (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "kto_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     last = train_loop(
@@ -188,8 +210,10 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
         n_steps,
         pad_id=pad_id,
         log=log,
+        dist=dist,
     )
-    save_adapter(model, run_dir, a_config)
+    if dist.is_main:
+        save_adapter(model, run_dir, a_config)
     ev = {}
     if valid_rows:
         ev = evaluate(model, valid_rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
