@@ -192,21 +192,25 @@ def reduce_metrics(m: dict, ntoks: int, dist: Dist) -> tuple[dict, int]:
     with collective(dist, "reducing metrics"):
         tot = tot.tolist()
     g_c, g_u, g_tok = tot[0], tot[1], int(round(tot[2]))
-    out = {k: v for k, v in m.items() if k not in _SIDE_MEANS and k not in _ROW_MEANS}
-    out.pop("rewards/margins", None)
+    red = {"count/chosen": g_c, "count/rejected": g_u}
     i = 3
     for k, side in _SIDE_MEANS.items():
         w = g_c if side == "chosen" else g_u
         if w > 0:
-            out[k] = tot[i] / w
+            red[k] = tot[i] / w
         i += 1
     for k in _ROW_MEANS:
         if g_c + g_u > 0:
-            out[k] = tot[i] / (g_c + g_u)
+            red[k] = tot[i] / (g_c + g_u)
         i += 1
-    out["count/chosen"], out["count/rejected"] = g_c, g_u
-    if "rewards/chosen" in out and "rewards/rejected" in out:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if "rewards/chosen" in red and "rewards/rejected" in red:
+        red["rewards/margins"] = red["rewards/chosen"] - red["rewards/rejected"]
+    # kto_loss's key order first (as one process logs them), then this rank's other keys.
+    order = (*_ROW_MEANS[:2], "rewards/chosen", "rewards/rejected", "rewards/margins")
+    order += ("rewards/accuracy", "logps/chosen", "logps/rejected", "count/chosen")
+    order += ("count/rejected",)
+    out = {k: red[k] for k in order if k in red}
+    out.update({k: v for k, v in m.items() if k not in red and k != "rewards/margins"})
     return out, g_tok
 
 
