@@ -49,6 +49,7 @@ class Dist:
     rank: int = 0
     size: int = 1
     timeout: float = 0.0  # seconds a collective may wait (0 = forever)
+    hint: str = ""  # what to do after a failure (train_loop: how to resume)
 
     @property
     def is_main(self) -> bool:
@@ -106,13 +107,13 @@ _WATCHDOG = _Watchdog()
 
 
 @contextmanager
-def collective(dist: Dist, what: str, resume_hint: str = ""):
+def collective(dist: Dist, what: str):
     """Around an `mx.eval` that waits for the other ranks: a dead peer (the ring backend
     raises) or one silent for `dist.timeout` seconds ends the run with one line."""
     if dist.group is None:
         yield
         return
-    hint = f"; {resume_hint}" if resume_hint else ""
+    hint = f"; {dist.hint}" if dist.hint else ""
     msg = (
         f"distributed: rank {dist.rank} waited more than {dist.timeout:g}s for the other "
         f"ranks ({what}); a rank hung or its machine went away{hint}"

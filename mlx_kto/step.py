@@ -133,7 +133,6 @@ def run_step(
     cfg,
     dist: Dist,
     with_kl: bool,
-    resume_hint: str = "",
 ) -> tuple[dict, float, int]:
     """Both phases of one optimizer step; returns (metrics over the global batch, grad norm,
     tokens of the global batch). `fns` is trainer.StepFns (kl_forward, grad_step, update)."""
@@ -159,7 +158,7 @@ def run_step(
         z = zs[k] if zs is not None else None
         loss, metrics, grad, norm = fns.grad_step(p.batch, p.ref, z, weight, grad, last)
         if last:
-            with collective(dist, "averaging gradients", resume_hint):
+            with collective(dist, "averaging gradients"):
                 mx.eval(loss, metrics, grad, norm, *state)
         else:
             mx.eval(loss, metrics, grad, norm, *state)
@@ -168,7 +167,7 @@ def run_step(
         ntoks += p.batch.ntoks
     if not prepared:  # a short last batch left this rank no rows: it still joins the sums
         norm = fns.update(tree_map(mx.zeros_like, model.trainable_parameters()))
-        with collective(dist, "averaging gradients", resume_hint):
+        with collective(dist, "averaging gradients"):
             mx.eval(norm, *state)
     agg, ntoks = reduce_metrics(agg or {}, ntoks, dist)
     return agg, float(norm), ntoks

@@ -98,7 +98,12 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     """Train a KTO LoRA adapter as configured; returns where it went and final metrics."""
     from mlx_kto.checkpoint import find_checkpoint, load_checkpoint
     from mlx_kto.config import check_rows_per_step
-    from mlx_kto.distributed import broadcast_from_main, check_same_step, init_distributed
+    from mlx_kto.distributed import (
+        broadcast_from_main,
+        check_same_step,
+        collective,
+        init_distributed,
+    )
     from mlx_kto.model import (
         adapter_config,
         apply_lora,
@@ -185,7 +190,8 @@ def train(cfg: KTOConfig, log=print) -> TrainResult:
     if dist.size > 1:  # every rank starts from rank 0's adapter and optimizer state
         model.update(broadcast_from_main(model.trainable_parameters(), dist))
         optimizer.state = broadcast_from_main(optimizer.state, dist)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+        with collective(dist, "sharing rank 0's starting adapter"):
+            mx.eval(model.trainable_parameters(), optimizer.state)
         log(f"data parallel: {dist.size} ranks, global batch {cfg.rows_per_step(dist.size)} rows")
     n_params = sum(v.size for v in trainable_lora(model).values())
     log(

@@ -352,7 +352,7 @@ def train_loop(
         with_kl=with_kl,
         min_size=_min_batch(cfg),
     )
-    resume_hint = f"resume from the last checkpoint with --resume {run_dir}"
+    dist.hint = f"resume from the last checkpoint with --resume {run_dir}"
     bar = None
     if progress and not cfg.quiet and dist.is_main:
         from tqdm import tqdm
@@ -371,9 +371,7 @@ def train_loop(
         # Dropout randomness is a function of (seed, step, rank), so a resumed run replays it.
         mx.random.seed(cfg.seed * 1_000_003 + state.step + 7919 * dist.rank)
         data = next(steps)
-        agg, norm, ntoks = run_step(
-            data, scorer, fns, model, optimizer, cfg, dist, with_kl, resume_hint
-        )
+        agg, norm, ntoks = run_step(data, scorer, fns, model, optimizer, cfg, dist, with_kl)
         state.epoch, state.batch = data.epoch, data.index + 1
         if data.index + 1 == per_epoch:  # an epoch ended: report its reference-pass work
             epoch_ref = _log_epoch_ref(data.epoch, scorer.stats(), epoch_ref, log, bar)
