@@ -203,9 +203,8 @@ class StepFns(NamedTuple):
     update on the last micro-batch) and the bare update (a rank with no rows in a step)."""
 
     kl_forward: Callable  # (model, batch) -> [B] or None
-    grad_step: (
-        Callable  # (batch, ref, z, weight, prev_grad, do_update) -> (loss, metrics, grad, norm)
-    )
+    # (batch, ref, z, weight, prev_grad, do_update) -> (loss, metrics, grad, norm)
+    grad_step: Callable
     update: Callable  # (grad) -> norm
 
 
