@@ -61,7 +61,11 @@ FIXED_GB = 0.4  # runtime, tokenizer, compiled graphs, buffers
 
 def shape_from_config(path: str | Path) -> dict:
     """The fields the estimate needs from a Hugging Face config.json."""
-    c = json.loads(Path(path).read_text())
+    return shape_from_dict(json.loads(Path(path).read_text()))
+
+
+def shape_from_dict(c: dict) -> dict:
+    """The fields the estimate needs from a config.json's contents."""
     h, layers, i = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
     heads = c["num_attention_heads"]
     kv_heads = c.get("num_key_value_heads", heads)

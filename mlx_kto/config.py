@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from mlx_kto.errors import UserError
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KL_ESTIMATES = ("step", "micro_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts (affine mode)
 QUANT_GROUP_SIZES = (32, 64, 128)
@@ -53,6 +55,7 @@ _FLOAT_FIELDS = (
     "lora_alpha",
     "lora_scale",
     "lora_dropout",
+    "distributed_timeout",
 )
 # Field -> flag where the flag is not `--` + the field name with dashes (cli.py builds one
 # flag per field that way, so none differ today; add any that ever do).
@@ -127,8 +130,24 @@ class KTOConfig:
     max_prompt_length: int | None = _f(
         None, "If set, keep only the last N prompt tokens (legacy TRL keep_end)."
     )
-    batch_size: int = _f(4, "Micro-batch size (rows per forward). 'kto' needs >= 2.")
+    batch_size: int = _f(
+        4,
+        "Micro-batch size (rows per forward). 'kto' with 1 needs grad_accumulation_steps >= 2 "
+        "(or several ranks) and kl_estimate 'step'.",
+    )
     grad_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    kl_estimate: str = _f(
+        "step",
+        "KTO reference point z over the whole optimizer step ('step': every micro-batch and "
+        "rank, the update equals one batch of micro-batch x accumulation x ranks rows) or over "
+        "each micro-batch on its own ('micro_batch', as TRL does with accumulation).",
+        choices=KL_ESTIMATES,
+    )
+    distributed_timeout: float = _f(
+        600.0,
+        "Several ranks (mlx.launch): end the run with a message when a collective waits longer "
+        "than this many seconds for the other ranks (0 = wait forever).",
+    )
     # schedule
     epochs: int = _f(1, "Passes over the training data (ignored when iters is set).")
     iters: int | None = _f(None, "Optimizer steps to run (overrides epochs).")
@@ -233,13 +252,22 @@ class KTOConfig:
             raise _bad("lr_schedule", f"'{self.lr_schedule}' is not one of {', '.join(SCHEDULES)}")
         if self.batch_size < 1:
             raise _bad("batch_size", "must be >= 1")
-        if self.loss_type == "kto" and self.batch_size < 2:
+        if self.kl_estimate not in KL_ESTIMATES:
+            raise _bad(
+                "kl_estimate", f"'{self.kl_estimate}' is not one of {', '.join(KL_ESTIMATES)}"
+            )
+        if self.loss_type == "kto" and self.batch_size < 2 and self.kl_estimate != "step":
             raise _bad(
                 "batch_size",
-                "'kto' needs a micro-batch of at least 2 rows to estimate its KL "
-                "reference point; use --batch-size 2 or more (with --grad-accumulation-steps to "
-                "save memory), or --loss-type apo_zero_unpaired, which has no KL term",
+                "'kto' with kl_estimate 'micro_batch' needs a micro-batch of at least "
+                "2 rows to estimate its KL reference point; use --kl-estimate step with "
+                "--grad-accumulation-steps 2 or more, --batch-size 2 or more, or --loss-type "
+                "apo_zero_unpaired, which has no KL term",
             )
+        if "MLX_RANK" not in os.environ:  # one process; under mlx.launch train() checks ranks
+            check_rows_per_step(self, world_size=1)
+        if self.distributed_timeout < 0:
+            raise _bad("distributed_timeout", "must be >= 0 (0 = wait forever)")
         if isinstance(self.desirable_weight, str):
             if self.desirable_weight.strip().lower() != "auto":
                 try:
@@ -307,6 +335,10 @@ class KTOConfig:
         validate_habits(self)
         return self
 
+    def rows_per_step(self, world_size: int = 1) -> int:
+        """Rows of one optimizer step: micro-batch x accumulation x ranks."""
+        return self.batch_size * self.grad_accumulation_steps * world_size
+
     @property
     def scale(self) -> float:
         """LoRA scale (mlx-lm) = alpha / rank (PEFT), unless lora_scale is given."""
@@ -327,6 +359,19 @@ def field_choices() -> dict[str, tuple]:
         for f in dataclasses.fields(KTOConfig)
         if "choices" in f.metadata
     }
+
+
+def check_rows_per_step(cfg: KTOConfig, world_size: int) -> None:
+    """'kto' takes its reference point over an optimizer step's rows: it needs at least 2."""
+    if cfg.loss_type == "kto" and cfg.rows_per_step(world_size) < 2:
+        raise _bad(
+            "batch_size",
+            f"'kto' needs at least 2 rows per optimizer step to estimate its KL "
+            f"reference point (micro-batch {cfg.batch_size} x grad_accumulation_steps "
+            f"{cfg.grad_accumulation_steps} x {world_size} rank(s)); raise "
+            "--grad-accumulation-steps or --batch-size, or use --loss-type apo_zero_unpaired, "
+            "which has no KL term",
+        )
 
 
 def field_names() -> list[str]:

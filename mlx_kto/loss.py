@@ -23,6 +23,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
+    kl_reference_point: mx.array | None = None,
 ) -> tuple[mx.array, dict]:
     """KTO loss of one micro-batch (paper Eq. 7, Ethayarajh et al. 2024; TRL 1.16.0 `_compute_loss`).
 
@@ -36,6 +37,9 @@ def kto_loss(
     All inputs are [B] (labels bool or 0/1). The KL term uses every row of the micro-batch; the
     reference and KL inputs get no gradient (`stop_gradient`). `1 - σ(x)` is computed as `σ(-x)`
     (same value, no cancellation in float32). KL inputs may be None for `apo_zero_unpaired`.
+    `kl_reference_point`, when given, is z itself (a scalar already clamped at 0, e.g. taken over
+    every micro-batch of an optimizer step and every rank, `mlx_kto.step`); the KL log-prob
+    inputs are then ignored and may be None.
 
     Returns (loss, metrics): mx scalars, free of data-dependent Python control flow so the whole
     function can run under `mx.compile` / `mx.grad`. Side means use sum / max(count, 1), so an
@@ -50,10 +54,13 @@ def kto_loss(
     chosen = labels.astype(mx.bool_)  # [B]
 
     if loss_type == "kto":
-        if kl_policy_logps is None or kl_reference_logps is None:
+        if kl_reference_point is not None:
+            kl = mx.stop_gradient(kl_reference_point.astype(mx.float32))  # []
+        elif kl_policy_logps is None or kl_reference_logps is None:
             raise ValueError("loss_type='kto' needs kl_policy_logps and kl_reference_logps")
-        kl_diff = kl_policy_logps.astype(mx.float32) - kl_reference_logps.astype(mx.float32)
-        kl = mx.stop_gradient(mx.maximum(kl_diff.mean(), 0.0))  # []
+        else:
+            kl_diff = kl_policy_logps.astype(mx.float32) - kl_reference_logps.astype(mx.float32)
+            kl = mx.stop_gradient(mx.maximum(kl_diff.mean(), 0.0))  # []
         chosen_losses = mx.sigmoid(-beta * (ratio - kl))  # 1 - σ(β(r - z))
         rejected_losses = mx.sigmoid(-beta * (kl - ratio))  # 1 - σ(β(z - r))
     else:

@@ -106,12 +106,19 @@ def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
 
 def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResult:
     """Train a KTO LoRA adapter as configured (`mlx-kto train`): load cfg.model, then
-    `train_model`. Returns where the adapter went and the final metrics."""
+    `train_model`. Returns where the adapter went and the final metrics. Under `mlx.launch`
+    every rank runs this; rank 0 alone logs and writes."""
     from mlx_kto.checkpoint import find_checkpoint, read_state
+    from mlx_kto.config import check_rows_per_step
+    from mlx_kto.distributed import init_distributed
     from mlx_kto.model import load_base
     from mlx_kto.reporting import CallbackList, make_reporters
 
     cfg.validate()
+    dist = init_distributed(cfg.distributed_timeout)
+    check_rows_per_step(cfg, dist.size)
+    if not dist.is_main:
+        log = _silent  # rank 0 speaks for the run
     ckpt, saved = None, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
@@ -119,7 +126,7 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
         for key in ("model", "data", "init_adapter"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, saved["config"].get(key))
-    run_dir = resolve_run_dir(cfg, ckpt)
+    run_dir = resolve_run_dir(cfg, ckpt, dist.is_main)
     if not cfg.no_ref_cache:  # a cache folder that is a file: say so before any work
         from mlx_kto.refcache import check_cache_root
 
@@ -127,7 +134,9 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
     absolute_paths(cfg)
     mx.random.seed(cfg.seed)
     set_memory_limits(cfg)
-    reporters = make_reporters(cfg, run_dir, log)  # before loading: a missing package fails fast
+    reporters = (
+        make_reporters(cfg, run_dir, log) if dist.is_main else []
+    )  # before loading: a missing package fails fast
     try:
         model, tokenizer, model_path, _ = load_base(cfg, log)
     except BaseException:
@@ -135,7 +144,7 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
         raise
     return train_model(
         cfg, model, tokenizer, model_path, log=log, callbacks=reporters + list(callbacks or []),
-        ckpt=ckpt, saved=saved,
+        ckpt=ckpt, saved=saved, dist=dist,
     )  # fmt: skip
 
 
@@ -149,22 +158,30 @@ def train_model(
     callbacks: list | None = None,
     ckpt: Path | None = None,
     saved: dict | None = None,
+    dist=None,
 ) -> TrainResult:
     """KTO training of an already loaded `model` / `tokenizer` (the work behind `train` and
     `mlx_kto.api.KTOTrainer`): LoRA insertion, data (`splits` of Examples, or cfg.data),
     reference scorer, loop, final eval, adapter. `model_path` (the base folder) keys the
-    reference cache; without it the reference log-probs are not cached on disk."""
+    reference cache; without it the reference log-probs are not cached on disk. `dist`
+    (distributed.Dist) is the ranks `mlx.launch` started; found here when not given."""
+    from mlx_kto.distributed import init_distributed
     from mlx_kto.reporting import CallbackList
 
     cb = CallbackList(callbacks)
+    dist = dist or init_distributed(cfg.distributed_timeout)
     try:
-        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved)
+        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved, dist)
     finally:
         cb.close()
 
 
-def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved) -> TrainResult:
+def _train_model(
+    cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved, dist
+) -> TrainResult:
     from mlx_kto.checkpoint import load_checkpoint, read_state
+    from mlx_kto.config import check_rows_per_step
+    from mlx_kto.distributed import broadcast_from_main, check_same_step, collective
     from mlx_kto.judge.plot import plot_after_training
     from mlx_kto.judge.probes import make_probe
     from mlx_kto.model import (
@@ -179,8 +196,11 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
 
     if ckpt is not None and saved is None:
         saved = read_state(ckpt)
+    check_rows_per_step(cfg, dist.size)
+    if not dist.is_main:
+        log = _silent
     run_dir = Path(cfg.adapter_path)
-    if ckpt is None:  # checked again for the Python API (idempotent after train's check)
+    if ckpt is None and dist.is_main:  # checked again for the Python API (idempotent)
         run_dir = prepare_run_dir(cfg.adapter_path, cfg.overwrite)
     if model_path is None and not cfg.no_ref_cache:
         log(
@@ -207,7 +227,7 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log, splits)
-    n_steps = total_steps(cfg, len(train_rows))
+    n_steps = total_steps(cfg, len(train_rows), dist.size)
     optimizer = optim.AdamW(
         learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay
     )
@@ -221,6 +241,15 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
     if ckpt is not None:
         check_unchanged(ckpt, saved, cfg, state.meta["data_hash"])
         saved_state = load_checkpoint(ckpt, model, optimizer)
+        saved_world = saved_state.get("world_size", 1)
+        if saved_world != dist.size:
+            raise UserError(
+                f"resume: {ckpt} was written by a run on {saved_world} rank(s); this run has "
+                f"{dist.size}: resume with the same number of ranks (mlx.launch -n / hostfile)"
+            )
+        if "global_batch" not in saved_state and cfg.grad_accumulation_steps > 1:
+            # Written before data positions counted global batches: it counted micro-batches.
+            saved_state["batch"] = -(-saved_state["batch"] // cfg.grad_accumulation_steps)
         state = TrainState(
             step=saved_state["step"],
             epoch=saved_state["epoch"],
@@ -234,19 +263,29 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
                 f"nothing to do: the checkpoint is at step {state.step} of {n_steps} (raise --iters)"
             )
 
+    check_same_step(state.step, dist)
+    if dist.size > 1:  # every rank starts from rank 0's adapter and optimizer state
+        model.update(broadcast_from_main(model.trainable_parameters(), dist))
+        optimizer.state = broadcast_from_main(optimizer.state, dist)
+        with collective(dist, "sharing rank 0's starting adapter"):
+            mx.eval(model.trainable_parameters(), optimizer.state)
+        log(f"data parallel: {dist.size} ranks, global batch {cfg.rows_per_step(dist.size)} rows")
     n_params = sum(v.size for v in trainable_lora(model).values())
     log(
         f"training {n_params / 1e6:.3f}M LoRA parameters for {n_steps} steps on "
         f"{len(train_rows)} rows (micro-batch {cfg.batch_size} x {cfg.grad_accumulation_steps})"
     )
-    if cfg.overwrite:  # only now: the new run's model and data have loaded
-        clear_run(run_dir)
     # What was trained, with `desirable_weight: auto` resolved: `mlx-kto eval` reads it.
     a_config["kto"]["desirable_weight"] = dw
-    write_json(run_dir / "kto_config.json", {**cfg.to_dict(), "desirable_weight": dw})
+    if dist.is_main:
+        if cfg.overwrite:  # only now: the new run's model and data have loaded
+            clear_run(run_dir)
+        write_json(run_dir / "kto_config.json", {**cfg.to_dict(), "desirable_weight": dw})
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
-    probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
+    probe = None
+    if dist.is_main:  # its figures go to metrics.jsonl, which rank 0 alone writes
+        probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
     cb.on_train_begin(
         {"steps": n_steps, "rows": len(train_rows), "run_dir": run_dir, "config": cfg.to_dict()}
     )
@@ -269,9 +308,11 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
         probe=probe,
         callbacks=cb,
         guard=guard,
+        dist=dist,
     )
-    last = run_guarded(loop, guard, model, optimizer, state, cfg, run_dir, a_config)
-    save_adapter(model, run_dir, a_config)
+    last = run_guarded(loop, guard, model, optimizer, state, cfg, run_dir, a_config, dist)
+    if dist.is_main:
+        save_adapter(model, run_dir, a_config)
     ev = {}
     if valid_rows:
         ev = evaluate(model, valid_rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
@@ -279,21 +320,25 @@ def _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
         cb.on_eval(state.step, ev)
     log(f"adapter saved to {run_dir}")
-    plot_after_training(run_dir, log)
+    if dist.is_main:
+        plot_after_training(run_dir, log)
     result = TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
     cb.on_train_end(result)
     return result
 
 
-def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None) -> Path:
+def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None, is_main: bool = True) -> Path:
     """The output folder, created and checked (run_dir.prepare_run_dir). On --resume it is the
-    resumed run's folder unless --adapter-path names another one (a branch)."""
+    resumed run's folder unless --adapter-path names another one (a branch). Ranks other than
+    0 (`is_main` False) only learn its name: rank 0 creates and checks it."""
     from mlx_kto.resume import check_no_newer, run_dir_of
 
+    if ckpt is not None and cfg.adapter_path == "adapters":  # continue in the folder resumed
+        cfg.adapter_path = str(run_dir_of(ckpt))
+    if not is_main:
+        return Path(cfg.adapter_path)
     if ckpt is None:
         return prepare_run_dir(cfg.adapter_path, cfg.overwrite)
-    if cfg.adapter_path == "adapters":  # not given: continue in the folder resumed
-        cfg.adapter_path = str(run_dir_of(ckpt))
     run_dir = Path(cfg.adapter_path)
     same = run_dir.exists() and run_dir.resolve() == run_dir_of(ckpt).resolve()
     if same and cfg.overwrite:
@@ -307,15 +352,18 @@ def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None) -> Path:
     return run_dir
 
 
-def run_guarded(loop, guard, model, optimizer, state, cfg: KTOConfig, run_dir, a_config) -> dict:
+def run_guarded(
+    loop, guard, model, optimizer, state, cfg: KTOConfig, run_dir, a_config, dist=None
+) -> dict:
     """`loop()` with SIGINT / SIGTERM caught (train_guard.StopSignals) and write errors as one
     line. A first signal ends the loop after its step (checkpointed by the loop); a second
     abandons the step in flight: the last completed step is restored and checkpointed. Either
-    way the adapter is saved and `Interrupted` (exit 130 / 143) raised."""
+    way the adapter is saved (by rank 0) and `Interrupted` (exit 130 / 143) raised."""
     from mlx_kto.checkpoint import list_checkpoints, save_checkpoint
     from mlx_kto.model import save_adapter
     from mlx_kto.trainer import _ckpt_state
 
+    is_main = dist is None or dist.is_main
     try:
         with write_errors(run_dir), guard.signals.watch():
             last = loop()
@@ -323,22 +371,26 @@ def run_guarded(loop, guard, model, optimizer, state, cfg: KTOConfig, run_dir, a
         if guard.signals.signum is None or guard.snapshot is None:
             raise
         guard.snapshot.restore(model, optimizer, state)
-        if state.step > 0:
+        if state.step > 0 and is_main:
             save_checkpoint(
                 run_dir,
                 state.step,
                 model,
                 optimizer,
-                _ckpt_state(state, cfg),
+                _ckpt_state(state, cfg, dist),
                 a_config,
                 keep=cfg.keep_checkpoints,
             )
     if guard.stop_requested is None:
         return last
     found = list_checkpoints(run_dir)
-    if state.step > 0:
+    if state.step > 0 and is_main:
         save_adapter(model, run_dir, a_config)
     raise Interrupted(guard.stop_requested, state.step, run_dir, found[-1] if found else None)
+
+
+def _silent(*_args, **_kw) -> None:
+    """The log of ranks other than 0."""
 
 
 def main(argv: list[str] | None = None) -> None:

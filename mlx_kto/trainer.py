@@ -1,8 +1,9 @@
 """The KTO training loop: compiled step, accumulation, schedule, eval, checkpoints.
 
-Per micro-batch: reference log-probs (adapter off, through ReferenceScorer, so
-a cache can answer), the policy's KL-sequence log-probs (no gradient), then one
-compiled forward/backward of the policy on the main sequences.
+Per optimizer step (`step.run_step`): for each micro-batch, reference log-probs (adapter
+off, through ReferenceScorer, so a cache can answer) and the policy's KL-sequence log-probs
+(no gradient); the KL reference point over the step (and every rank); then one compiled
+forward/backward of the policy per micro-batch on the main sequences.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from pathlib import Path
+from typing import NamedTuple
 
 from mlx_kto import fastops
 from mlx_kto.batches import Batch, iterate_batches, num_batches
 from mlx_kto.checkpoint import save_checkpoint
 from mlx_kto.config import KTOConfig
+from mlx_kto.distributed import Dist, sum_gradients
 from mlx_kto.logprobs import (
     active_streams,
     compiled_sequence_logps,
@@ -29,6 +32,7 @@ from mlx_kto.logprobs import (
 from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
 from mlx_kto.reference import ReferenceScorer
 from mlx_kto.run_dir import append_line, truncate_metrics
+from mlx_kto.step import global_batch_size, iterate_steps, run_step
 from mlx_kto.train_guard import RunGuard, keep_finite_update
 
 import mlx.core as mx
@@ -66,11 +70,12 @@ def make_schedule(cfg: KTOConfig, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def total_steps(cfg: KTOConfig, n_train_rows: int) -> int:
+def total_steps(cfg: KTOConfig, n_train_rows: int, world_size: int = 1) -> int:
+    """Optimizer steps: one per global batch (micro-batch x accumulation x ranks rows)."""
     if cfg.iters:
         return cfg.iters
-    per_epoch = num_batches(n_train_rows, cfg.batch_size, _min_batch(cfg))
-    return max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accumulation_steps))
+    per_epoch = num_batches(n_train_rows, global_batch_size(cfg, world_size), _min_batch(cfg))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
 
 
 def _min_batch(cfg: KTOConfig) -> int:
@@ -151,7 +156,7 @@ def evaluate(
     for i, (_, _, batch) in enumerate(
         iterate_batches(
             rows,
-            cfg.batch_size,
+            max(cfg.batch_size, _min_batch(cfg)),  # a 1-row micro-batch has no KL estimate
             seed=cfg.seed,
             shuffle=False,
             pad_multiple=cfg.pad_multiple,
@@ -192,45 +197,61 @@ class MetricsLog:
         self.f.close()
 
 
-def make_train_step(
-    model: nn.Module, optimizer: optim.Optimizer, cfg: KTOConfig, desirable_weight: float
-):
-    """One micro-batch of training, `train_step(batch, scorer, prev_grad, do_update) ->
-    (loss, metrics, grad, norm)` (lazy arrays; the caller evaluates them):
+class StepFns(NamedTuple):
+    """What `step.run_step` calls: the no-grad KL forward, one weighted gradient pass (with the
+    update on the last micro-batch) and the bare update (a rank with no rows in a step)."""
 
-    1. reference log-probs of the sequences and KL sequences (`scorer`: cache or one batched
-       adapter-off forward, eager, outside every compiled function);
-    2. the policy's KL-sequence log-probs, no gradient (compiled on its own);
-    3. the compiled policy forward/backward on the main sequences, gradient accumulation
-       (`prev_grad`), and on the last micro-batch (`do_update`) averaging, clipping and AdamW.
+    kl_forward: Callable  # (model, batch) -> [B] or None
+    # (batch, ref, z, weight, prev_grad, do_update) -> (loss, metrics, grad, norm)
+    grad_step: Callable
+    update: Callable  # (grad, loss=None) -> norm
+
+
+def make_step_fns(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    cfg: KTOConfig,
+    desirable_weight: float,
+    dist: Dist | None = None,
+) -> StepFns:
+    """The pieces of one optimizer step (lazy arrays; the caller evaluates them):
+
+    1. `kl_forward`: the policy's KL-sequence log-probs, no gradient (compiled on its own);
+    2. `grad_step`: the compiled policy forward/backward on the main sequences with a given
+       reference point z (no gradient) and row weight w, accumulated onto `prev_grad`:
+       g += w ∇ mean(L); on the last micro-batch (`do_update`) the sum over ranks, clipping
+       and AdamW. The weights of a step sum to 1 over every rank (`mlx_kto.step`).
     Call inside `fast_paths(model)` (as `train_loop` does) for the CPU backend's fast paths."""
-    accum = cfg.grad_accumulation_steps
+    dist = dist or Dist()
     loss_kw = _loss_kwargs(cfg, desirable_weight)
 
-    def loss_fn(model, tokens, mask, labels, ref, kl_pol, kl_ref, head_start):
+    def loss_fn(model, tokens, mask, labels, ref, z, weight, head_start):
         pol = sequence_logps(model, tokens, mask, for_grad=True, head_start=head_start)
-        return kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
+        loss, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        return weight * loss, metrics
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def step(tokens, mask, labels, ref, kl_pol, kl_ref, head_start, prev_grad, do_update):
-        (loss, metrics), grad = loss_and_grad(
-            model, tokens, mask, labels, ref, kl_pol, kl_ref, head_start
-        )
+    def update(grad, loss=None):
+        grad = sum_gradients(grad, dist)
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
+        else:
+            norm = optim.clip_grad_norm(grad, float("inf"))[1]
+        # A non-finite loss or gradient never reaches the weights (train_guard.py); the norm
+        # is over the gradient summed across ranks, so every rank makes the same choice.
+        keep_finite_update(model, optimizer, grad, mx.array(0.0) if loss is None else loss, norm)
+        return norm
+
+    def step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
+        (_, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, z, weight, head_start)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         norm = mx.array(0.0)
         if do_update:
-            if accum > 1:
-                grad = tree_map(lambda g: g / accum, grad)
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                grad, norm = optim.clip_grad_norm(grad, cfg.max_grad_norm)
-            else:
-                norm = optim.clip_grad_norm(grad, float("inf"))[1]
-            # A non-finite loss or gradient never reaches the weights (train_guard.py).
-            keep_finite_update(model, optimizer, grad, loss, norm)
+            norm = update(grad, metrics["loss"])
             grad = None
-        return loss, metrics, grad, norm
+        return metrics["loss"], metrics, grad, norm
 
     kl_forward = policy_kl_logps
     eager_step = step
@@ -253,24 +274,41 @@ def make_train_step(
 
         kl_forward = _compiled_kl_forward(model)
 
-    def train_step(batch: Batch, scorer: ReferenceScorer, prev_grad, do_update: bool):
-        ref, ref_kl = scorer(batch)
-        kl_pol = kl_forward(model, batch) if cfg.loss_type == "kto" else None
-        if kl_pol is not None:
-            # Evaluated first, on its own: left lazy, MLX interleaves it with the policy's
-            # forward, more activations live at once, and the step is ~25% slower on CPU.
-            mx.eval(kl_pol)
+    def grad_step(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
         return step(
             batch.tokens,
             batch.mask,
             batch.labels,
             ref,
-            kl_pol,
-            ref_kl,
+            z,
+            weight,
             batch.head_start,  # a Python int: a compile-time constant (retraced per value)
             prev_grad,
             do_update,
         )
+
+    return StepFns(kl_forward, grad_step, update)
+
+
+def make_train_step(
+    model: nn.Module, optimizer: optim.Optimizer, cfg: KTOConfig, desirable_weight: float
+):
+    """One micro-batch on its own, `train_step(batch, scorer, prev_grad, do_update) ->
+    (loss, metrics, grad, norm)` (lazy; for benchmarks and tests): reference log-probs,
+    the no-grad KL forward, z of this micro-batch alone, and the gradient pass weighted
+    1 / grad_accumulation_steps. `train_loop` runs whole steps through `step.run_step`."""
+    fns = make_step_fns(model, optimizer, cfg, desirable_weight)
+    weight = mx.array(1.0 / cfg.grad_accumulation_steps, dtype=mx.float32)
+
+    def train_step(batch: Batch, scorer: ReferenceScorer, prev_grad, do_update: bool):
+        ref, ref_kl = scorer(batch)
+        z = None
+        if cfg.loss_type == "kto":
+            kl_pol = fns.kl_forward(model, batch)
+            mx.eval(kl_pol)  # on its own: see step.run_step
+            diff = kl_pol.astype(mx.float32) - ref_kl.astype(mx.float32)
+            z = mx.maximum(diff.mean(), 0.0)
+        return fns.grad_step(batch, ref, z, weight, prev_grad, do_update)
 
     return train_step
 
@@ -294,34 +332,38 @@ def train_loop(
     probe=None,
     callbacks=None,
     guard: RunGuard | None = None,
+    dist: Dist | None = None,
 ) -> dict:
     """Run optimizer steps state.step..n_steps; returns the last step's metrics.
     `probe(step, record, n_steps)` (judge.probes) may add diversity figures to a record;
-    `callbacks` (a reporting.Callback) hears of every step, evaluation and save."""
+    `callbacks` (a reporting.Callback) hears of every step, evaluation and save.
+    With several ranks (`dist`), only rank 0 writes metrics, checkpoints and adapters."""
     from mlx_kto.model import save_adapter
     from mlx_kto.reporting import Callback, ref_step_stats, show_bar, throughput
 
     cb = callbacks if callbacks is not None else Callback()
 
+    dist = dist or Dist()
     with_kl = cfg.loss_type == "kto"
-    accum = cfg.grad_accumulation_steps
-    train_step = make_train_step(model, optimizer, cfg, desirable_weight)
+    fns = make_step_fns(model, optimizer, cfg, desirable_weight, dist)
     guard = guard or RunGuard(cfg, run_dir, log)
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
-    batches = iterate_batches(
+    metrics_log = None
+    if dist.is_main:
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
+    steps = iterate_steps(
         train_rows,
-        cfg.batch_size,
-        seed=cfg.seed,
+        cfg,
+        dist,
         start_epoch=state.epoch,
         start_batch=state.batch,
-        pad_multiple=cfg.pad_multiple,
         pad_id=pad_id,
         with_kl=with_kl,
         min_size=_min_batch(cfg),
     )
+    dist.hint = f"resume from the last checkpoint with --resume {run_dir}"
     bar = None
-    if progress and not cfg.quiet and show_bar():  # piped output: plain lines instead
+    if progress and not cfg.quiet and dist.is_main and show_bar():  # piped: plain lines
         from tqdm import tqdm
 
         bar = tqdm(total=n_steps, initial=state.step, desc="kto", dynamic_ncols=True, leave=True)
@@ -330,26 +372,20 @@ def train_loop(
     last = {}
     mx.reset_peak_memory()
     t_window, tok_window, steps_window = time.perf_counter(), 0, 0
-    per_epoch = num_batches(len(train_rows), cfg.batch_size, _min_batch(cfg))
+    per_epoch = num_batches(len(train_rows), global_batch_size(cfg, dist.size), _min_batch(cfg))
     epoch_ref = scorer.stats()
     while state.step < n_steps:
         guard.begin_step(model, optimizer, state)
         t0 = time.perf_counter()
         ref_s0, ref_before = scorer.seconds, scorer.stats()
-        grad, agg, ntoks = None, None, 0
-        # Dropout randomness is a function of (seed, step), so a resumed run replays it.
-        mx.random.seed(cfg.seed * 1_000_003 + state.step)
-        for micro in range(accum):
-            epoch, bidx, batch = next(batches)
-            loss, metrics, grad, norm = train_step(batch, scorer, grad, micro == accum - 1)
-            mx.eval(loss, metrics, grad, norm, model.trainable_parameters(), optimizer.state)
-            m = metrics_to_floats(metrics)
-            agg = m if agg is None else merge_metrics(agg, m)
-            ntoks += batch.ntoks
-            state.epoch, state.batch = epoch, bidx + 1
-            if bidx + 1 == per_epoch:  # an epoch ended: report its reference-pass work
-                epoch_ref = _log_epoch_ref(epoch, scorer.stats(), epoch_ref, log, bar)
-        skipped = guard.check(state.step + 1, loss, norm)  # raises Diverged after too many
+        # Dropout randomness is a function of (seed, step, rank), so a resumed run replays it.
+        mx.random.seed(cfg.seed * 1_000_003 + state.step + 7919 * dist.rank)
+        data = next(steps)
+        agg, norm, ntoks = run_step(data, scorer, fns, model, optimizer, cfg, dist, with_kl)
+        state.epoch, state.batch = data.epoch, data.index + 1
+        if data.index + 1 == per_epoch:  # an epoch ended: report its reference-pass work
+            epoch_ref = _log_epoch_ref(data.epoch, scorer.stats(), epoch_ref, log, bar)
+        skipped = guard.check(state.step + 1, agg["loss"], norm)  # raises Diverged if too many
         state.step += 1
         state.trained_tokens += ntoks
         dt = time.perf_counter() - t0
@@ -359,7 +395,7 @@ def train_loop(
             "epoch": round(state.epoch + state.batch / per_epoch, 4),  # fractional, as TRL
             **agg,
             "lr": float(optimizer.learning_rate),
-            "grad_norm": float(norm),
+            "grad_norm": norm,
             **({"skipped": True} if skipped else {}),
             "tokens": ntoks,
             "step_time": round(dt, 4),
@@ -379,22 +415,28 @@ def train_loop(
             cb.on_eval(state.step, ev)
         if probe is not None:
             probe(state.step, record, n_steps)
-        metrics_log.write(record)
-        cb.on_step(record)
+        if metrics_log is not None:
+            metrics_log.write(record)
+            cb.on_step(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(_postfix(record), refresh=False)
-        elif state.step % cfg.steps_per_report == 0 or state.step == n_steps:
+        elif dist.is_main and (state.step % cfg.steps_per_report == 0 or state.step == n_steps):
             tput = throughput(tok_window, time.perf_counter() - t_window, steps_window)
             log(f"step {state.step}/{n_steps} {_postfix(record, tput)}")
             t_window, tok_window, steps_window = time.perf_counter(), 0, 0
-        if cfg.steps_per_save and state.step % cfg.steps_per_save == 0 and state.step < n_steps:
+        if (
+            dist.is_main
+            and cfg.steps_per_save
+            and state.step % cfg.steps_per_save == 0
+            and state.step < n_steps
+        ):
             save_checkpoint(
                 run_dir,
                 state.step,
                 model,
                 optimizer,
-                _ckpt_state(state, cfg),
+                _ckpt_state(state, cfg, dist),
                 adapter_config,
                 keep=cfg.keep_checkpoints,
             )
@@ -405,26 +447,29 @@ def train_loop(
     if bar is not None:
         bar.close()
     # The final state is always checkpointed so `--resume` can extend a finished run.
-    save_checkpoint(
-        run_dir,
-        state.step,
-        model,
-        optimizer,
-        _ckpt_state(state, cfg),
-        adapter_config,
-        keep=cfg.keep_checkpoints,
-    )
-    cb.on_save(state.step, run_dir)
-    metrics_log.close()
+    if dist.is_main:
+        save_checkpoint(
+            run_dir,
+            state.step,
+            model,
+            optimizer,
+            _ckpt_state(state, cfg, dist),
+            adapter_config,
+            keep=cfg.keep_checkpoints,
+        )
+        cb.on_save(state.step, run_dir)
+        metrics_log.close()
     return last
 
 
-def _ckpt_state(state: TrainState, cfg: KTOConfig) -> dict:
+def _ckpt_state(state: TrainState, cfg: KTOConfig, dist: Dist | None = None) -> dict:
     return {
         "epoch": state.epoch,
-        "batch": state.batch,
+        "batch": state.batch,  # next global batch (micro-batch x accumulation x ranks rows)
         "trained_tokens": state.trained_tokens,
         "seed": cfg.seed,
+        "world_size": dist.size if dist else 1,
+        "global_batch": global_batch_size(cfg, dist.size if dist else 1),
         "config": cfg.to_dict(),
         **state.meta,
     }

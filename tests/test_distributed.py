@@ -1,0 +1,189 @@
+"""Data parallel over mx.distributed (ring backend, 2 ranks on loopback): the adapter equals a
+single-process run with the same global batch; a killed rank ends the run with one line and
+its last checkpoint resumes; a hung rank trips the watchdog; resume checks the world size."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx_kto
+from mlx_kto.checkpoint import list_checkpoints
+from mlx_kto.config import make_config
+from mlx_kto.errors import UserError
+from mlx_kto.train import train
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_step import _write_feedback
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+ROOT = Path(mlx_kto.__file__).resolve().parents[1]
+
+pytestmark = [
+    pytest.mark.slow,  # several processes: ~1-2 min on a busy 2-core machine
+    pytest.mark.skipif(
+        not mx.distributed.is_available("ring"), reason="this mlx build has no ring backend"
+    ),
+]
+
+
+def _free_base_port(n=2) -> int:
+    """A port p with p .. p+n-1 free on 127.0.0.1 (the ring backend listens on each)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _args(model, data, out, **kw):
+    base = dict(
+        model=model, data=data, adapter_path=out, iters=4, learning_rate=1e-3, warmup_steps=0,
+        lora_rank=4, steps_per_eval=0, max_length=64, quiet=True, seed=0,
+    )  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def _flags(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dp") / "train.jsonl"
+    _write_feedback(path, n=48)
+    return path
+
+
+def test_two_ranks_with_mlx_launch_equal_one_process(tiny_llama, data, tmp_path):
+    """mlx.launch -n 2 (ring, 127.0.0.1), micro-batch 1 x accumulation 2 per rank, against one
+    process with micro-batch 4: the same global batch of 4 rows, the same adapter."""
+    one = train(
+        make_config(None, **_args(str(tiny_llama), str(data), str(tmp_path / "one"), batch_size=4)),
+        log=lambda *_: None,
+    )
+    two_dir = tmp_path / "two"
+    args = _args(str(tiny_llama), str(data), str(two_dir), batch_size=1)
+    args["grad_accumulation_steps"] = 2
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--hosts", "127.0.0.1"]
+    cmd += ["-p", str(_free_base_port()), "--", sys.executable, "-m", "mlx_kto.train"]
+    p = subprocess.run(cmd + _flags(args), env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout + p.stderr
+    assert "data parallel: 2 ranks, global batch 4 rows" in out
+    assert out.count("adapter saved") == 1  # rank 0 alone speaks and writes
+    a = mx.load(str(one.adapter_path / "adapters.safetensors"))
+    b = mx.load(str(two_dir / "adapters.safetensors"))
+    assert max(float(mx.abs(v).max()) for k, v in a.items() if "lora_b" in k) > 1e-3
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=0, atol=2e-5)
+    lines = [json.loads(x) for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    ones = [json.loads(x) for x in one.metrics_path.read_text().splitlines()]
+    assert max(r["kl"] for r in ones) > 0.1  # z > 0 shaped some updates
+    for r, o in zip(lines, ones):
+        for key in ("loss", "kl", "rewards/accuracy", "count/chosen", "grad_norm", "tokens"):
+            assert r[key] == pytest.approx(o[key], rel=1e-4, abs=1e-6), key
+    ckpt = json.loads((list_checkpoints(two_dir)[-1] / "trainer_state.json").read_text())
+    assert ckpt["world_size"] == 2 and ckpt["global_batch"] == 4
+
+
+def _start_ranks(args: dict, log_dir: Path, tag: str):
+    """Both ranks as mlx.launch starts local ones (MLX_RANK + an MLX_HOSTFILE), by hand, so
+    the test holds each rank's pid."""
+    base = _free_base_port()
+    hostfile = log_dir / f"hosts_{tag}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+    procs = []
+    for rank in range(2):
+        env = _env() | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
+        out = open(log_dir / f"{tag}_{rank}.log", "w")
+        cmd = [sys.executable, "-m", "mlx_kto.train", *_flags(args)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for_checkpoint(run_dir: Path, after: int, procs, timeout=180) -> int:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        steps = [int(c.name.split("_")[1]) for c in list_checkpoints(run_dir)]
+        if steps and max(steps) > after:
+            return max(steps)
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+    raise AssertionError("no new checkpoint")
+
+
+def _finish(p, timeout=60) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("a rank hung after its peer went away") from None
+
+
+def test_killed_rank_ends_run_checkpoint_resumes_hung_rank_times_out(tiny_llama, data, tmp_path):
+    run = tmp_path / "run"
+    args = _args(str(tiny_llama), str(data), str(run), batch_size=2, iters=5000)
+    args |= {"steps_per_save": 2, "keep_checkpoints": 2, "distributed_timeout": 4}
+
+    # 1. kill -9 of rank 1: rank 0 stops within seconds, with one line naming the resume.
+    procs = _start_ranks(args, tmp_path, "a")
+    _wait_for_checkpoint(run, 0, procs)
+    procs[1].send_signal(signal.SIGKILL)
+    assert _finish(procs[0]) == 2
+    procs[1].wait()
+    last = (tmp_path / "a_0.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("error: distributed: rank 0 lost the connection to another rank")
+    assert f"--resume {run}" in last
+    k = int(list_checkpoints(run)[-1].name.split("_")[1])
+
+    # 2. Resuming with another world size is refused in one line.
+    with pytest.raises(UserError, match="2 rank\\(s\\); this run has 1"):
+        train(make_config(None, **{**args, "resume": str(run)}), log=lambda *_: None)
+
+    # 3. The same two ranks resume from the last checkpoint and go on.
+    procs = _start_ranks({**args, "resume": str(run)}, tmp_path, "b")
+    _wait_for_checkpoint(run, k, procs)
+    # 4. A rank that hangs (SIGSTOP: its socket stays open) trips rank 0's watchdog.
+    procs[1].send_signal(signal.SIGSTOP)
+    assert _finish(procs[0]) == 3
+    procs[1].kill()
+    procs[1].wait()
+    log_b = (tmp_path / "b_0.log").read_text()
+    assert f"resumed from {run / 'checkpoints' / f'step_{k:07d}'} at step {k}" in log_b
+    assert "rank 0 waited more than 4s for the other ranks" in log_b.strip().splitlines()[-1]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > k
