@@ -99,7 +99,7 @@ def measure(name, bits, gc, batch, tokens, blocks=None, dtype="float32") -> dict
     from mlx_kto.model import apply_lora
     from mlx_kto.step import StepData, run_step
     from mlx_kto.tokenize import Row, assign_kl_partners
-    from mlx_kto.trainer import fast_paths, make_step_fns
+    from mlx_kto.trainer import checkpoint_streams, fast_paths, make_step_fns
 
     import mlx.core as mx
     import mlx.nn as nn
@@ -152,7 +152,7 @@ def measure(name, bits, gc, batch, tokens, blocks=None, dtype="float32") -> dict
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    with fast_paths(model):
+    with fast_paths(model, checkpoint_streams(cfg)):  # as train_loop runs it
         run_step(data, warm_scorer, fns, model, opt, cfg, Dist(), True)
     dt = time.perf_counter() - t0
     peak = mx.get_peak_memory()
@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--max-step-s", type=float, default=240, help="skip cases predicted slower")
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--with-4bit", action="store_true", help="--blocks-sweep: 4-bit bases too")
+    ap.add_argument("--batch", type=int, default=1, help="--blocks-sweep: micro-batch rows")
+    ap.add_argument("--tokens", type=int, default=512, help="--blocks-sweep: tokens per row")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, this process
     ap.add_argument(
         "--blocks-sweep",
@@ -253,7 +255,8 @@ def blocks_sweep(args) -> None:
                 if time.monotonic() - t_start > args.budget_s:
                     print(json.dumps({"model": name, "skipped": "time budget spent"}))
                     continue
-                r = [_run_case((name, bits, gc, 1, 512, n, "float32")) for n in (1, 2)]
+                case = (name, bits, gc, args.batch, args.tokens)
+                r = [_run_case((*case, n, "float32")) for n in (1, 2)]
                 for x in r:
                     print(json.dumps(x), flush=True)
                 if any("error" in x for x in r):
@@ -266,8 +269,8 @@ def blocks_sweep(args) -> None:
                     "model": name,
                     "base": r[0]["base"],
                     "grad_checkpoint": gc,
-                    "batch": 1,
-                    "tokens": 512,
+                    "batch": args.batch,
+                    "tokens": args.tokens,
                     "dtype": "float32",
                     "per_block_gb": round(per_block, 4),
                     "peak_gb_full_depth": round(r[0]["peak_gb"] + (full - 1) * per_block, 3),

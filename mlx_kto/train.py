@@ -236,6 +236,14 @@ def _train_model(
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
+        from mlx_kto.logprobs import default_streams
+        from mlx_kto.trainer import checkpoint_streams
+
+        if default_streams() > 1 and checkpoint_streams(cfg) == 1:
+            log(
+                "grad checkpointing: rows run one after another on the CPU (rows in parallel "
+                "would keep most activations alive; MLX_KTO_CPU_STREAMS=N overrides)"
+            )
 
     state = TrainState(meta={"data_hash": rows_hash(train_rows)})
     if ckpt is not None:

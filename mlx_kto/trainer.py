@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,22 +102,35 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
 
 
 @contextmanager
-def fast_paths(model: nn.Module) -> Iterator[None]:
+def fast_paths(model: nn.Module, streams: int | None = None) -> Iterator[None]:
     """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
     already inside): every log-prob pass spreads its rows over one stream per core
     (`cpu_row_parallel`), and on x86 the model's attention and SwiGLU use fastops'
     arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
-    all run inside, so the policy and its reference compute the same way."""
-    with cpu_row_parallel(), fastops.fast_ops(model):
+    all run inside, so the policy and its reference compute the same way. `streams`
+    overrides the number of row streams (1 = rows one after another)."""
+    with cpu_row_parallel(streams), fastops.fast_ops(model):
         yield
 
 
+def checkpoint_streams(cfg) -> int | None:
+    """Row streams for a run: 1 with gradient checkpointing, unless $MLX_KTO_CPU_STREAMS says
+    otherwise. Rows on several CPU streams keep most per-block activations alive at once, so
+    checkpointing saved ~30% instead of ~85% of them (bench/RESULTS.md, memory on real shapes);
+    a user who asks for checkpointing wants the memory."""
+    if getattr(cfg, "grad_checkpoint", False) and not os.environ.get("MLX_KTO_CPU_STREAMS"):
+        return 1
+    return None
+
+
 def _with_fast_paths(fn):
-    """Run fn(model, ...) inside `fast_paths(model)`."""
+    """Run fn(model, cfg, ...) inside `fast_paths(model)` (one row stream when cfg asks for
+    gradient checkpointing: `checkpoint_streams`)."""
 
     @wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with fast_paths(model):
+        cfg = kwargs.get("cfg") or next((a for a in args if isinstance(a, KTOConfig)), None)
+        with fast_paths(model, checkpoint_streams(cfg)):
             return fn(model, *args, **kwargs)
 
     return wrapper
