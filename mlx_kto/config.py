@@ -157,6 +157,12 @@ class KTOConfig:
     )
     warmup_steps: int | None = _f(None, "Linear warmup steps, >= 0 (default: 10% of the steps).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_bias_correction: bool = _f(
+        False,
+        "AdamW bias correction, as torch and TRL apply it. Off is MLX's and mlx-lm's default, "
+        "whose first updates are then 3-6x larger at the same learning rate: turn it on to "
+        "reuse a learning rate tuned with TRL.",
+    )
     max_grad_norm: float = _f(1.0, "Clip the gradient to this global norm (0 disables).")
     seed: int = _f(0, "Seed (0 to 2**32-1) for data order, KL partners, LoRA init and dropout.")
     # LoRA

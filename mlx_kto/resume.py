@@ -35,6 +35,7 @@ SETUP_FIELDS = (
     "lr_schedule",
     "warmup_steps",
     "weight_decay",
+    "adam_bias_correction",
     "max_grad_norm",
     "seed",
     "lora_rank",

@@ -229,7 +229,9 @@ def _train_model(
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log, splits)
     n_steps = total_steps(cfg, len(train_rows), dist.size)
     optimizer = optim.AdamW(
-        learning_rate=make_schedule(cfg, n_steps), weight_decay=cfg.weight_decay
+        learning_rate=make_schedule(cfg, n_steps),
+        weight_decay=cfg.weight_decay,
+        bias_correction=cfg.adam_bias_correction,
     )
     optimizer.init(model.trainable_parameters())
     if cfg.grad_checkpoint:
