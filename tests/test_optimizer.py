@@ -3,10 +3,9 @@
 v = (1-b2) g^2, an element with a gradient moves by lr (1-b1)/sqrt(1-b2) = 3.16 lr without the
 correction and by lr with it (m/(1-b1) over sqrt(v/(1-b2)) = sign(g))."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 ROWS = [
     {"prompt": f"Q{i}: what now?", "completion": " Sure, here it is." if i % 2 else " No.",
