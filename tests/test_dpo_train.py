@@ -142,3 +142,16 @@ def test_unpaired_data_is_refused_by_name(tiny_llama, tmp_path):
     )
     with pytest.raises(UserError, match=r"fb.jsonl:1: loss_type dpo/ipo needs paired rows"):
         train(cfg_for(tiny_llama, bad, tmp_path / "out"), log=lambda *_: None)
+
+
+def test_eval_command_scores_a_dpo_adapter(tiny_llama, pair_dir, tmp_path):
+    from click.testing import CliRunner
+    from mlx_kto.cli import cli
+
+    res = train(cfg_for(tiny_llama, pair_dir, tmp_path, iters=6), log=lambda *_: None)
+    args = ["eval", "--model", str(tiny_llama), "--adapter-path", str(res.adapter_path)]
+    out = CliRunner().invoke(cli, [*args, "--data", str(pair_dir), "--max-length", "64"])
+    assert out.exit_code == 0, out.output
+    scores = json.loads(out.output[out.output.index("{") :])
+    assert scores["pairs"] == 8 and scores["rows"] == 16
+    assert scores["rewards/margins"] == pytest.approx(res.eval_metrics["rewards/margins"], rel=1e-4)
