@@ -30,6 +30,7 @@ from mlx_kto.dpo import (
     pair_batches_per_epoch,
     paired_loss,
 )
+from mlx_kto.logit_stats import logit_stats
 from mlx_kto.logprobs import (
     active_streams,
     compiled_sequence_logps,
@@ -434,6 +435,12 @@ def train_loop(
             "num_tokens": state.trained_tokens,  # TRL's name: tokens trained on so far
             **ref_step_stats(ref_before, scorer.stats()),  # this step's, and `_total`s
         }
+        if state.step % cfg.steps_per_report == 0 or state.step == n_steps:
+            # TRL's logits/chosen, logits/rejected, entropy: an extra no-grad forward on the
+            # step's last micro-batch, on reporting steps only (logit_stats.py)
+            if data.batches:
+                b = data.batches[-1]
+                record.update(logit_stats(model, b.tokens, b.mask, b.labels))
         last = record
         if cfg.steps_per_eval and valid_rows and state.step % cfg.steps_per_eval == 0:
             ev = evaluate(

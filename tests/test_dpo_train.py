@@ -64,6 +64,7 @@ def test_dpo_steps_raise_the_margin(tiny_llama, pair_dir, tmp_path):
     for k in DPO_KEYS:
         assert k in lines[-1] and k in res.eval_metrics
     assert "kl" not in lines[-1]  # no KL sequences for a paired loss
+    assert {"logits/chosen", "logits/rejected", "entropy"} <= lines[-1].keys()  # last step
     # 2 pairs per micro-batch: 4 sequences a step
     assert lines[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference
     assert res.eval_metrics["rewards/margins"] > 0.05
