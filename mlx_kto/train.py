@@ -320,7 +320,7 @@ def _train_model(
     ev = {}
     if valid_rows:
         ev = evaluate(model, valid_rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
-        keys = ("loss", "rewards/margins", "rewards/accuracy", "kl")
+        keys = ("loss", "rewards/margins", "rewards/accuracy", "rewards/accuracies", "kl")
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
         cb.on_eval(state.step, ev)
     log(f"adapter saved to {run_dir}")

@@ -528,7 +528,7 @@ def _log_epoch_ref(epoch: int, now: dict, before: dict, log, bar) -> dict:
 
 
 def _postfix(r: dict, tput: str | None = None) -> str:
-    parts = [f"loss {r['loss']:.4f}", f"kl {r.get('kl', 0):.3f}"]
+    parts = [f"loss {r['loss']:.4f}"] + ([f"kl {r['kl']:.3f}"] if "kl" in r else [])
     if "rewards/margins" in r:
         parts.append(f"margin {r['rewards/margins']:+.3f}")
     parts.append(tput or f"{r['tokens_per_sec']:.0f} tok/s (this step)")
@@ -545,5 +545,6 @@ def _fmt_eval(step: int, ev: dict) -> str:
         "rewards/rejected",
         "rewards/margins",
         "rewards/accuracy",
+        "rewards/accuracies",  # dpo/ipo (TRL DPOTrainer's name)
     )
     return f"eval @ {step}: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)
