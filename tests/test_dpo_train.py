@@ -146,8 +146,9 @@ def test_unpaired_data_is_refused_by_name(tiny_llama, tmp_path):
 
 
 def test_eval_command_scores_a_dpo_adapter(tiny_llama, pair_dir, tmp_path):
-    from click.testing import CliRunner
     from mlx_kto.cli import cli
+
+    from click.testing import CliRunner
 
     res = train(cfg_for(tiny_llama, pair_dir, tmp_path, iters=6), log=lambda *_: None)
     args = ["eval", "--model", str(tiny_llama), "--adapter-path", str(res.adapter_path)]
