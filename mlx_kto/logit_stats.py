@@ -20,26 +20,32 @@ def logit_stats(model, tokens: mx.array, mask: mx.array, labels: mx.array) -> di
     """{logits/chosen, logits/rejected, entropy} of the policy on one batch (no gradient).
     tokens, mask [B, T] (mask: completion tokens), labels [B] (True = chosen). A side with
     no rows is left out, as TRL logs nothing for it."""
+    from mlx_kto.logprobs import default_chunk_size, hidden_states, lm_head, vocab_size
+
+    head = lm_head(model)
     sums = {"chosen": 0.0, "rejected": 0.0, "entropy": 0.0}
     counts = {"chosen": 0.0, "rejected": 0.0, "entropy": 0.0}
     for s in range(0, tokens.shape[0], ROWS_PER_CHUNK):
         toks, m = tokens[s : s + ROWS_PER_CHUNK], mask[s : s + ROWS_PER_CHUNK, 1:]
         lab = labels[s : s + ROWS_PER_CHUNK].astype(mx.float32)[:, None]  # [b, 1]
-        z = mx.stop_gradient(model(toks[:, :-1])).astype(mx.float32)  # [b, T-1, V]
-        w = m.astype(mx.float32)  # [b, T-1]: position t-1 predicts completion token t
-        mean_z = z.mean(axis=-1)  # [b, T-1]
-        lse = mx.logsumexp(z, axis=-1, keepdims=True)  # [b, T-1, 1]
-        ent = lse[..., 0] - (mx.exp(z - lse) * z).sum(axis=-1)  # [b, T-1]
-        parts = [
-            (mean_z * w * lab).sum(), (w * lab).sum(),
-            (mean_z * w * (1 - lab)).sum(), (w * (1 - lab)).sum(),
-            (ent * w).sum(), w.sum(),
-        ]  # fmt: skip
-        mx.eval(parts)
-        v = [p.item() for p in parts]
-        for i, key in enumerate(("chosen", "rejected", "entropy")):
-            sums[key] += v[2 * i]
-            counts[key] += v[2 * i + 1]
+        h = mx.stop_gradient(hidden_states(model, toks[:, :-1]))  # [b, T-1, H] (or logits)
+        step = default_chunk_size(toks.shape[0], vocab_size(model)) or h.shape[1]
+        for p in range(0, h.shape[1], step):  # large vocabularies: a few positions at a time
+            z = head(h[:, p : p + step]).astype(mx.float32)  # [b, P, V]
+            w = m[:, p : p + step].astype(mx.float32)  # [b, P]: t-1 predicts completion token t
+            mean_z = z.mean(axis=-1)  # [b, P]
+            lse = mx.logsumexp(z, axis=-1, keepdims=True)  # [b, P, 1]
+            ent = lse[..., 0] - (mx.exp(z - lse) * z).sum(axis=-1)  # [b, P]
+            parts = [
+                (mean_z * w * lab).sum(), (w * lab).sum(),
+                (mean_z * w * (1 - lab)).sum(), (w * (1 - lab)).sum(),
+                (ent * w).sum(), w.sum(),
+            ]  # fmt: skip
+            mx.eval(parts)
+            v = [x.item() for x in parts]
+            for i, key in enumerate(("chosen", "rejected", "entropy")):
+                sums[key] += v[2 * i]
+                counts[key] += v[2 * i + 1]
     out = {}
     for key, name in (("chosen", "logits/chosen"), ("rejected", "logits/rejected")):
         if counts[key] > 0:

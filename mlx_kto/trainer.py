@@ -438,7 +438,7 @@ def train_loop(
         if state.step % cfg.steps_per_report == 0 or state.step == n_steps:
             # TRL's logits/chosen, logits/rejected, entropy: an extra no-grad forward on the
             # step's last micro-batch, on reporting steps only (logit_stats.py)
-            if data.batches:
+            if data.batches and dist.is_main:
                 b = data.batches[-1]
                 record.update(logit_stats(model, b.tokens, b.mask, b.labels))
         last = record

@@ -64,3 +64,19 @@ def test_kto_metrics_jsonl_has_trl_logit_keys(tiny_llama, tmp_path):
             assert (k in r) == reported, (k, r["step"])
         assert r["num_tokens"] > 0
     assert lines[-1]["entropy"] > 0
+
+
+def test_position_chunks_give_the_same_stats(lora_model, monkeypatch):
+    """Large vocabularies go through the head a few positions at a time: same numbers."""
+    import mlx_kto.logprobs as lp
+
+    model, _ = lora_model
+    rng = np.random.default_rng(1)
+    tokens = mx.array(rng.integers(3, 60, size=(3, 40)).astype(np.int32))
+    mask = mx.array(np.arange(40)[None, :].repeat(3, 0) >= 10)
+    labels = mx.array([True, False, True])
+    whole = logit_stats(model, tokens, mask, labels)
+    monkeypatch.setattr(lp, "default_chunk_size", lambda b, v: 7)
+    chunked = logit_stats(model, tokens, mask, labels)
+    for k in whole:
+        assert chunked[k] == pytest.approx(whole[k], rel=1e-5)
