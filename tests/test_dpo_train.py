@@ -157,3 +157,20 @@ def test_eval_command_scores_a_dpo_adapter(tiny_llama, pair_dir, tmp_path):
     scores = json.loads(out.output[out.output.index("{") :])
     assert scores["pairs"] == 8 and scores["rows"] == 16
     assert scores["rewards/margins"] == pytest.approx(res.eval_metrics["rewards/margins"], rel=1e-4)
+
+
+def test_cli_dpo_on_unpaired_file_is_one_line(tiny_llama, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "fb.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " yes", "label": true}\n' * 2)
+    args = ["train", "--model", str(tiny_llama), "--data", str(bad), "--loss-type", "dpo"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", *args, "--adapter-path", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "fb.jsonl:1" in err[0] and "paired" in err[0], p.stderr
+    assert "Traceback" not in p.stderr
