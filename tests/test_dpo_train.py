@@ -174,3 +174,22 @@ def test_cli_dpo_on_unpaired_file_is_one_line(tiny_llama, tmp_path):
     err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "fb.jsonl:1" in err[0] and "paired" in err[0], p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_dpo_resume_continues_exactly(tiny_llama, pair_dir, tmp_path):
+    """A DPO run resumed from its step-4 checkpoint (mid-epoch: 24 pairs, 2 per step) ends
+    with the straight run's adapter: the saved position is one of pair batches."""
+    from mlx_kto.checkpoint import list_checkpoints
+
+    kw = dict(iters=8, steps_per_save=4, compile=False)
+    straight = train(cfg_for(tiny_llama, pair_dir, tmp_path / "a", **kw), log=lambda *_: None)
+    first = list_checkpoints(tmp_path / "a")[0]
+    assert first.name == "step_0000004"
+    resumed = train(
+        cfg_for(tiny_llama, pair_dir, tmp_path / "c", resume=str(first), **kw),
+        log=lambda *_: None,
+    )
+    a = mx.load(str(straight.adapter_path / "adapters.safetensors"))
+    c = mx.load(str(resumed.adapter_path / "adapters.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(c[k]), atol=1e-5, rtol=1e-4)
