@@ -73,7 +73,9 @@ def test_dpo_steps_raise_the_margin(tiny_llama, pair_dir, tmp_path):
 
 
 def test_ipo_trains(tiny_llama, pair_dir, tmp_path):
-    res = train(cfg_for(tiny_llama, pair_dir, tmp_path, loss_type="ipo", iters=3), log=print)
+    res = train(
+        cfg_for(tiny_llama, pair_dir, tmp_path, loss_type="ipo", iters=3), log=lambda *_: None
+    )
     assert res.steps == 3 and np.isfinite(res.final_metrics["loss"])
 
 
@@ -193,3 +195,11 @@ def test_dpo_resume_continues_exactly(tiny_llama, pair_dir, tmp_path):
     c = mx.load(str(resumed.adapter_path / "adapters.safetensors"))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(c[k]), atol=1e-5, rtol=1e-4)
+
+
+def test_split_pairs_keeps_each_micro_batch_chosen_then_rejected():
+    from mlx_kto.dpo import split_pairs
+
+    # a global batch of 5 pairs (c_i = i, r_i = 10 + i) over 2 ranks, micro-batches of 2 pairs
+    shards = split_pairs([0, 1, 2, 3, 4, 10, 11, 12, 13, 14], world=2, micro=2)
+    assert shards == [[[0, 1, 10, 11], [2, 12]], [[3, 4, 13, 14]]]
