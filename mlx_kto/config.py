@@ -17,7 +17,7 @@ from typing import Any
 
 from mlx_kto.errors import UserError
 
-LOSS_TYPES = ("kto", "apo_zero_unpaired")
+LOSS_TYPES = ("kto", "apo_zero_unpaired", "dpo", "ipo")
 KL_ESTIMATES = ("step", "micro_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts (affine mode)
@@ -109,7 +109,8 @@ class KTOConfig:
     # KTO objective
     loss_type: str = _f(
         "kto",
-        "Loss: 'kto' or 'apo_zero_unpaired' (no KL term; allows micro-batch 1).",
+        "Loss: 'kto', 'apo_zero_unpaired' (no KL term; allows micro-batch 1), or the paired "
+        "baselines 'dpo' / 'ipo' (prompt/chosen/rejected data; --batch-size counts pairs).",
         choices=LOSS_TYPES,
     )
     beta: float = _f(0.1, "KTO beta: scale of the implied reward (paper: 0.1 close to best).")

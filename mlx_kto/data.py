@@ -59,6 +59,7 @@ class Example:
     where: str = ""  # "path:line" (jsonl) or "path[index]" (json), for messages
     tools: list | None = None  # forwarded to apply_chat_template
     chat_template_kwargs: dict | None = None
+    paired: bool = False  # one side of a prompt/chosen/rejected row (its partner shares `where`)
 
     @property
     def conversational(self) -> bool:
@@ -246,7 +247,10 @@ def parse_row(row: Any, where: str) -> tuple[list[Example], bool]:
             if _is_empty(value):
                 why = "" if "prompt" in row else " after removing the prompt it shares"
                 raise UserError(f"{where}: '{field}' is empty{why}")
-        return [ex(prompt, chosen, True), ex(prompt, rejected, False)], True
+        pair = [ex(prompt, chosen, True), ex(prompt, rejected, False)]
+        for e in pair:
+            e.paired = True  # DPO finds the two sides again by `where` (pairs.find_pairs)
+        return pair, True
 
     if "messages" in row:
         for field in ("prompt", "completion"):

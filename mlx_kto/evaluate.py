@@ -153,5 +153,9 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
     scorer = make_scorer(cfg, model, frozen, model_path, log=quiet)
     out = evaluate(model, rows, cfg, scorer, float(dw), cfg.eval_batches, pad_id)
     out["rows"] = len(rows)
+    if cfg.loss_type in ("dpo", "ipo"):  # rows are the two sides of each pair
+        from mlx_kto.pairs import find_pairs
+
+        out["pairs"] = len(find_pairs(rows)[0])
     out["split"] = name
     return out

@@ -45,6 +45,7 @@ class Row:
     kl_completion_ids: list[int] = field(default_factory=list)  # partner's, already truncated
     where: str = ""
     kl_partner: int = -1  # index (in the list given to assign_kl_partners) of the KL partner
+    paired: bool = False  # one side of a paired data row (Example.paired)
 
     @property
     def tokens(self) -> list[int]:
@@ -242,7 +243,15 @@ def tokenize_examples(
             if len(completion_ids) > room:
                 completion_ids = completion_ids[:room]
                 stats.n_truncated += 1
-        rows.append(Row(prompt_ids, completion_ids, bool(ex.label), where=ex.where))
+        rows.append(
+            Row(
+                prompt_ids,
+                completion_ids,
+                bool(ex.label),
+                where=ex.where,
+                paired=getattr(ex, "paired", False),
+            )
+        )
     stats.n_kept = len(rows)
     return rows, stats
 

@@ -101,6 +101,10 @@ def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
         )
     if cfg.loss_type == "kto":
         assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
+    if cfg.loss_type in ("dpo", "ipo"):
+        from mlx_kto.dpo import check_pairs
+
+        check_pairs(rows, name, log)  # unpaired data: one line naming the row
     return rows
 
 
@@ -227,7 +231,7 @@ def _train_model(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log, splits)
-    n_steps = total_steps(cfg, len(train_rows), dist.size)
+    n_steps = total_steps(cfg, len(train_rows), dist.size, rows=train_rows)
     optimizer = optim.AdamW(
         learning_rate=make_schedule(cfg, n_steps),
         weight_decay=cfg.weight_decay,
@@ -326,7 +330,7 @@ def _train_model(
     ev = {}
     if valid_rows:
         ev = evaluate(model, valid_rows, cfg, scorer, dw, cfg.eval_batches, pad_id)
-        keys = ("loss", "rewards/margins", "rewards/accuracy", "kl")
+        keys = ("loss", "rewards/margins", "rewards/accuracy", "rewards/accuracies", "kl")
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
         cb.on_eval(state.step, ev)
     log(f"adapter saved to {run_dir}")

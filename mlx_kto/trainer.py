@@ -24,6 +24,14 @@ from mlx_kto.batches import Batch, iterate_batches, num_batches
 from mlx_kto.checkpoint import save_checkpoint
 from mlx_kto.config import KTOConfig
 from mlx_kto.distributed import Dist, sum_gradients
+from mlx_kto.dpo import (
+    is_paired,
+    iterate_pair_batches,
+    iterate_pair_steps,
+    pair_batches_per_epoch,
+    paired_loss,
+)
+from mlx_kto.logit_stats import logit_stats
 from mlx_kto.logprobs import (
     active_streams,
     compiled_sequence_logps,
@@ -71,12 +79,21 @@ def make_schedule(cfg: KTOConfig, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def total_steps(cfg: KTOConfig, n_train_rows: int, world_size: int = 1) -> int:
-    """Optimizer steps: one per global batch (micro-batch x accumulation x ranks rows)."""
+def total_steps(cfg: KTOConfig, n_train_rows: int, world_size: int = 1, rows=None) -> int:
+    """Optimizer steps: one per global batch (micro-batch x accumulation x ranks rows; pairs
+    for dpo/ipo, which need the tokenized `rows` to count them)."""
     if cfg.iters:
         return cfg.iters
-    per_epoch = num_batches(n_train_rows, global_batch_size(cfg, world_size), _min_batch(cfg))
-    return max(1, math.ceil(per_epoch * cfg.epochs))
+    return max(1, math.ceil(batches_per_epoch(cfg, n_train_rows, world_size, rows) * cfg.epochs))
+
+
+def batches_per_epoch(cfg: KTOConfig, n_train_rows: int, world_size: int, rows=None) -> int:
+    size = global_batch_size(cfg, world_size)
+    if is_paired(cfg):
+        if rows is None:
+            raise ValueError("dpo/ipo: batches_per_epoch needs the rows to count pairs")
+        return pair_batches_per_epoch(rows, size)
+    return num_batches(n_train_rows, size, _min_batch(cfg))
 
 
 def _min_batch(cfg: KTOConfig) -> int:
@@ -162,13 +179,16 @@ def evaluate(
     max_batches: int = -1,
     pad_id: int = 0,
 ) -> dict:
-    """KTO loss, rewards, margins, kl and reward accuracy over `rows` (eval mode)."""
+    """KTO loss, rewards, margins, kl and reward accuracy over `rows` (eval mode); for
+    dpo/ipo the paired loss and TRL DPOTrainer's metrics over every pair of `rows`."""
     with_kl = cfg.loss_type == "kto"
     was_training = model.training
     model.eval()
     total = None
-    for i, (_, _, batch) in enumerate(
-        iterate_batches(
+    if is_paired(cfg):
+        batches = iterate_pair_batches(rows, cfg.batch_size, cfg.pad_multiple, pad_id)
+    else:
+        batches = (b for _, _, b in iterate_batches(
             rows,
             max(cfg.batch_size, _min_batch(cfg)),  # a 1-row micro-batch has no KL estimate
             seed=cfg.seed,
@@ -178,16 +198,19 @@ def evaluate(
             with_kl=with_kl,
             min_size=_min_batch(cfg),
             loop=False,
-        )
-    ):
+        ))  # fmt: skip
+    for i, batch in enumerate(batches):
         if max_batches > 0 and i >= max_batches:
             break
         ref, ref_kl = scorer(batch)
         pol = sequence_logps(model, batch.tokens, batch.mask, head_start=batch.head_start)
-        kl_pol = policy_kl_logps(model, batch)
-        _, metrics = kto_loss(
-            pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight)
-        )
+        if is_paired(cfg):
+            _, metrics = paired_loss(pol, ref, batch.mask, cfg)
+        else:
+            kl_pol = policy_kl_logps(model, batch)
+            _, metrics = kto_loss(
+                pol, ref, kl_pol, ref_kl, batch.labels, **_loss_kwargs(cfg, desirable_weight)
+            )
         m = metrics_to_floats(metrics)
         total = m if total is None else merge_metrics(total, m)
     model.train(was_training)
@@ -238,10 +261,14 @@ def make_step_fns(
     Call inside `fast_paths(model)` (as `train_loop` does) for the CPU backend's fast paths."""
     dist = dist or Dist()
     loss_kw = _loss_kwargs(cfg, desirable_weight)
+    paired = is_paired(cfg)
 
     def loss_fn(model, tokens, mask, labels, ref, z, weight, head_start):
         pol = sequence_logps(model, tokens, mask, for_grad=True, head_start=head_start)
-        loss, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        if paired:  # rows [chosen..., rejected...]; z is KTO's alone (None here)
+            loss, metrics = paired_loss(pol, ref, mask, cfg)
+        else:
+            loss, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
         return weight * loss, metrics
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -365,16 +392,19 @@ def train_loop(
     metrics_log = None
     if dist.is_main:
         metrics_log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=state.step)
-    steps = iterate_steps(
-        train_rows,
-        cfg,
-        dist,
-        start_epoch=state.epoch,
-        start_batch=state.batch,
-        pad_id=pad_id,
-        with_kl=with_kl,
-        min_size=_min_batch(cfg),
-    )
+    if is_paired(cfg):
+        steps = iterate_pair_steps(train_rows, cfg, dist, state.epoch, state.batch, pad_id)
+    else:
+        steps = iterate_steps(
+            train_rows,
+            cfg,
+            dist,
+            start_epoch=state.epoch,
+            start_batch=state.batch,
+            pad_id=pad_id,
+            with_kl=with_kl,
+            min_size=_min_batch(cfg),
+        )
     dist.hint = f"resume from the last checkpoint with --resume {run_dir}"
     bar = None
     if progress and not cfg.quiet and dist.is_main and show_bar():  # piped: plain lines
@@ -386,7 +416,7 @@ def train_loop(
     last = {}
     mx.reset_peak_memory()
     t_window, tok_window, steps_window = time.perf_counter(), 0, 0
-    per_epoch = num_batches(len(train_rows), global_batch_size(cfg, dist.size), _min_batch(cfg))
+    per_epoch = batches_per_epoch(cfg, len(train_rows), dist.size, train_rows)
     epoch_ref = scorer.stats()
     while state.step < n_steps:
         guard.begin_step(model, optimizer, state)
@@ -419,6 +449,12 @@ def train_loop(
             "num_tokens": state.trained_tokens,  # TRL's name: tokens trained on so far
             **ref_step_stats(ref_before, scorer.stats()),  # this step's, and `_total`s
         }
+        if state.step % cfg.steps_per_report == 0 or state.step == n_steps:
+            # TRL's logits/chosen, logits/rejected, entropy: an extra no-grad forward on the
+            # step's last micro-batch, on reporting steps only (logit_stats.py)
+            if data.batches and dist.is_main:
+                b = data.batches[-1]
+                record.update(logit_stats(model, b.tokens, b.mask, b.labels))
         last = record
         if cfg.steps_per_eval and valid_rows and state.step % cfg.steps_per_eval == 0:
             ev = evaluate(
@@ -506,7 +542,7 @@ def _log_epoch_ref(epoch: int, now: dict, before: dict, log, bar) -> dict:
 
 
 def _postfix(r: dict, tput: str | None = None) -> str:
-    parts = [f"loss {r['loss']:.4f}", f"kl {r.get('kl', 0):.3f}"]
+    parts = [f"loss {r['loss']:.4f}"] + ([f"kl {r['kl']:.3f}"] if "kl" in r else [])
     if "rewards/margins" in r:
         parts.append(f"margin {r['rewards/margins']:+.3f}")
     parts.append(tput or f"{r['tokens_per_sec']:.0f} tok/s (this step)")
@@ -523,5 +559,6 @@ def _fmt_eval(step: int, ev: dict) -> str:
         "rewards/rejected",
         "rewards/margins",
         "rewards/accuracy",
+        "rewards/accuracies",  # dpo/ipo (TRL DPOTrainer's name)
     )
     return f"eval @ {step}: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev)

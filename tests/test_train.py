@@ -205,7 +205,7 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
     "overrides, match",
     [
         ({"batch_size": 1}, "apo_zero_unpaired"),
-        ({"loss_type": "dpo"}, "loss_type"),
+        ({"loss_type": "orpo"}, "loss_type"),
         ({"quantize": 7}, "quantize"),
         ({"desirable_weight": "lots"}, "desirable_weight"),
     ],
