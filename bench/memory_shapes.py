@@ -99,7 +99,7 @@ def measure(name, bits, gc, batch, tokens, blocks=None, dtype="float32") -> dict
     from mlx_kto.model import apply_lora
     from mlx_kto.step import StepData, run_step
     from mlx_kto.tokenize import Row, assign_kl_partners
-    from mlx_kto.trainer import checkpoint_streams, fast_paths, make_step_fns
+    from mlx_kto.trainer import checkpoint_paths, fast_paths, make_step_fns
 
     import mlx.core as mx
     import mlx.nn as nn
@@ -152,7 +152,7 @@ def measure(name, bits, gc, batch, tokens, blocks=None, dtype="float32") -> dict
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    with fast_paths(model, checkpoint_streams(cfg)):  # as train_loop runs it
+    with fast_paths(model, **checkpoint_paths(cfg)):  # as train_loop runs it
         run_step(data, warm_scorer, fns, model, opt, cfg, Dist(), True)
     dt = time.perf_counter() - t0
     peak = mx.get_peak_memory()

@@ -242,13 +242,12 @@ def _train_model(
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-        from mlx_kto.logprobs import default_streams
-        from mlx_kto.trainer import checkpoint_streams
+        from mlx_kto.trainer import checkpoint_paths
 
-        if default_streams() > 1 and checkpoint_streams(cfg) == 1:
+        if checkpoint_paths(cfg) and mx.default_device() == mx.cpu:
             log(
-                "grad checkpointing: rows run one after another on the CPU (rows in parallel "
-                "would keep most activations alive; MLX_KTO_CPU_STREAMS=N overrides)"
+                "grad checkpointing: the CPU fast paths that keep activations alive are off "
+                "(row streams, arithmetic exp; MLX_KTO_CPU_STREAMS / MLX_KTO_FAST_EXP override)"
             )
 
     state = TrainState(meta={"data_hash": rows_hash(train_rows)})

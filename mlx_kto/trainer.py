@@ -119,35 +119,44 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
 
 
 @contextmanager
-def fast_paths(model: nn.Module, streams: int | None = None) -> Iterator[None]:
+def fast_paths(
+    model: nn.Module, streams: int | None = None, fast_exp: bool | None = None
+) -> Iterator[None]:
     """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
     already inside): every log-prob pass spreads its rows over one stream per core
     (`cpu_row_parallel`), and on x86 the model's attention and SwiGLU use fastops'
     arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
     all run inside, so the policy and its reference compute the same way. `streams`
-    overrides the number of row streams (1 = rows one after another)."""
-    with cpu_row_parallel(streams), fastops.fast_ops(model):
+    overrides the number of row streams (1 = rows one after another), `fast_exp` the
+    arithmetic exp (False = MLX's own ops)."""
+    with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
         yield
 
 
-def checkpoint_streams(cfg) -> int | None:
-    """Row streams for a run: 1 with gradient checkpointing, unless $MLX_KTO_CPU_STREAMS says
-    otherwise. Rows on several CPU streams keep most per-block activations alive at once, so
-    checkpointing saved ~30% instead of ~85% of them (bench/RESULTS.md, memory on real shapes);
+def checkpoint_paths(cfg) -> dict:
+    """`fast_paths` options for a run with gradient checkpointing: one row stream and MLX's
+    own attention / SwiGLU, unless $MLX_KTO_CPU_STREAMS / $MLX_KTO_FAST_EXP say otherwise.
+    Both fast paths keep per-block activations alive and so undo checkpointing (a 4-block
+    probe: 912 MB with fastops, 654 MB without, 929 MB not checkpointed; bench/RESULTS.md);
     a user who asks for checkpointing wants the memory."""
-    if getattr(cfg, "grad_checkpoint", False) and not os.environ.get("MLX_KTO_CPU_STREAMS"):
-        return 1
-    return None
+    if not getattr(cfg, "grad_checkpoint", False):
+        return {}
+    out = {}
+    if not os.environ.get("MLX_KTO_CPU_STREAMS"):
+        out["streams"] = 1
+    if os.environ.get("MLX_KTO_FAST_EXP") not in ("0", "1"):
+        out["fast_exp"] = False
+    return out
 
 
 def _with_fast_paths(fn):
-    """Run fn(model, cfg, ...) inside `fast_paths(model)` (one row stream when cfg asks for
-    gradient checkpointing: `checkpoint_streams`)."""
+    """Run fn(model, cfg, ...) inside `fast_paths(model)` (without the fast paths that undo
+    gradient checkpointing when cfg asks for it: `checkpoint_paths`)."""
 
     @wraps(fn)
     def wrapper(model, *args, **kwargs):
         cfg = kwargs.get("cfg") or next((a for a in args if isinstance(a, KTOConfig)), None)
-        with fast_paths(model, checkpoint_streams(cfg)):
+        with fast_paths(model, **checkpoint_paths(cfg)):
             return fn(model, *args, **kwargs)
 
     return wrapper

@@ -219,15 +219,19 @@ def test_tensorboard_writer_and_missing_package_message(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_grad_checkpoint_runs_rows_on_one_stream(tiny_llama, tmp_path, monkeypatch, checkpoint):
-    """Rows on several CPU streams keep most activations alive, which defeats gradient
-    checkpointing: a checkpointed run uses one stream (MLX_KTO_CPU_STREAMS still overrides)."""
-    from mlx_kto import KTOTrainer
+def test_grad_checkpoint_turns_off_the_cpu_fast_paths(
+    tiny_llama, tmp_path, monkeypatch, checkpoint
+):
+    """Row streams and fastops keep per-block activations alive, which defeats gradient
+    checkpointing: a checkpointed run uses one stream and MLX's own ops (the environment
+    variables still override)."""
+    from mlx_kto import KTOTrainer, fastops
     from mlx_kto.logprobs import active_streams
 
     from mlx_lm import load
 
     monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
+    monkeypatch.delenv("MLX_KTO_FAST_EXP", raising=False)
     monkeypatch.setattr("mlx_kto.logprobs.default_streams", lambda: 2)
     seen, lines = [], []
     model, tok = load(str(tiny_llama))
@@ -235,7 +239,8 @@ def test_grad_checkpoint_runs_rows_on_one_stream(tiny_llama, tmp_path, monkeypat
         model, tok, train_dataset=rows(8),
         args={**ARGS, "iters": 2, "steps_per_eval": 0, "steps_per_save": 0,
               "grad_checkpoint": checkpoint, "adapter_path": str(tmp_path / "run")},
-        model_path=tiny_llama, on_step=lambda r: seen.append(active_streams()), log=lines.append,
+        model_path=tiny_llama, on_step=lambda r: seen.append((active_streams(), fastops.active())), log=lines.append,
     ).train()  # fmt: skip
-    assert seen == ([0, 0] if checkpoint else [2, 2])  # 0: no row-parallel context at all
+    # (0, False): no row-parallel context at all, MLX's own attention and SwiGLU
+    assert seen == [(0, False)] * 2 if checkpoint else [(2, fastops.wanted())] * 2
     assert any("grad checkpointing" in str(line) for line in lines) == checkpoint

@@ -414,6 +414,14 @@ def test_choice_fields_are_known():
 @pytest.mark.parametrize("name, value", _choice_cases())
 def test_every_choice_runs(tiny_llama, data, tmp_path, name, value):
     kw = {name: value, "iters": 2, "warmup_steps": 0, "q_group_size": 32}
+    if name == "loss_type" and value in ("dpo", "ipo"):  # paired losses train on pairs
+        data = tmp_path / "pairs"
+        data.mkdir()
+        pairs = [
+            {"prompt": f"Question {i}?", "chosen": " Gladly, here it is.", "rejected": " No."}
+            for i in range(16)
+        ]
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     if name == "dtype" and value in ("float16", "bfloat16"):
         kw.update(iters=1, batch_size=2, max_length=32)  # half-precision matmuls are slow on CPU
     res = train(cfg_for(tiny_llama, data, tmp_path / "run", **kw), **QUIET)
