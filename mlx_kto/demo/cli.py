@@ -30,7 +30,8 @@ import click
     default=None,
     help="Samples per held-out question.  [default: 16; 6 with --quick]",
 )
-def demo(out, steps, seed, quick, samples):
+@click.option("--real", is_flag=True, help="KTO on SmolLM2-135M-Instruct's own replies (its GGUF).")
+def demo(out, steps, seed, quick, samples, real):
     """Train the shipped tiny model on shipped feedback and show what changed.
 
     No download, no data of your own: a tiny Llama that answers politely, tersely
@@ -40,6 +41,12 @@ def demo(out, steps, seed, quick, samples):
     metrics.jsonl and training.png. `mlx-kto train` with no --model/--data runs
     the same demo.
     """
+    if real:
+        from mlx_kto.demo.real import RealDemoSizes, run_real_demo
+
+        sizes = RealDemoSizes(steps=steps) if steps else RealDemoSizes()
+        run_real_demo(out or "kto-demo-real", sizes, seed or 0, echo=click.echo)
+        return
     from mlx_kto.demo.run import run_demo
 
     run_demo(
