@@ -30,7 +30,11 @@ import click
     default=None,
     help="Samples per held-out question.  [default: 16; 6 with --quick]",
 )
-@click.option("--real", is_flag=True, help="KTO on SmolLM2-135M-Instruct's own replies (its GGUF).")
+@click.option(
+    "--real",
+    is_flag=True,
+    help="Experimental: KTO on SmolLM2-135M-Instruct's own replies (its GGUF); untuned.",
+)
 def demo(out, steps, seed, quick, samples, real):
     """Train the shipped tiny model on shipped feedback and show what changed.
 
