@@ -372,9 +372,9 @@ def run_guarded(
     line. A first signal ends the loop after its step (checkpointed by the loop); a second
     abandons the step in flight: the last completed step is restored and checkpointed. Either
     way the adapter is saved (by rank 0) and `Interrupted` (exit 130 / 143) raised."""
-    from mlx_kto.checkpoint import list_checkpoints, save_checkpoint
+    from mlx_kto.checkpoint import list_checkpoints
     from mlx_kto.model import save_adapter
-    from mlx_kto.trainer import _ckpt_state
+    from mlx_kto.trainer import checkpoint_step
 
     is_main = dist is None or dist.is_main
     try:
@@ -385,15 +385,7 @@ def run_guarded(
             raise
         guard.snapshot.restore(model, optimizer, state)
         if state.step > 0 and is_main:
-            save_checkpoint(
-                run_dir,
-                state.step,
-                model,
-                optimizer,
-                _ckpt_state(state, cfg, dist),
-                a_config,
-                keep=cfg.keep_checkpoints,
-            )
+            checkpoint_step(run_dir, state, model, optimizer, cfg, a_config, dist)
     if guard.stop_requested is None:
         return last
     found = list_checkpoints(run_dir)

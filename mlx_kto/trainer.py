@@ -490,15 +490,7 @@ def train_loop(
             and state.step % cfg.steps_per_save == 0
             and state.step < n_steps
         ):
-            save_checkpoint(
-                run_dir,
-                state.step,
-                model,
-                optimizer,
-                _ckpt_state(state, cfg, dist),
-                adapter_config,
-                keep=cfg.keep_checkpoints,
-            )
+            checkpoint_step(run_dir, state, model, optimizer, cfg, adapter_config, dist)
             save_adapter(model, run_dir, adapter_config)
             cb.on_save(state.step, run_dir)
         if guard.stop_requested:  # SIGINT / SIGTERM: the final checkpoint below, then exit
@@ -507,18 +499,25 @@ def train_loop(
         bar.close()
     # The final state is always checkpointed so `--resume` can extend a finished run.
     if dist.is_main:
-        save_checkpoint(
-            run_dir,
-            state.step,
-            model,
-            optimizer,
-            _ckpt_state(state, cfg, dist),
-            adapter_config,
-            keep=cfg.keep_checkpoints,
-        )
+        checkpoint_step(run_dir, state, model, optimizer, cfg, adapter_config, dist)
         cb.on_save(state.step, run_dir)
         metrics_log.close()
     return last
+
+
+def checkpoint_step(
+    run_dir: Path, state: TrainState, model, optimizer, cfg: KTOConfig, adapter_config, dist=None
+) -> None:
+    """Checkpoint the last completed step (pruned to cfg.keep_checkpoints)."""
+    save_checkpoint(
+        run_dir,
+        state.step,
+        model,
+        optimizer,
+        _ckpt_state(state, cfg, dist),
+        adapter_config,
+        keep=cfg.keep_checkpoints,
+    )
 
 
 def _ckpt_state(state: TrainState, cfg: KTOConfig, dist: Dist | None = None) -> dict:
