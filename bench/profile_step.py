@@ -46,11 +46,26 @@ FAMILIES = [
     ("exp (libm / mlx simd)", r"simd::exp|__fmaf|^libm\.so.* (__)?expf?"),
     ("softmax / logsumexp", r"[Ss]oftmax|LogSumExp|logsumexp"),
     ("reductions", r"reduction_op|[Rr]educe|arg_reduce|ArgReduce"),
-    ("copies / gather / scatter", r"copy_|[Gg]ather|[Ss]catter|memcpy|memmove|[Cc]oncatenate|[Pp]ad|[Ss]lice"),
-    ("elementwise, unfused (binary/unary/ternary)", r"binary_op|unary_op|ternary_op|[Bb]inary|[Uu]nary"),
-    ("allocation / page faults", r"malloc|_int_free|cfree|memset|clear_page|page_fault|do_anonymous|mmap|munmap|madvise|handle_mm_fault|zap_|folio|memcg|alloc"),
-    ("python / graph building", r"^libpython|^python|_PyEval|nanobind|^libmlx\.so mlx::core::(array|eval|detail|simplify|compile|Primitive)"),
-    ("kernel: scheduling / idle", r"\[kernel\.kallsyms\] .*(sched|switch|futex|idle|irq|tick|wake)"),
+    (
+        "copies / gather / scatter",
+        r"copy_|[Gg]ather|[Ss]catter|memcpy|memmove|[Cc]oncatenate|[Pp]ad|[Ss]lice",
+    ),
+    (
+        "elementwise, unfused (binary/unary/ternary)",
+        r"binary_op|unary_op|ternary_op|[Bb]inary|[Uu]nary",
+    ),
+    (
+        "allocation / page faults",
+        r"malloc|_int_free|cfree|memset|clear_page|page_fault|do_anonymous|mmap|munmap|madvise|handle_mm_fault|zap_|folio|memcg|alloc",
+    ),
+    (
+        "python / graph building",
+        r"^libpython|^python|_PyEval|nanobind|^libmlx\.so mlx::core::(array|eval|detail|simplify|compile|Primitive)",
+    ),
+    (
+        "kernel: scheduling / idle",
+        r"\[kernel\.kallsyms\] .*(sched|switch|futex|idle|irq|tick|wake)",
+    ),
     ("kernel (other)", r"\[kernel\.kallsyms\]"),
 ]
 
@@ -88,7 +103,9 @@ def child(args) -> None:
             rows, args.batch_size, seed=0, pad_multiple=16, with_kl=True, loop=False
         )
     ]
-    ns = argparse.Namespace(batch_size=args.batch_size, seed=0, grad_checkpoint=False, baseline=False)
+    ns = argparse.Namespace(
+        batch_size=args.batch_size, seed=0, grad_checkpoint=False, baseline=False
+    )
     with tempfile.TemporaryDirectory(prefix="mlx_kto_prof_") as tmp:
         run, _, scorers = kto_runner(model_path, ns, Path(tmp))
         scorer = scorers["kto_warm"]
