@@ -132,8 +132,12 @@ def _with_vjp(forward, backward):
 
         @fn.vjp
         def vjp(primals, cotangents, outputs):
+            x, g = _one(primals), _one(cotangents)
+            # A new node for x: in a compiled step, CSE would otherwise share the backward's
+            # recomputation (silu's sigmoid) with the forward and keep it alive until here.
+            x = mx.depends(x, g)
             with mx.stream(stream):
-                return backward(_one(primals), _one(cotangents), _one(outputs))
+                return backward(x, g, _one(outputs))
 
         return fn
 
@@ -148,8 +152,9 @@ def _with_vjp(forward, backward):
     return call
 
 
-# Each piece compiled on its own: fused kernels also when the step around them runs eager
-# (trainer.make_train_step on CPU streams), inlined when it is compiled.
+# Each piece compiled on its own: fused kernels in forward-only passes and in backward passes,
+# inlined into a compiled caller. Inside an eager value_and_grad their inputs are tracers and
+# MLX runs them op by op (mx.compile falls back); trainer._grouped compiles the step instead.
 _softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp = map(
     mx.compile, (_softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp)
 )

@@ -318,9 +318,9 @@ def make_step_fns(
         compiled_step = fastops.per_mode(make_compiled)
 
         def step(*args):
-            # Rows on several CPU streams: the eager step (its elementwise pieces compiled in
-            # fastops) keeps both cores busy where the whole-step trace leaves a sixth of the
-            # time idle, ~10% faster on the bench model (bench/ablation.py).
+            # Rows on several CPU streams: the eager step keeps both cores busy where the
+            # whole-step trace leaves a sixth of the time idle (bench/ablation.py); for KTO
+            # `_grouped` below replaces it with one compiled trace per stream's rows.
             if active_streams() > 1:
                 return eager_step(*args)
             return compiled_step(*args)
