@@ -162,24 +162,17 @@ def _dlogits_kept(e: mx.array, s: mx.array, targets: mx.array, g: mx.array) -> m
     return _dlogits(e * (1.0 / s), targets, g)
 
 
-@mx.compile
-def _shifted_exp_fast(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(m, exp(logits - m), sum) with m the row max, fastops' arithmetic exp fused in."""
-    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-    e = fastops.exp_nonpos(logits - m)  # [B, C, V]
-    return m, e, e.sum(axis=-1, keepdims=True)
-
-
 def _shifted_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    if fastops.active():  # x86 CPU: MLX's exp is scalar there (fastops.py)
-        return _shifted_exp_fast(logits)
+    """(m, exp(logits - m), sum) with m the row max: MLX's exp, as `mx.logsumexp` forms it,
+    so that the policy's forward and the reference's logsumexp agree bit for bit (rewards are
+    exactly 0 before the first update)."""
     m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
     e = mx.exp(logits - m)  # [B, C, V]
     return m, e, e.sum(axis=-1, keepdims=True)
 
 
 def _logsumexp(logits: mx.array) -> mx.array:
-    return fastops.logsumexp(logits) if fastops.active() else mx.logsumexp(logits, axis=-1)
+    return mx.logsumexp(logits, axis=-1)
 
 
 def _softmax(logits: mx.array) -> mx.array:

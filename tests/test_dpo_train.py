@@ -132,7 +132,9 @@ def test_micro_batches_and_accumulation_give_the_same_step(tiny_llama, pair_dir,
     (a0, m0), rest = adapters[0], adapters[1:]
     for a, m in rest:
         assert m["loss"] == pytest.approx(m0["loss"], rel=1e-4)
-        assert m["rewards/accuracies"] == pytest.approx(m0["rewards/accuracies"])
+        # Before the first update the rewards are 0 up to float noise between batch shapes
+        # (BLAS blocking), so accuracy (a strict > on ties) is noise; the margins are not.
+        assert m["rewards/margins"] == pytest.approx(m0["rewards/margins"], abs=1e-4)
         for k in a0:
             np.testing.assert_allclose(np.array(a[k]), np.array(a0[k]), rtol=1e-3, atol=1e-5)
 
