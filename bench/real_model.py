@@ -1,6 +1,6 @@
 """A real model: KTO steps (cold and warm reference) vs an mlx-lm LoRA SFT step on SmolLM2.
 
-    .venv/bin/python bench/real_model.py [--gguf PATH] [--rows 16] [--batch-size 4]
+    .venv/bin/python bench/real_model.py [--gguf PATH] [--rows 12] [--batch-size 4]
 
 SmolLM2-135M-Instruct from its Q4_1 GGUF (`bash .ci/fetch_smollm2.sh`), loaded the way
 `mlx-kto train --model file.gguf` loads it (mlx_kto.model.load_base: Q4_1/Q8_0 kept
@@ -88,7 +88,7 @@ def tokenized_rows(gguf: Path, n: int, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", help="the SmolLM2 GGUF (default: the test assets' copy)")
-    ap.add_argument("--rows", type=int, default=16, help="rows (timed batches = rows / batch)")
+    ap.add_argument("--rows", type=int, default=12, help="rows (timed batches = rows / batch)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
