@@ -7,6 +7,11 @@
 
 The prompts are one pool of short "what/why/how" questions (`PROMPTS`); every fourth is
 held out (`split_prompts`), so held-out prompts are of the same kind as the training ones.
+Prompts the base model answered with "The" in 7+ of 8 samples were left out of the pool: the
+preference shows in some replies, not most (measured: 31% of the training replies).
+
+Learning rate 2e-4 (20 steps of 8): at 2e-3 the policy left the reference so far (rewards -10
+to -20) that it wrote gibberish, and the share moved by chance (README, "A real model").
 """
 
 from __future__ import annotations
