@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import fastops, logprobs  # noqa: E402
+from mlx_kto import fastops  # noqa: E402
 from mlx_kto.convert.gguf_base import load_gguf_tokenizer  # noqa: E402
 from mlx_kto.data import examples_from_rows  # noqa: E402
 from mlx_kto.demo.real import smollm2_gguf  # noqa: E402
@@ -107,7 +107,6 @@ def main() -> None:
         "rows": len(rows),
         "batch_size": args.batch_size,
         "mean_tokens_per_row": round(sum(len(r.tokens) for r in rows) / len(rows), 1),
-        "cpu_streams": logprobs.default_streams(),
         "fast_exp": fastops.wanted(),
         **run,
         "floor": f"warm_over_sft <= {FLOOR:.1f} (1.2 x SFT x 3/2)",

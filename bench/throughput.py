@@ -316,6 +316,8 @@ def measure(model_path: Path, rows, args, max_length: int = MAX_LENGTH):
 
     with tempfile.TemporaryDirectory(prefix="mlx_kto_tp_") as tmp:
         kto, kto_bytes, scorers = kto_runner(model_path, args, Path(tmp), max_length)
+        with trainer.fast_paths(scorers["kto_warm"].model):  # the row streams KTO steps use
+            streams = max(logprobs.active_streams(), 1)
         sft, sft_bytes = sft_runner(model_path, args)
         fm = FlopModel(scorers["kto_warm"].model)
         sft_batches = [sft_batch(rows, b.index) for b in batches]
@@ -351,6 +353,7 @@ def measure(model_path: Path, rows, args, max_length: int = MAX_LENGTH):
         for p in ("kto_cold", "kto_warm")
     }
     run = {
+        "cpu_streams": streams,
         "timed_batches": len(batches),
         "warmup_s": round(warmup_s, 1),
         "matmul_gflops_best": round(rate / 1e9, 1),
