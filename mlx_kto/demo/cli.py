@@ -34,7 +34,7 @@ import click
     "--real",
     is_flag=True,
     help="KTO on SmolLM2-135M-Instruct's own replies (its GGUF): it learns to open replies "
-    'with "The" (~4-5 min on a 2-core CPU).',
+    'with "The" (~3 min on a 2-core CPU).',
 )
 def demo(out, steps, seed, quick, samples, real):
     """Train the shipped tiny model on shipped feedback and show what changed.
