@@ -66,6 +66,9 @@ def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
 
 
 def train(train_args: list[str]) -> dict:
+    from mlx_kto import _torchless
+
+    _torchless.block()  # as `python -m mlx_kto.train` does
     import mlx_kto.train as mlx_train
     from mlx_kto import trainer
 

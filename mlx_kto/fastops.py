@@ -153,6 +153,41 @@ def _with_vjp(forward, backward):
 _softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp = map(
     mx.compile, (_softmax, _softmax_vjp, _logsumexp, _logsumexp_vjp, _silu, _silu_vjp)
 )
+
+
+def _causal_softmax_fns(scale: float):
+    """(forward, backward) of softmax(where(causal, scale * x, -inf)) over x [..., L, S], each
+    compiled: the mask, the scale, the exp and the normalisation fused (eager, the mask's
+    select and the scale's multiply were passes of their own over [B, H, L, S], forward and
+    backward). Query row i keeps keys j <= i + S - L.
+
+        dx = scale * y * (g - sum(g * y))   (masked entries: y = 0, so dx = 0)"""
+
+    def forward(x: mx.array) -> mx.array:
+        L, S = x.shape[-2:]
+        keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
+        xf = mx.where(keep, x.astype(mx.float32) * scale, -mx.inf)
+        e = exp_nonpos(xf - mx.max(xf, axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+    def backward(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
+        yf, gf = y.astype(mx.float32), g.astype(mx.float32)
+        return (scale * yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(x.dtype)
+
+    return mx.compile(forward), mx.compile(backward)
+
+
+_CAUSAL: dict[float, Callable] = {}
+
+
+def causal_softmax(x: mx.array, scale: float) -> mx.array:
+    """softmax over the last axis of scale * x with a causal mask (x [..., L, S]: the L queries
+    are the last L of the S keys), in x's dtype."""
+    if scale not in _CAUSAL:
+        _CAUSAL[scale] = _with_vjp(*_causal_softmax_fns(scale))
+    return _CAUSAL[scale](x)
+
+
 softmax = _with_vjp(_softmax, _softmax_vjp)
 softmax.__doc__ = """softmax over the last axis, in x's dtype (float32 inside)."""
 logsumexp = _with_vjp(_logsumexp, _logsumexp_vjp)
@@ -173,14 +208,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     rep = Hq // Hkv
-    q = (q * scale).reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
-    scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unsupported attention mask {mask!r}")
-        keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
-        scores = mx.where(keep, scores, -mx.inf)
-    elif mask is not None and mask.dtype == mx.bool_:
+        # The scale and the mask go inside the fused softmax (no passes of their own).
+        q = q.reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
+        scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
+        probs = causal_softmax(scores, scale).reshape(B, Hkv, rep, L, S)
+        return (probs @ v[:, :, None]).reshape(B, Hq, L, D)
+    q = (q * scale).reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
+    scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
+    if mask is not None and mask.dtype == mx.bool_:
         scores = mx.where(mask, scores, -mx.inf)
     elif mask is not None:
         scores = scores + mask.astype(scores.dtype)

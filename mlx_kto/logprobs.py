@@ -136,7 +136,7 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
     logits = head(h).astype(mx.float32)  # [B, C, V]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    return picked - mx.logsumexp(logits, axis=-1)
+    return picked - _logsumexp(logits)
 
 
 def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
@@ -149,6 +149,41 @@ def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
     iota = mx.arange(probs.shape[-1], dtype=targets.dtype)  # [V]
     onehot = iota == targets[..., None]  # [B, C, V] (fused, never materialised when compiled)
     return g[..., None] * (onehot.astype(probs.dtype) - probs)
+
+
+# The LM head's elementwise passes over [B, C, V], each compiled into one fused kernel (they also
+# run this way when the step around them is eager: trainer.make_train_step on CPU streams).
+_dlogits_fused = mx.compile(_dlogits)
+
+
+@mx.compile
+def _dlogits_kept(e: mx.array, s: mx.array, targets: mx.array, g: mx.array) -> mx.array:
+    """`_dlogits` with softmax = e / s from the forward (e [B, C, V], s [B, C, 1])."""
+    return _dlogits(e * (1.0 / s), targets, g)
+
+
+@mx.compile
+def _shifted_exp_fast(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(m, exp(logits - m), sum) with m the row max, fastops' arithmetic exp fused in."""
+    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+    e = fastops.exp_nonpos(logits - m)  # [B, C, V]
+    return m, e, e.sum(axis=-1, keepdims=True)
+
+
+def _shifted_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    if fastops.active():  # x86 CPU: MLX's exp is scalar there (fastops.py)
+        return _shifted_exp_fast(logits)
+    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+    e = mx.exp(logits - m)  # [B, C, V]
+    return m, e, e.sum(axis=-1, keepdims=True)
+
+
+def _logsumexp(logits: mx.array) -> mx.array:
+    return fastops.logsumexp(logits) if fastops.active() else mx.logsumexp(logits, axis=-1)
+
+
+def _softmax(logits: mx.array) -> mx.array:
+    return fastops.softmax(logits) if fastops.active() else mx.softmax(logits, axis=-1)
 
 
 class _Head:
@@ -198,20 +233,21 @@ def _head_target_logps(
         logits = proj.logits(h, params)  # [B, C, V]
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         if keep_probs:
-            m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-            e = mx.exp(logits - m)  # [B, C, V]
-            s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
+            m, e, s = _shifted_exp(logits)  # [B, C, 1], [B, C, V], [B, C, 1]
             return picked - (m + mx.log(s)).squeeze(-1), e, s
-        return picked - mx.logsumexp(logits, axis=-1), logits, logits
+        return picked - _logsumexp(logits), logits, logits
 
     @fn.vjp
     def fn_vjp(primals, cotangents, outputs):
         h, *params = (primals,) if isinstance(primals, mx.array) else primals
         _, a, b = outputs
         with mx.stream(stream):
-            # softmax as autograd through logsumexp forms it: the gradients agree bit for bit
-            probs = a * (1.0 / b) if keep_probs else mx.softmax(a, axis=-1)  # [B, C, V]
-            d_h, d_params = proj.vjp(h, params, _dlogits(probs, targets, cotangents[0]))
+            # softmax as autograd through logsumexp forms it (e * (1 / s))
+            if keep_probs:
+                d_logits = _dlogits_kept(a, b, targets, cotangents[0])  # [B, C, V]
+            else:
+                d_logits = _dlogits_fused(_softmax(a), targets, cotangents[0])
+            d_h, d_params = proj.vjp(h, params, d_logits)
         proj.restore(params)
         return (d_h, *d_params) if params else d_h
 
@@ -248,8 +284,8 @@ def _chunked_target_logps(
             d_h, d_params = [], [mx.zeros_like(p) for p in params]
             for s, e in bounds:
                 hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-                probs = mx.softmax(proj.logits(hs, params), axis=-1)  # [B, C, V]
-                d_logits = _dlogits(probs, targets[:, s:e], g[:, s:e])
+                probs = _softmax(proj.logits(hs, params))  # [B, C, V]
+                d_logits = _dlogits_fused(probs, targets[:, s:e], g[:, s:e])
                 d_hs, d_ps = proj.vjp(hs, params, d_logits)
                 d_h.append(d_hs)
                 d_params = [a + b for a, b in zip(d_params, d_ps, strict=True)]
@@ -333,6 +369,23 @@ def cpu_row_parallel(n: int | None = None) -> Iterator[int]:
         _STREAMS = []
         if prev is not None:
             _blas_threads(prev)
+
+
+def row_streams() -> list:
+    """The streams of the current `cpu_row_parallel` context (empty: off)."""
+    return list(_STREAMS)
+
+
+@contextmanager
+def rows_unsplit() -> Iterator[None]:
+    """Within the context, log-prob passes keep their rows on the current stream (for a
+    caller that spreads row groups over the streams itself: trainer's grouped step)."""
+    global _STREAMS
+    saved, _STREAMS = _STREAMS, []
+    try:
+        yield
+    finally:
+        _STREAMS = saved
 
 
 def token_logps(

@@ -157,6 +157,9 @@ def _summary_writer():
     except ImportError:
         pass
     try:
+        from mlx_kto import _torchless
+
+        _torchless.allow()  # a command process keeps torch out until it is needed
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter

@@ -11,6 +11,11 @@ from functools import partial
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+
+if __name__ == "__main__":  # `python -m mlx_kto.train`: keep torch out (_torchless.py)
+    from mlx_kto import _torchless
+
+    _torchless.block()
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
 from mlx_kto.resume import absolute_paths, check_unchanged, rows_hash  # noqa: E402

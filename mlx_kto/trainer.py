@@ -33,9 +33,12 @@ from mlx_kto.dpo import (
 )
 from mlx_kto.logit_stats import logit_stats
 from mlx_kto.logprobs import (
+    _row_groups,
     active_streams,
     compiled_sequence_logps,
     cpu_row_parallel,
+    row_streams,
+    rows_unsplit,
     sequence_logps,
 )
 from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
@@ -333,6 +336,8 @@ def make_step_fns(
             return compiled_step(*args)
 
         kl_forward = _compiled_kl_forward(model)
+        if not paired and os.environ.get("MLX_KTO_GROUPED_STEP") != "0":
+            step = _grouped(step, model, optimizer, loss_kw, update)
 
     def grad_step(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
         return step(
@@ -348,6 +353,73 @@ def make_step_fns(
         )
 
     return StepFns(kl_forward, grad_step, update)
+
+
+grouped_steps_run = 0  # micro-batches the grouped step has run (tests, benchmarks)
+
+
+def _grouped(step, model: nn.Module, optimizer, loss_kw: dict, update) -> Callable:
+    """`step` for rows spread over CPU streams: each stream's row group runs its own compiled
+    forward + backward (fused elementwise kernels, as in the reference forward), and the
+    gradients are summed. Inside an eager value_and_grad MLX runs compiled pieces uncompiled
+    (their inputs are tracers), so the eager step's forward was op by op; one whole-step
+    trace instead leaves cores idle (bench/RESULTS.md). Given z (no gradient) the KTO loss
+    is a mean of per-row terms, so with row group g of b_g rows out of B
+
+        ∇ (1/B) Σ_i L_i = Σ_g ∇ (b_g / B) mean_{i in g} L_i.
+
+    Falls back to `step` off the CPU streams. $MLX_KTO_GROUPED_STEP=0 turns it off."""
+    state = [model.state, mx.random.state]
+
+    def group_loss(model, tokens, mask, labels, ref, z, scale, head_start):
+        pol = sequence_logps(model, tokens, mask, for_grad=True, head_start=head_start)
+        loss, _ = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        return scale * loss, pol
+
+    group_value_and_grad = nn.value_and_grad(model, group_loss)
+
+    def make():
+        @partial(mx.compile, inputs=state, outputs=state)
+        def group(tokens, mask, labels, ref, z, scale, head_start):
+            (_, pol), grad = group_value_and_grad(
+                model, tokens, mask, labels, ref, z, scale, head_start
+            )
+            return pol, grad
+
+        return group
+
+    made: dict[tuple, Callable] = {}  # one trace cache per (stream, fastops mode)
+
+    def grouped(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
+        B = tokens.shape[0]
+        streams = row_streams()
+        groups = _row_groups(B)
+        if len(groups) < 2:
+            return step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update)
+        global grouped_steps_run
+        grouped_steps_run += 1
+        pols, grad = [], prev_grad
+        with rows_unsplit():
+            for stream, (a, b) in zip(streams, groups):
+                key = (repr(stream), fastops.active())
+                if key not in made:
+                    made[key] = make()
+                with mx.stream(stream):
+                    scale = weight * ((b - a) / B)  # [] float32
+                    pol, g = made[key](
+                        tokens[a:b], mask[a:b], labels[a:b], ref[a:b], z, scale, head_start
+                    )
+                pols.append(pol)
+                grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
+        pol = mx.stop_gradient(mx.concatenate(pols))  # [B]
+        _, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        norm = mx.array(0.0)
+        if do_update:
+            norm = update(grad, metrics["loss"])
+            grad = None
+        return metrics["loss"], metrics, grad, norm
+
+    return grouped
 
 
 def make_train_step(

@@ -127,16 +127,33 @@ def test_compiled_sequence_logps_modes(lora_model):
 
 
 @pytest.mark.parametrize(
-    "compile_, streams, fast",
-    [(True, 1, False), (True, 2, False), (False, 2, False), (True, 2, True)],
-    ids=["compiled-step", "streams-eager-step", "uncompiled-streams", "streams-fastops"],
+    "compile_, streams, fast, grouped",
+    [
+        (True, 1, False, True),
+        (True, 2, False, True),
+        (True, 2, False, False),
+        (False, 2, False, True),
+        (True, 2, True, True),
+        (True, 3, True, True),
+    ],
+    ids=[
+        "compiled-step",
+        "streams-grouped-step",
+        "streams-eager-step",
+        "uncompiled-streams",
+        "streams-fastops",
+        "three-uneven-groups",
+    ],
 )
-def test_train_step_paths_match_plain_eager(tiny_llama, compile_, streams, fast):
+def test_train_step_paths_match_plain_eager(
+    tiny_llama, compile_, streams, fast, grouped, monkeypatch
+):
     """Two optimizer steps through make_train_step from the same start, plain eager (one
-    stream, no fast ops) against: the compiled step (one stream), the step on two CPU
-    streams (make_train_step then runs it eager, KL forward compiled), and that with
-    fastops' arithmetic exp: same losses and the same adapter."""
-    from mlx_kto import fastops
+    stream, no fast ops) against: the compiled step (one stream), the step on CPU streams
+    (a compiled forward + backward per row group, gradients summed; or, with
+    MLX_KTO_GROUPED_STEP=0, the eager step; KL forward compiled), and those with fastops'
+    arithmetic exp (3 streams over 4 rows: groups of 1, 2, 1): same losses, same adapter."""
+    from mlx_kto import fastops, trainer
     from mlx_kto.reference import ReferenceScorer
     from mlx_kto.trainer import make_train_step
 
@@ -151,13 +168,17 @@ def test_train_step_paths_match_plain_eager(tiny_llama, compile_, streams, fast)
         opt.init(model.trainable_parameters())
         model.train()
         scorer = ReferenceScorer(model, compile=c)
+        monkeypatch.setenv("MLX_KTO_GROUPED_STEP", "1" if grouped or variant == "plain" else "0")
         step = make_train_step(model, opt, cfg, 1.0)
+        runs = trainer.grouped_steps_run
         losses = []
         with cpu_row_parallel(n), fastops.fast_ops(model, enable=f):
             for idx in ([0, 1, 2, 3], [4, 5, 6, 7]):
                 loss, metrics, grad, norm = step(make_batch(rows, idx), scorer, None, True)
                 mx.eval(loss, metrics, model.parameters(), opt.state)
                 losses.append(float(loss))
+        if variant == "tested":  # the path under test really ran
+            assert trainer.grouped_steps_run - runs == (2 if grouped and streams > 1 else 0)
         out[variant] = losses, dict(tree_flatten(model.trainable_parameters()))
     assert out["tested"][0] == pytest.approx(out["plain"][0], rel=1e-5)
     # AdamW turns float32 noise in small gradients into parameter noise of a fraction of lr

@@ -188,3 +188,25 @@ def test_malloc_tuning_in_effect_on_linux():
         _heap.untune()
         assert not _heap.tuned
         assert _heap.tune() and _heap.tuned
+
+
+@pytest.mark.parametrize("L, S", [(13, 13), (5, 13), (1, 9)])
+def test_causal_softmax_fuses_scale_and_mask(L, S):
+    """One fused kernel for softmax(where(causal, scale * x, -inf)), queries the last L of S
+    keys, values and gradients as MLX's ops give them, eager and compiled."""
+    x = mx.random.normal((2, 3, L, S), key=mx.random.key(5)) * 4  # [B, H, L, S]
+    g = mx.random.normal(x.shape, key=mx.random.key(6))
+    keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+
+    def ref(x):
+        return mx.softmax(mx.where(keep, x * 0.3, -mx.inf), axis=-1, precise=True)
+
+    y_ref, d_ref = _vjp(ref, x, g)
+    for fn in (
+        lambda x: fastops.causal_softmax(x, 0.3),
+        mx.compile(lambda x: fastops.causal_softmax(x, 0.3)),
+    ):
+        y, d = _vjp(fn, x, g)
+        assert float(mx.abs(y - y_ref).max()) < 2e-6
+        assert float(mx.abs(d - d_ref).max()) < 5e-6 * (float(mx.abs(d_ref).max()) + 1)
+        assert float(mx.abs(mx.where(keep, 0.0, y)).max()) == 0.0  # masked keys get nothing
