@@ -197,10 +197,10 @@ def baseline_train_step(model, optimizer, cfg):
     return train_step
 
 
-def kto_runner(model_path: Path, args, tmp: Path):
-    """(run(batch, phase) -> seconds, extra bytes resident for the other model)."""
+def kto_runner(model_path: Path, args, tmp: Path, max_length: int = MAX_LENGTH):
+    """(run(batch, phase) -> seconds, extra bytes resident for the other model, scorers)."""
     cfg = KTOConfig(
-        model=str(model_path), batch_size=args.batch_size, max_length=MAX_LENGTH,
+        model=str(model_path), batch_size=args.batch_size, max_length=max_length,
         lora_rank=8, lora_keys=LORA_KEYS, num_layers=-1, learning_rate=1e-5, warmup_steps=0,
         quiet=True, seed=args.seed, grad_checkpoint=args.grad_checkpoint,
     ).validate()  # fmt: skip
@@ -300,21 +300,11 @@ def summarize(phase, times, ntoks, flops, peak, rate) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="a real model folder (default: the bench model)")
-    ap.add_argument("--rows", type=int, default=64, help="rows (timed batches = rows / batch)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
-    ap.add_argument("--baseline", action="store_true", help="the trainer before issue 6")
-    args = ap.parse_args()
-    if args.baseline:
-        use_baseline()
+def measure(model_path: Path, rows, args, max_length: int = MAX_LENGTH):
+    """Build the three steps for `model_path`, warm up, time every batch per phase.
 
-    model_path = Path(args.model) if args.model else bench_model()
-    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
-    rows = bench_rows(args.rows, seed=args.seed, vocab=vocab)
+    Returns (results: {phase: summary line}, run: the facts the summary line reports:
+    per-batch median ratios to SFT, warm-up time, matmul rates, load averages)."""
     batches = [
         b
         for _, _, b in iterate_batches(
@@ -325,7 +315,9 @@ def main() -> None:
     print(json.dumps({"bench": "matmul", "gflops": round(rates[0] / 1e9, 1), **machine()}))
 
     with tempfile.TemporaryDirectory(prefix="mlx_kto_tp_") as tmp:
-        kto, kto_bytes, scorers = kto_runner(model_path, args, Path(tmp))
+        kto, kto_bytes, scorers = kto_runner(model_path, args, Path(tmp), max_length)
+        with trainer.fast_paths(scorers["kto_warm"].model):  # the row streams KTO steps use
+            streams = max(logprobs.active_streams(), 1)
         sft, sft_bytes = sft_runner(model_path, args)
         fm = FlopModel(scorers["kto_warm"].model)
         sft_batches = [sft_batch(rows, b.index) for b in batches]
@@ -356,12 +348,41 @@ def main() -> None:
         results[phase] = summarize(phase, times[phase], ntoks, flops, peaks[phase], rate)
     for p in ("kto_cold", "kto_warm"):  # sequences the timed pass had to compute
         results[p]["ref_misses"] = ref[p]
-    for r in results.values():
-        print(json.dumps(r))
     ratio = {
         p: statistics.median(t / s for t, s in zip(times[p], times["sft"], strict=True))
         for p in ("kto_cold", "kto_warm")
     }
+    run = {
+        "cpu_streams": streams,
+        "timed_batches": len(batches),
+        "warmup_s": round(warmup_s, 1),
+        "matmul_gflops_best": round(rate / 1e9, 1),
+        "matmul_gflops_median": round(statistics.median(rates) / 1e9, 1),
+        "load_avg_1m_min_max": [round(min(loads), 2), round(max(loads), 2)],
+        "warm_over_sft": round(ratio["kto_warm"], 3),
+        "cold_over_sft": round(ratio["kto_cold"], 3),
+    }
+    return results, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a real model folder (default: the bench model)")
+    ap.add_argument("--rows", type=int, default=64, help="rows (timed batches = rows / batch)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
+    ap.add_argument("--baseline", action="store_true", help="the trainer before issue 6")
+    args = ap.parse_args()
+    if args.baseline:
+        use_baseline()
+
+    model_path = Path(args.model) if args.model else bench_model()
+    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
+    rows = bench_rows(args.rows, seed=args.seed, vocab=vocab)
+    results, run = measure(model_path, rows, args)
+    for r in results.values():
+        print(json.dumps(r))
     summary = {
         "bench": "throughput_summary",
         "model": str(model_path),
@@ -370,13 +391,7 @@ def main() -> None:
         "fast_exp": fastops.wanted(),
         "malloc_tuned": mlx_kto._heap.tuned,
         "batch_size": args.batch_size,
-        "timed_batches": len(batches),
-        "warmup_s": round(warmup_s, 1),
-        "matmul_gflops_best": round(rate / 1e9, 1),
-        "matmul_gflops_median": round(statistics.median(rates) / 1e9, 1),
-        "load_avg_1m_min_max": [round(min(loads), 2), round(max(loads), 2)],
-        "warm_over_sft": round(ratio["kto_warm"], 3),
-        "cold_over_sft": round(ratio["kto_cold"], 3),
+        **run,
         "mfu_warm": results["kto_warm"]["mfu"],
         "mfu_sft": results["sft"]["mfu"],
     }

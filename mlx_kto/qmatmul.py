@@ -55,3 +55,11 @@ def use_blas_for_quantized(model: nn.Module) -> int:
             m.__class__ = DequantMatmulEmbedding
             n += 1
     return n
+
+
+def dequantizes_per_call(model: nn.Module) -> bool:
+    """True when some layer of `model` dequantizes its weight on every call (the CPU path
+    `use_blas_for_quantized` installs)."""
+    return any(
+        type(m) in (DequantMatmulLinear, DequantMatmulEmbedding) for _, m in model.named_modules()
+    )

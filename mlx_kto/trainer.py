@@ -131,7 +131,17 @@ def fast_paths(
     arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
     all run inside, so the policy and its reference compute the same way. `streams`
     overrides the number of row streams (1 = rows one after another), `fast_exp` the
-    arithmetic exp (False = MLX's own ops)."""
+    arithmetic exp (False = MLX's own ops).
+
+    A quantized model on the CPU (`qmatmul.dequantizes_per_call`) runs its rows on one stream
+    unless $MLX_KTO_CPU_STREAMS says otherwise: each stream would dequantize every weight for
+    its own rows, twice the dequantization work and twice the dequantized weights alive until
+    the backward (SmolLM2 Q4_1, bench/real_model.py: warm step 7.99 s / 3.06 GB on two streams,
+    6.96 s / 1.66 GB on one)."""
+    if streams is None and not os.environ.get("MLX_KTO_CPU_STREAMS"):
+        from mlx_kto.qmatmul import dequantizes_per_call
+
+        streams = 1 if dequantizes_per_call(model) else None
     with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
         yield
 

@@ -1,6 +1,17 @@
-"""`mlx-kto demo --real`: the rating rule (fast) and a tiny run on SmolLM2 (slow)."""
+"""`mlx-kto demo --real`: the rating rule, the prompt split and the padded sampler (fast), and a
+tiny run on SmolLM2 (slow)."""
 
-from mlx_kto.demo.real import RealDemoSizes, is_desirable, run_real_demo, share
+import json
+from pathlib import Path
+
+from mlx_kto.demo.real import (
+    PROMPTS,
+    RealDemoSizes,
+    is_desirable,
+    run_real_demo,
+    share,
+    split_prompts,
+)
 
 import pytest
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
@@ -15,16 +26,48 @@ def test_rating_rule():
     assert share([["The a", "b"], ["c", "The d"]]) == 0.5
 
 
+def test_prompt_split_is_fixed_disjoint_and_of_one_kind():
+    train, held = split_prompts()
+    assert (train, held) == split_prompts()  # fixed draw, whatever the run's seed
+    assert not set(train) & set(held) and sorted(train + held) == sorted(PROMPTS)
+    assert len(held) == RealDemoSizes().heldout_prompts == 12
+    assert len(train) == RealDemoSizes().train_prompts
+    assert len(set(PROMPTS)) == len(PROMPTS)
+    # One kind: short single questions or requests, none of them a literal "The ..." prompt.
+    assert all(len(p) < 40 and p[-1] in "?." and not p.startswith("The") for p in PROMPTS)
+
+
+def test_left_padded_sampling_matches_per_length_batches():
+    """Greedy decoding: prompts of different lengths in one left-padded batch give the same
+    replies as the per-length batches (the padding is masked, positions start at 0)."""
+    from mlx_kto.demo.run import demo_config, load_policy
+    from mlx_kto.demo.sample import sample_completions
+
+    model, tok = load_policy(demo_config(None, None, None, None, True))
+    prompts = ["What is two plus two?", "Name a colour.", "Why is the sky blue today?"]
+    assert len({len(tok.encode(p)) for p in prompts}) == 3  # really different lengths
+    kw = dict(n=2, max_tokens=8, temp=0.0, seed=0)
+    assert sample_completions(model, tok, prompts, left_pad=True, **kw) == sample_completions(
+        model, tok, prompts, **kw
+    )
+
+
 @pytest.mark.slow
 def test_real_demo_tiny(smollm2_gguf, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("MLX_KTO_TEST_ASSETS", str(smollm2_gguf.parent))
     lines = []
-    sizes = RealDemoSizes(train_prompts=6, train_samples=2, heldout_prompts=2,
-                          heldout_samples=2, max_tokens=6, steps=2)  # fmt: skip
-    try:
-        res = run_real_demo(str(tmp_path / "real"), sizes, seed=0, echo=lines.append)
-    except Exception as e:  # a seed where every reply got one rating is a UserError
-        pytest.fail(f"real demo failed: {e}")
+    sizes = RealDemoSizes(train_prompts=8, train_samples=3, heldout_prompts=2,
+                          heldout_samples=2, max_tokens=6, steps=2, batch_size=4)  # fmt: skip
+    res = run_real_demo(str(tmp_path / "real"), sizes, seed=0, echo=lines.append)
     assert res["steps"] == 2
-    assert 0.0 <= res["before"] <= 1.0 and 0.0 <= res["after"] <= 1.0
+    out = Path(tmp_path / "real")
+    rows = [json.loads(x) for x in (out / "feedback.jsonl").read_text().splitlines()]
+    assert 0 < len(rows) <= 8 * 3  # empty replies are dropped
+    assert all(r["label"] == is_desirable(r["completion"][0]["content"]) for r in rows)
+    assert 0 < sum(r["label"] for r in rows) < len(rows)
+    samples = json.loads((out / "samples.json").read_text())
+    assert samples["heldout"] == split_prompts()[1][:2]
+    assert [len(s) for s in samples["before"]] == [2, 2] == [len(s) for s in samples["after"]]
+    assert res["before"] == share(samples["before"]) and res["after"] == share(samples["after"])
+    assert (Path(res["adapter_path"]) / "adapters.safetensors").is_file()
     assert any("->" in x and "held-out" in x for x in lines), lines

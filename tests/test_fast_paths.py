@@ -188,3 +188,25 @@ def test_train_step_paths_match_plain_eager(
     for k, v in out["plain"][1].items():
         np.testing.assert_allclose(np.array(out["tested"][1][k]), np.array(v), rtol=0, atol=1e-4)
     assert max(float(mx.abs(v).max()) for k, v in out["plain"][1].items() if "lora_b" in k) > 5e-3
+
+
+def test_quantized_model_on_cpu_runs_rows_on_one_stream(tiny_llama, monkeypatch):
+    """Each row stream would dequantize every weight for itself (twice the work and the
+    dequantized copies): a model whose layers dequantize per call gets one stream, unless
+    $MLX_KTO_CPU_STREAMS asks; a float model keeps one stream per core."""
+    from mlx_kto.qmatmul import dequantizes_per_call
+    from mlx_kto.trainer import fast_paths
+
+    monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
+    if mx.default_device() != mx.cpu or logprobs.default_streams() < 2:
+        pytest.skip("needs the CPU device with 2+ cores")
+    plain, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)).validate())
+    quant, _, _, _ = load_base(KTOConfig(model=str(tiny_llama), quantize=4, q_group_size=32))
+    assert not dequantizes_per_call(plain) and dequantizes_per_call(quant)
+    with fast_paths(plain):
+        assert logprobs.active_streams() == logprobs.default_streams()
+    with fast_paths(quant):
+        assert logprobs.active_streams() == 0  # rows one after another, BLAS on every core
+    monkeypatch.setenv("MLX_KTO_CPU_STREAMS", "2")
+    with fast_paths(quant):
+        assert logprobs.active_streams() == 2

@@ -13,7 +13,7 @@ import click
     "--steps",
     type=click.IntRange(min=1),
     default=None,
-    help="Training steps.  [default: 120; 40 with --quick]",
+    help="Training steps.  [default: 120; 40 with --quick; 20 with --real]",
 )
 @click.option(
     "--seed",
@@ -28,12 +28,13 @@ import click
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Samples per held-out question.  [default: 16; 6 with --quick]",
+    help="Samples per held-out question.  [default: 16; 6 with --quick; 8 with --real]",
 )
 @click.option(
     "--real",
     is_flag=True,
-    help="Experimental: KTO on SmolLM2-135M-Instruct's own replies (its GGUF); untuned.",
+    help="KTO on SmolLM2-135M-Instruct's own replies (its GGUF): it learns to open replies "
+    'with "The" (~3 min on a 2-core CPU).',
 )
 def demo(out, steps, seed, quick, samples, real):
     """Train the shipped tiny model on shipped feedback and show what changed.
@@ -43,12 +44,15 @@ def demo(out, steps, seed, quick, samples, real):
     the share of polite answers before and after (measured by sampling held-out
     questions), the reward margin and a few samples; writes the adapter,
     metrics.jsonl and training.png. `mlx-kto train` with no --model/--data runs
-    the same demo.
+    the same demo. `--real` runs the loop on a real model's own replies instead
+    (SmolLM2-135M-Instruct's GGUF, fetched by `bash .ci/fetch_smollm2.sh`).
     """
     if real:
         from mlx_kto.demo.real import RealDemoSizes, run_real_demo
 
-        sizes = RealDemoSizes(steps=steps) if steps else RealDemoSizes()
+        sizes = RealDemoSizes()
+        sizes.steps = steps or sizes.steps
+        sizes.heldout_samples = samples or sizes.heldout_samples
         run_real_demo(out or "kto-demo-real", sizes, seed or 0, echo=click.echo)
         return
     from mlx_kto.demo.run import run_demo
