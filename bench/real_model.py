@@ -33,7 +33,7 @@ from mlx_kto.data import examples_from_rows  # noqa: E402
 from mlx_kto.demo.real import smollm2_gguf  # noqa: E402
 from mlx_kto.tokenize import assign_kl_partners, tokenize_examples  # noqa: E402
 
-from throughput import measure  # noqa: E402
+from throughput import common_args, measure  # noqa: E402
 
 MAX_LENGTH = 256
 FLOOR = 1.2 * 3 / 2  # warm KTO / SFT
@@ -88,10 +88,7 @@ def tokenized_rows(gguf: Path, n: int, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", help="the SmolLM2 GGUF (default: the test assets' copy)")
-    ap.add_argument("--rows", type=int, default=12, help="rows (timed batches = rows / batch)")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
+    common_args(ap, rows=12, batch_size=4)
     args = ap.parse_args()
     args.baseline = False  # measure() builds today's trainer
 

@@ -365,13 +365,18 @@ def measure(model_path: Path, rows, args, max_length: int = MAX_LENGTH):
     return results, run
 
 
+def common_args(ap: argparse.ArgumentParser, rows: int, batch_size: int) -> None:
+    """The options `measure()` reads (also bench/real_model.py's)."""
+    ap.add_argument("--rows", type=int, default=rows, help="rows (timed batches = rows / batch)")
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a real model folder (default: the bench model)")
-    ap.add_argument("--rows", type=int, default=64, help="rows (timed batches = rows / batch)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--grad-checkpoint", action="store_true", help="checkpoint every block")
+    common_args(ap, rows=64, batch_size=8)
     ap.add_argument("--baseline", action="store_true", help="the trainer before issue 6")
     args = ap.parse_args()
     if args.baseline:

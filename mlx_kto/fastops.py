@@ -172,12 +172,11 @@ def _causal_softmax_fns(scale: float):
         L, S = x.shape[-2:]
         keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
         xf = mx.where(keep, x.astype(mx.float32) * scale, -mx.inf)
-        e = exp_nonpos(xf - mx.max(xf, axis=-1, keepdims=True))
-        return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+        return _softmax(xf).astype(x.dtype)  # inlined into this trace: one kernel
 
     def backward(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
-        yf, gf = y.astype(mx.float32), g.astype(mx.float32)
-        return (scale * yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(x.dtype)
+        yf = y.astype(mx.float32)  # _softmax_vjp's result dtype is its first argument's
+        return (scale * _softmax_vjp(yf, g, y)).astype(x.dtype)
 
     return mx.compile(forward), mx.compile(backward)
 

@@ -136,7 +136,7 @@ def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
     """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
     logits = head(h).astype(mx.float32)  # [B, C, V]
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    return picked - _logsumexp(logits)
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
@@ -151,8 +151,8 @@ def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
     return g[..., None] * (onehot.astype(probs.dtype) - probs)
 
 
-# The LM head's elementwise passes over [B, C, V], each compiled into one fused kernel (they also
-# run this way when the step around them is eager: trainer.make_train_step on CPU streams).
+# The LM head's backward passes over [B, C, V], each compiled into one fused kernel (a backward
+# runs on concrete arrays, so these fuse also when the step around them is eager).
 _dlogits_fused = mx.compile(_dlogits)
 
 
@@ -160,19 +160,6 @@ _dlogits_fused = mx.compile(_dlogits)
 def _dlogits_kept(e: mx.array, s: mx.array, targets: mx.array, g: mx.array) -> mx.array:
     """`_dlogits` with softmax = e / s from the forward (e [B, C, V], s [B, C, 1])."""
     return _dlogits(e * (1.0 / s), targets, g)
-
-
-def _shifted_exp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(m, exp(logits - m), sum) with m the row max: MLX's exp, as `mx.logsumexp` forms it,
-    so that the policy's forward and the reference's logsumexp agree bit for bit (rewards are
-    exactly 0 before the first update)."""
-    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-    e = mx.exp(logits - m)  # [B, C, V]
-    return m, e, e.sum(axis=-1, keepdims=True)
-
-
-def _logsumexp(logits: mx.array) -> mx.array:
-    return mx.logsumexp(logits, axis=-1)
 
 
 def _softmax(logits: mx.array) -> mx.array:
@@ -226,9 +213,13 @@ def _head_target_logps(
         logits = proj.logits(h, params)  # [B, C, V]
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         if keep_probs:
-            m, e, s = _shifted_exp(logits)  # [B, C, 1], [B, C, V], [B, C, 1]
+            # MLX's exp, as mx.logsumexp forms it: the policy's forward and the reference's
+            # agree bit for bit (rewards exactly 0 before the first update)
+            m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+            e = mx.exp(logits - m)  # [B, C, V]
+            s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
             return picked - (m + mx.log(s)).squeeze(-1), e, s
-        return picked - _logsumexp(logits), logits, logits
+        return picked - mx.logsumexp(logits, axis=-1), logits, logits
 
     @fn.vjp
     def fn_vjp(primals, cotangents, outputs):

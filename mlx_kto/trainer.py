@@ -306,8 +306,8 @@ def make_step_fns(
         keep_finite_update(model, optimizer, grad, mx.array(0.0) if loss is None else loss, norm)
         return norm
 
-    def step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
-        (_, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, z, weight, head_start)
+    def finish(grad, metrics, prev_grad, do_update):
+        """Accumulate onto prev_grad; on the last micro-batch, the update."""
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         norm = mx.array(0.0)
@@ -315,6 +315,10 @@ def make_step_fns(
             norm = update(grad, metrics["loss"])
             grad = None
         return metrics["loss"], metrics, grad, norm
+
+    def step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
+        (_, metrics), grad = loss_and_grad(model, tokens, mask, labels, ref, z, weight, head_start)
+        return finish(grad, metrics, prev_grad, do_update)
 
     kl_forward = policy_kl_logps
     eager_step = step
@@ -337,7 +341,7 @@ def make_step_fns(
 
         kl_forward = _compiled_kl_forward(model)
         if not paired and os.environ.get("MLX_KTO_GROUPED_STEP") != "0":
-            step = _grouped(step, model, optimizer, loss_kw, update)
+            step = _grouped(step, model, loss_kw, finish)
 
     def grad_step(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
         return step(
@@ -358,7 +362,7 @@ def make_step_fns(
 grouped_steps_run = 0  # micro-batches the grouped step has run (tests, benchmarks)
 
 
-def _grouped(step, model: nn.Module, optimizer, loss_kw: dict, update) -> Callable:
+def _grouped(step, model: nn.Module, loss_kw: dict, finish) -> Callable:
     """`step` for rows spread over CPU streams: each stream's row group runs its own compiled
     forward + backward (fused elementwise kernels, as in the reference forward), and the
     gradients are summed. Inside an eager value_and_grad MLX runs compiled pieces uncompiled
@@ -398,7 +402,7 @@ def _grouped(step, model: nn.Module, optimizer, loss_kw: dict, update) -> Callab
             return step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update)
         global grouped_steps_run
         grouped_steps_run += 1
-        pols, grad = [], prev_grad
+        pols, grad = [], None
         with rows_unsplit():
             for stream, (a, b) in zip(streams, groups):
                 key = (repr(stream), fastops.active())
@@ -413,11 +417,7 @@ def _grouped(step, model: nn.Module, optimizer, loss_kw: dict, update) -> Callab
                 grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
         pol = mx.stop_gradient(mx.concatenate(pols))  # [B]
         _, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
-        norm = mx.array(0.0)
-        if do_update:
-            norm = update(grad, metrics["loss"])
-            grad = None
-        return metrics["loss"], metrics, grad, norm
+        return finish(grad, metrics, prev_grad, do_update)
 
     return grouped
 
