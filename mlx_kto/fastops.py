@@ -89,9 +89,10 @@ def _softmax(x: mx.array) -> mx.array:
     return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
 
 
-def _softmax_vjp(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
+def _softmax_vjp(g: mx.array, y: mx.array) -> mx.array:
+    """From the output alone (the input is not kept for the backward)."""
     yf, gf = y.astype(mx.float32), g.astype(mx.float32)
-    return (yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(x.dtype)
+    return (yf * (gf - (gf * yf).sum(axis=-1, keepdims=True))).astype(y.dtype)
 
 
 def _logsumexp(x: mx.array) -> mx.array:
@@ -114,17 +115,26 @@ def _silu(x: mx.array) -> mx.array:
     return (xf * _sigmoid(xf)).astype(x.dtype)
 
 
-def _silu_vjp(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
+def _silu_vjp(x: mx.array, g: mx.array) -> mx.array:
     xf, gf = x.astype(mx.float32), g.astype(mx.float32)
     s = _sigmoid(xf)
     return (gf * s * (1.0 + xf * (1.0 - s))).astype(x.dtype)
 
 
+def _fresh(xs, g):
+    """New graph nodes for the primals xs a backward recomputes from: in a compiled step,
+    common-subexpression elimination would otherwise share the recomputation (silu's sigmoid,
+    attention's scores) with the forward's and keep it alive until the backward."""
+    return mx.depends(list(xs), [g])
+
+
 def _with_vjp(forward, backward):
-    """forward(x) as a custom function whose vjp is backward(x, g, y), run on the stream the
-    forward ran on (MLX runs a custom vjp on the default stream of the moment; rows spread
-    over CPU streams by `cpu_row_parallel` would otherwise serialise their backward passes).
-    One custom function per stream."""
+    """forward(*xs) as a custom function whose vjp is backward(xs, g, y) (returning one
+    cotangent per x), run on the stream the forward ran on (MLX runs a custom vjp on the
+    default stream of the moment; rows spread over CPU streams by `cpu_row_parallel` would
+    otherwise serialise their backward passes). One custom function per stream. What the
+    backward graph reads is all that stays alive for it: a backward that reads only y (or
+    only some xs) frees the rest after the forward."""
     made = {}
 
     def make(stream):
@@ -132,21 +142,19 @@ def _with_vjp(forward, backward):
 
         @fn.vjp
         def vjp(primals, cotangents, outputs):
-            x, g = _one(primals), _one(cotangents)
-            # A new node for x: in a compiled step, CSE would otherwise share the backward's
-            # recomputation (silu's sigmoid) with the forward and keep it alive until here.
-            x = mx.depends(x, g)
+            xs = (primals,) if isinstance(primals, mx.array) else tuple(primals)
             with mx.stream(stream):
-                return backward(x, g, _one(outputs))
+                d = backward(xs, _one(cotangents), _one(outputs))
+            return d[0] if len(xs) == 1 else tuple(d)
 
         return fn
 
-    def call(x: mx.array) -> mx.array:
+    def call(*xs: mx.array) -> mx.array:
         stream = mx.default_stream(mx.default_device())
         key = repr(stream)  # "Stream(Device(cpu, 0), 1)"
         if key not in made:
             made[key] = make(stream)
-        return made[key](x)
+        return made[key](*xs)
 
     call.__doc__ = forward.__doc__
     return call
@@ -174,9 +182,8 @@ def _causal_softmax_fns(scale: float):
         xf = mx.where(keep, x.astype(mx.float32) * scale, -mx.inf)
         return _softmax(xf).astype(x.dtype)  # inlined into this trace: one kernel
 
-    def backward(x: mx.array, g: mx.array, y: mx.array) -> mx.array:
-        yf = y.astype(mx.float32)  # _softmax_vjp's result dtype is its first argument's
-        return (scale * _softmax_vjp(yf, g, y)).astype(x.dtype)
+    def backward(g: mx.array, y: mx.array) -> mx.array:
+        return (scale * _softmax_vjp(g, y.astype(mx.float32))).astype(y.dtype)
 
     return mx.compile(forward), mx.compile(backward)
 
@@ -188,21 +195,97 @@ def causal_softmax(x: mx.array, scale: float) -> mx.array:
     """softmax over the last axis of scale * x with a causal mask (x [..., L, S]: the L queries
     are the last L of the S keys), in x's dtype."""
     if scale not in _CAUSAL:
-        _CAUSAL[scale] = _with_vjp(*_causal_softmax_fns(scale))
+        forward, backward = _causal_softmax_fns(scale)
+        _CAUSAL[scale] = _with_vjp(forward, lambda xs, g, y: [backward(g, y)])
     return _CAUSAL[scale](x)
 
 
-softmax = _with_vjp(_softmax, _softmax_vjp)
+softmax = _with_vjp(_softmax, lambda xs, g, y: [_softmax_vjp(g, y)])
 softmax.__doc__ = """softmax over the last axis, in x's dtype (float32 inside)."""
-logsumexp = _with_vjp(_logsumexp, _logsumexp_vjp)
+logsumexp = _with_vjp(_logsumexp, lambda xs, g, y: [_logsumexp_vjp(*_fresh(xs, g), g, y)])
 logsumexp.__doc__ = """log sum exp over the last axis [..., V] -> [...]."""
-silu = _with_vjp(_silu, _silu_vjp)
+silu = _with_vjp(_silu, lambda xs, g, y: [_silu_vjp(*_fresh(xs, g), g)])
 silu.__doc__ = """x * sigmoid(x)."""
 
 
+def _swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    gf = gate.astype(mx.float32)
+    return (gf * _sigmoid(gf) * x).astype(x.dtype)
+
+
+def _swiglu_vjp(gate: mx.array, x: mx.array, g: mx.array) -> tuple[mx.array, mx.array]:
+    gf, xf, gg = gate.astype(mx.float32), x.astype(mx.float32), g.astype(mx.float32)
+    s = _sigmoid(gf)
+    d_gate = gg * xf * s * (1.0 + gf * (1.0 - s))
+    return d_gate.astype(gate.dtype), (gg * gf * s).astype(x.dtype)
+
+
+_swiglu, _swiglu_vjp = mx.compile(_swiglu), mx.compile(_swiglu_vjp)
+_swiglu_op = _with_vjp(_swiglu, lambda xs, g, y: _swiglu_vjp(*_fresh(xs, g), g))
+
+
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx-lm's `swiglu`: silu(gate) * x."""
-    return silu(gate) * x
+    """mlx-lm's `swiglu`: silu(gate) * x, one op: its backward keeps only gate and x
+    (silu(gate) and the product are rebuilt), with s = sigmoid(gate)
+
+        d gate = g * x * s * (1 + gate * (1 - s)),   d x = g * gate * s"""
+    return _swiglu_op(gate, x)
+
+
+def _causal_attention_fns(scale: float):
+    """(forward, backward) of causal attention over query rows grouped by KV head,
+    q [B, Hkv, R*L, D] (R query heads per KV head, each L rows), k and v [B, Hkv, S, D]:
+
+        P = causal_softmax(q k^T * scale),  out = P v
+
+    The backward keeps q, k, v only and rebuilds P (flash-attention style: one more
+    q k^T and softmax per layer, ~1% of a step) instead of keeping P and the scores alive
+    from the forward to the backward of every layer (two [B, H, L, S] arrays each):
+
+        dV = P^T g,  dP = g V^T,  dS = scale * P * (dP - sum(dP * P)),  dQ = dS K,  dK = dS^T Q"""
+    soft, soft_vjp = _causal_softmax_fns(scale)
+
+    def probs(q, k, L):
+        B, Hkv, RL, _ = q.shape
+        s = q @ k.swapaxes(-1, -2)  # [B, Hkv, R*L, S]
+        return soft(s.reshape(B, Hkv, RL // L, L, -1)).reshape(s.shape)
+
+    def forward(q, k, v, L):
+        return probs(q, k, L) @ v  # [B, Hkv, R*L, D]
+
+    def backward(q, k, v, g, L):
+        B, Hkv, RL, _ = q.shape
+        p = probs(q, k, L)  # [B, Hkv, R*L, S]
+        dv = p.swapaxes(-1, -2) @ g  # [B, Hkv, S, D]
+        dp = (g @ v.swapaxes(-1, -2)).reshape(B, Hkv, RL // L, L, -1)
+        ds = soft_vjp(dp, p.reshape(dp.shape)).reshape(p.shape)  # [B, Hkv, R*L, S]
+        return ds @ k, ds.swapaxes(-1, -2) @ q, dv
+
+    return forward, backward
+
+
+_ATTN: dict[float, Callable] = {}
+
+
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale, causal) v with grouped-query heads: q [B, Hq, L, D], k and v
+    [B, Hkv, S, D] (the L queries are the last L of the S keys) -> [B, Hq, L, D]. A custom
+    op whose backward rebuilds the probabilities (`_causal_attention_fns`)."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    if scale not in _ATTN:
+        forward, backward = _causal_attention_fns(scale)
+        fwd = mx.compile(forward)
+        bwd = mx.compile(backward)
+        _ATTN[scale] = (fwd, bwd, {})
+    fwd, bwd, ops = _ATTN[scale]
+    if L not in ops:  # L is static per op: the rows of one query head
+        ops[L] = _with_vjp(
+            lambda q, k, v: fwd(q, k, v, L),
+            lambda xs, g, y: bwd(*_fresh(xs, g), g, L),
+        )
+    out = ops[L](q.reshape(B, Hkv, (Hq // Hkv) * L, D), k, v)  # [B, Hkv, R*L, D]
+    return out.reshape(B, Hq, L, D)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
@@ -215,11 +298,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"unsupported attention mask {mask!r}")
-        # The scale and the mask go inside the fused softmax (no passes of their own).
-        q = q.reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
-        scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
-        probs = causal_softmax(scores, scale).reshape(B, Hkv, rep, L, S)
-        return (probs @ v[:, :, None]).reshape(B, Hq, L, D)
+        return causal_attention(q, k, v, scale)
     q = (q * scale).reshape(B, Hkv, rep, L, D)  # [B, Hkv, rep, L, D]
     scores = (q @ k[:, :, None].swapaxes(-1, -2)).reshape(B, Hq, L, S)  # [B, Hq, L, S]
     if mask is not None and mask.dtype == mx.bool_:

@@ -210,3 +210,76 @@ def test_causal_softmax_fuses_scale_and_mask(L, S):
         assert float(mx.abs(y - y_ref).max()) < 2e-6
         assert float(mx.abs(d - d_ref).max()) < 5e-6 * (float(mx.abs(d_ref).max()) + 1)
         assert float(mx.abs(mx.where(keep, 0.0, y)).max()) == 0.0  # masked keys get nothing
+
+
+def test_swiglu_matches_mlx_values_and_gradients():
+    k0, k1, k2 = mx.random.split(mx.random.key(7), 3)
+    gate = mx.random.normal((3, 5, 64), key=k0) * 4  # [B, T, I]
+    x = mx.random.normal((3, 5, 64), key=k1)
+    g = mx.random.normal((3, 5, 64), key=k2)
+
+    def ref(gate, x):
+        return nn.silu(gate) * x
+
+    for fn in (fastops.swiglu, mx.compile(fastops.swiglu)):
+        (y,), d = mx.vjp(fn, [gate, x], [g])
+        (y_ref,), d_ref = mx.vjp(ref, [gate, x], [g])
+        assert float(mx.abs(y - y_ref).max()) < 1e-5
+        for a, b in zip(d, d_ref, strict=True):
+            assert float(mx.abs(a - b).max()) < 1e-5 * (float(mx.abs(b).max()) + 1)
+
+
+@pytest.mark.parametrize("L, S", [(5, 13), (1, 9)])
+def test_causal_attention_queries_last_of_longer_keys(L, S):
+    """Queries that are the last L of S keys (a cache-less suffix): values and gradients of
+    q, k, v as MLX's own attention with the same causal mask gives them."""
+    k0, k1, k2, k3 = mx.random.split(mx.random.key(8), 4)
+    q = mx.random.normal((2, 6, L, 8), key=k0)  # [B, Hq, L, D]
+    k = mx.random.normal((2, 3, S, 8), key=k1)  # [B, Hkv, S, D]
+    v = mx.random.normal((2, 3, S, 8), key=k2)
+    g = mx.random.normal((2, 6, L, 8), key=k3)
+    keep = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # [L, S]
+
+    def ref(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=keep)
+
+    (y_ref,), d_ref = mx.vjp(ref, [q, k, v], [g])
+    for fn in (lambda q, k, v: fastops.attention(q, k, v, 0.35, "causal"),):
+        for f in (fn, mx.compile(fn)):
+            (y,), d = mx.vjp(f, [q, k, v], [g])
+            assert float(mx.abs(y - y_ref).max()) < 1e-5
+            for a, b in zip(d, d_ref, strict=True):
+                assert float(mx.abs(a - b).max()) < 1e-4
+
+
+def test_backward_keeps_no_attention_probabilities_or_mlp_products():
+    """Under a compiled value_and_grad, each extra block of causal attention + SwiGLU holds
+    only its inputs for the backward (q, k, v, gate, x), not the [B, H, L, S] scores and
+    probabilities or silu(gate) and the product: the peak grows per block by less than one
+    score-sized array (one kept array would be 1.0)."""
+    B, H, L, D = 2, 8, 256, 16
+    score_bytes = B * H * L * L * 4
+
+    def blocks(n):
+        def loss(x, w):
+            for _ in range(n):
+                q = k = v = (x * w).reshape(B, L, H, D).transpose(0, 2, 1, 3)
+                a = fastops.attention(q, k, v, 0.25, "causal")  # [B, H, L, D]
+                h = a.transpose(0, 2, 1, 3).reshape(B, L, H * D)  # [B, L, H*D]
+                x = x + fastops.swiglu(h, x)
+            return x.sum()
+
+        return mx.compile(mx.grad(loss, argnums=1))
+
+    x = mx.random.normal((B, L, H * D), key=mx.random.key(9))  # [B, L, 128]
+    w = mx.ones((H * D,))
+    peaks = {}
+    for n in (2, 6):
+        fn = blocks(n)
+        mx.eval(fn(x, w))
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(fn(x, w))
+        peaks[n] = mx.get_peak_memory() - base
+    per_block = (peaks[6] - peaks[2]) / 4
+    assert per_block < 0.75 * score_bytes, (per_block, score_bytes)  # before: 1.3
