@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto import _torchless
 from mlx_kto.config import KTOConfig, load_yaml, make_config
 from mlx_kto.errors import UserError
 
@@ -312,6 +313,7 @@ def run(command: click.Command, args: list[str] | None = None, prog_name: str | 
 
 
 def main() -> None:
+    _torchless.keep_out()  # this process is a command: torch stays out (_torchless.py)
     run(cli, prog_name="mlx-kto")
 
 

@@ -156,6 +156,9 @@ def _summary_writer():
         return SummaryWriter
     except ImportError:
         pass
+    from mlx_kto import _torchless
+
+    _torchless.allow()  # a command process keeps torch out until something needs it
     try:
         from torch.utils.tensorboard import SummaryWriter
 

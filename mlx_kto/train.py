@@ -400,8 +400,10 @@ def _silent(*_args, **_kw) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m mlx_kto.train`: the same options as `mlx-kto train`."""
+    from mlx_kto import _torchless
     from mlx_kto.cli import run, train_command
 
+    _torchless.keep_out()  # this process is a command: torch stays out (_torchless.py)
     run(train_command, argv if argv is not None else sys.argv[1:], "python -m mlx_kto.train")
 
 

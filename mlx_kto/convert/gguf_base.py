@@ -324,7 +324,12 @@ def requantize(model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> 
 
 def save_tokenizer(path: Path, out_dir: Path) -> None:
     """Write the GGUF's tokenizer as Hugging Face tokenizer files (tokenizer.json,
-    tokenizer_config.json with the chat template) via transformers' GGUF tokenizer."""
+    tokenizer_config.json with the chat template) via transformers' GGUF tokenizer, which
+    needs torch: in a command process that keeps torch out (`_torchless`), in a child."""
+    from mlx_kto import _torchless
+
+    if _torchless.kept_out():
+        return _save_tokenizer_in_child(path, out_dir)
     from transformers import AutoTokenizer
 
     try:
@@ -332,6 +337,34 @@ def save_tokenizer(path: Path, out_dir: Path) -> None:
     except Exception as e:
         raise UserError(f"{path}: transformers cannot read its GGUF tokenizer ({e})") from None
     tok.save_pretrained(str(out_dir))
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from mlx_kto.convert.gguf_base import save_tokenizer
+from mlx_kto.errors import UserError
+try:
+    save_tokenizer(Path(sys.argv[1]), Path(sys.argv[2]))
+except UserError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _save_tokenizer_in_child(path: Path, out_dir: Path) -> None:
+    """`save_tokenizer` in a fresh interpreter (torch importable there); its one-line error
+    comes back as this process's UserError."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _CHILD, str(path), str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 2:  # the child's UserError, as it worded it
+        raise UserError(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise UserError(f"{path}: reading its GGUF tokenizer failed ({last})")
 
 
 def _tokenizer_cache(path: Path) -> Path:
