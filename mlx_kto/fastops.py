@@ -11,7 +11,7 @@ has no calls in it, fuses under `mx.compile`, and costs about 5 ns per element.
     exp(x) = 2^r * P(f),  y = x * log2(e),  r = round(y),  f = y - r in [-1/2, 1/2]
 
 with P the degree-6 Cephes polynomial for 2^f (the coefficients MLX's own `simd::exp` uses) and
-2^r built in the float exponent bits. Only inputs x <= 0 are needed here (softmax and
+2^r exact from integer shifts. Only inputs x <= 0 are needed here (softmax and
 logsumexp after subtracting the max, sigmoid through exp(-|x|)); below -87 the result is 0.
 Relative error against float64 exp: the same as `mx.exp` (both round x * log2(e) to float32
 first: a few ulp near 0, ~5e-6 relative at -87).
@@ -39,7 +39,6 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 LOG2E = 1.4426950408889634
-MAGIC = 12582912.0  # 1.5 * 2^23: (y + MAGIC) - MAGIC rounds y to the nearest integer
 EXP_MIN = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32 is 1.2e-38
 # 2^f on [-1/2, 1/2], highest degree first (Cephes, as in MLX's simd::exp).
 P2 = (
@@ -66,16 +65,26 @@ def wanted() -> bool:
 
 def exp_nonpos(x: mx.array) -> mx.array:
     """exp(x) for float32 x <= 0 (larger x are not supported), 0 below -87, NaN stays NaN.
-    Forward only: its autograd is not exp's (the functions below carry their own vjps)."""
-    xc = mx.maximum(x, EXP_MIN)
-    y = xc * LOG2E
-    r = (y + MAGIC) - MAGIC  # round to nearest (IEEE arithmetic: MLX never reassociates)
-    f = y - r
-    p = P2[0]
-    for c in P2[1:]:
-        p = p * f + c
-    two_r = mx.left_shift(r.astype(mx.int32) + 127, 23).view(mx.float32)  # 2^r, exactly
-    return mx.where(x < EXP_MIN, 0.0, p * two_r)
+    Forward only: its autograd is not exp's (the functions below carry their own vjps).
+
+    Written to fuse into one kernel under mx.compile: the polynomial in Estrin's form and 2^r
+    from integer shifts converted to float (2^-n = 1 / (2^a 2^b), a + b = n <= 126, exact),
+    not a bit cast (`view` is not fusable) and no Horner chain: MLX fuses at most 11 ops deep,
+    and a longer chain is cut with its shared intermediates written out (6 arrays of x's size
+    instead of 1 before; bench/RESULTS.md)."""
+    y = x * LOG2E
+    r = mx.round(y)  # in [-126, 0] where the result is kept
+    f = y - r  # in [-1/2, 1/2]
+    q = P2[::-1]  # lowest degree first
+    f2 = f * f
+    lo = (q[1] * f + q[0]) + f2 * (q[3] * f + q[2])
+    hi = (q[5] * f + q[4]) + f2 * q[6]
+    p = lo + (f2 * f2) * hi  # 2^f
+    n = (-r).astype(mx.uint64)  # garbage where x < EXP_MIN or NaN: masked below
+    a = mx.right_shift(n, 1)
+    one = mx.array(1, dtype=mx.uint64)
+    two_n = mx.left_shift(one, a).astype(mx.float32) * mx.left_shift(one, n - a).astype(mx.float32)
+    return mx.where(x < EXP_MIN, 0.0, p / two_n)
 
 
 def _one(a):
@@ -107,6 +116,9 @@ def _logsumexp_vjp(x: mx.array, g: mx.array, out: mx.array) -> mx.array:
 
 def _sigmoid(x: mx.array) -> mx.array:
     e = exp_nonpos(-mx.abs(x))  # in (0, 1]: no overflow either side
+    # A clean cut between two fused kernels (exp | the rest), where MLX's depth limit would
+    # otherwise cut the chain itself and write out several intermediates (exp_nonpos).
+    e = mx.depends(e, x)
     return mx.where(x >= 0, 1.0, e) / (1.0 + e)
 
 

@@ -238,6 +238,64 @@ def _head_target_logps(
     return fn(h, *proj.params)[0]
 
 
+# Float32 logits per chunk of the frozen head's forward-side gradient (`_head_logps_grad_ahead`).
+AHEAD_CHUNK_LOGITS = 1 << 21
+GRAD_AHEAD = True
+
+
+def ahead_chunk_size(batch: int, vocab: int | None) -> int:
+    """Sequence positions per chunk of `_head_logps_grad_ahead`: about AHEAD_CHUNK_LOGITS
+    float32 logits (at least 16 positions)."""
+    return max(16, AHEAD_CHUNK_LOGITS // max(1, batch * (vocab or 1)))
+
+
+def _head_logps_grad_ahead(head: Callable, h: mx.array, targets: mx.array, chunk_size: int):
+    """`_target_logps` for a frozen output projection (no trainable parameters), with its
+    gradient taken in the forward. The log-prob at position c depends on h[:, c] alone, so
+
+        d out[b, c] / d h[b, c] = J_head^T (onehot(targets[b, c]) - softmax(logits[b, c]))
+
+    is a [B, C, H] array u computed with the logits (the projection's vjp: the same matmul the
+    backward would run), and the backward is d h = g[..., None] * u. Nothing of vocabulary
+    size outlives its chunk: sequence chunks run one after another (`mx.depends`), so the
+    float32 logits of one chunk exist at a time, forward and backward, with no recomputation
+    (against keeping softmax [B, C, V] from the forward to the backward: 4 bytes per vocab
+    entry and position, against 4 per hidden unit)."""
+    n = targets.shape[1]
+    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
+
+    def chunk(hs: mx.array, ts: mx.array) -> tuple[mx.array, mx.array]:
+        logits = head(hs).astype(mx.float32)  # [B, C, V]
+        picked = mx.take_along_axis(logits, ts[..., None], axis=-1).squeeze(-1)  # [B, C]
+        m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+        e = mx.exp(logits - m)  # [B, C, V] (MLX's exp, as the reference's logsumexp forms it)
+        s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
+        d_logits = _dlogits_kept(e, s, ts, mx.ones(ts.shape, mx.float32))  # [B, C, V]
+        u = mx.vjp(lambda x: head(x).astype(mx.float32), [hs], [d_logits])[1][0]  # [B, C, H]
+        return picked - (m + mx.log(s)).squeeze(-1), u
+
+    @mx.custom_function
+    def fn(h):
+        logps, us = [], []
+        for s, e in bounds:
+            hs = h[:, s:e] if not us else mx.depends(h[:, s:e], us[-1])
+            lp, u = chunk(hs, targets[:, s:e])
+            logps.append(lp)
+            us.append(u)
+        if len(bounds) == 1:
+            return logps[0], us[0]
+        return mx.concatenate(logps, axis=1), mx.concatenate(us, axis=1)  # [B, n], [B, n, H]
+
+    @fn.vjp
+    def fn_vjp(primals, cotangents, outputs):
+        g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+        with mx.stream(stream):
+            return (g[..., None] * outputs[1]).astype(h.dtype)  # [B, n, H]
+
+    return fn(h)[0]
+
+
 def _chunked_target_logps(
     module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, chunk_size: int
 ) -> mx.array:
@@ -435,7 +493,13 @@ def _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_star
     s = head_start
     if s:
         h, targets = h[:, s:], targets[:, s:]  # [B, T-1-s, H], [B, T-1-s]
-    if chunk_size is None or chunk_size >= T - 1 - s:
+    frozen = module is not None and not tree_flatten(module.trainable_parameters())
+    if (
+        for_grad and frozen and GRAD_AHEAD
+    ):  # the head's gradient in the forward, chunked (no recompute)
+        ahead = chunk_size or ahead_chunk_size(B, vocab_size(model))
+        logps = _head_logps_grad_ahead(head, h, targets, ahead)  # [B, T-1-s]
+    elif chunk_size is None or chunk_size >= T - 1 - s:
         logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1-s]
     else:
         logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1-s]
