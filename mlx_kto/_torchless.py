@@ -26,7 +26,7 @@ def keep_out() -> bool:
     if os.environ.get("MLX_KTO_ALLOW_TORCH") == "1":
         return False
     if "torch" in sys.modules or "transformers" in sys.modules:
-        return _kept_out and sys.modules.get("torch", 0) is None
+        return kept_out()
     sys.modules["torch"] = None  # `import torch` raises ImportError, find_spec gives None
     _kept_out = True
     return True

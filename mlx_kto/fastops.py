@@ -257,26 +257,26 @@ def _causal_attention_fns(scale: float):
         dV = P^T g,  dP = g V^T,  dS = scale * P * (dP - sum(dP * P)),  dQ = dS K,  dK = dS^T Q"""
     soft, soft_vjp = _causal_softmax_fns(scale)
 
-    def probs(q, k, L):
+    def probs(q, k, R):
         B, Hkv, RL, _ = q.shape
         s = q @ k.swapaxes(-1, -2)  # [B, Hkv, R*L, S]
-        return soft(s.reshape(B, Hkv, RL // L, L, -1)).reshape(s.shape)
+        return soft(s.reshape(B, Hkv, R, RL // R, -1)).reshape(s.shape)
 
-    def forward(q, k, v, L):
-        return probs(q, k, L) @ v  # [B, Hkv, R*L, D]
+    def forward(q, k, v, R):
+        return probs(q, k, R) @ v  # [B, Hkv, R*L, D]
 
-    def backward(q, k, v, g, L):
+    def backward(q, k, v, g, R):
         B, Hkv, RL, _ = q.shape
-        p = probs(q, k, L)  # [B, Hkv, R*L, S]
+        p = probs(q, k, R)  # [B, Hkv, R*L, S]
         dv = p.swapaxes(-1, -2) @ g  # [B, Hkv, S, D]
-        dp = (g @ v.swapaxes(-1, -2)).reshape(B, Hkv, RL // L, L, -1)
+        dp = (g @ v.swapaxes(-1, -2)).reshape(B, Hkv, R, RL // R, -1)
         ds = soft_vjp(dp, p.reshape(dp.shape)).reshape(p.shape)  # [B, Hkv, R*L, S]
         return ds @ k, ds.swapaxes(-1, -2) @ q, dv
 
     return forward, backward
 
 
-_ATTN: dict[float, Callable] = {}
+_ATTN: dict[float, tuple] = {}  # scale -> (compiled forward, compiled backward, ops by R)
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
@@ -287,16 +287,15 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.
     Hkv = k.shape[1]
     if scale not in _ATTN:
         forward, backward = _causal_attention_fns(scale)
-        fwd = mx.compile(forward)
-        bwd = mx.compile(backward)
-        _ATTN[scale] = (fwd, bwd, {})
+        _ATTN[scale] = (mx.compile(forward), mx.compile(backward), {})
     fwd, bwd, ops = _ATTN[scale]
-    if L not in ops:  # L is static per op: the rows of one query head
-        ops[L] = _with_vjp(
-            lambda q, k, v: fwd(q, k, v, L),
-            lambda xs, g, y: bwd(*_fresh(xs, g), g, L),
+    R = Hq // Hkv  # query heads per KV head: static per op (one per model)
+    if R not in ops:
+        ops[R] = _with_vjp(
+            lambda q, k, v: fwd(q, k, v, R),
+            lambda xs, g, y: bwd(*_fresh(xs, g), g, R),
         )
-    out = ops[L](q.reshape(B, Hkv, (Hq // Hkv) * L, D), k, v)  # [B, Hkv, R*L, D]
+    out = ops[R](q.reshape(B, Hkv, R * L, D), k, v)  # [B, Hkv, R*L, D]
     return out.reshape(B, Hq, L, D)
 
 

@@ -193,6 +193,18 @@ class _Head:
         return grads[0], list(grads[1:])
 
 
+def _logps_exp_sum(logits: mx.array, targets: mx.array):
+    """(log softmax(logits)[targets] [B, C], e = exp(logits - max) [B, C, V], s = sum(e)
+    [B, C, 1]): the softmax parts a backward needs, with MLX's exp as mx.logsumexp forms it,
+    so the policy's forward and the reference's agree bit for bit (rewards exactly 0 before
+    the first update)."""
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
+    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
+    e = mx.exp(logits - m)  # [B, C, V]
+    s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
+    return picked - (m + mx.log(s)).squeeze(-1), e, s
+
+
 def _head_target_logps(
     module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, keep_probs: bool
 ) -> mx.array:
@@ -211,14 +223,9 @@ def _head_target_logps(
     @mx.custom_function
     def fn(h, *params):
         logits = proj.logits(h, params)  # [B, C, V]
-        picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         if keep_probs:
-            # MLX's exp, as mx.logsumexp forms it: the policy's forward and the reference's
-            # agree bit for bit (rewards exactly 0 before the first update)
-            m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-            e = mx.exp(logits - m)  # [B, C, V]
-            s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
-            return picked - (m + mx.log(s)).squeeze(-1), e, s
+            return _logps_exp_sum(logits, targets)
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
         return picked - mx.logsumexp(logits, axis=-1), logits, logits
 
     @fn.vjp
@@ -240,7 +247,6 @@ def _head_target_logps(
 
 # Float32 logits per chunk of the frozen head's forward-side gradient (`_head_logps_grad_ahead`).
 AHEAD_CHUNK_LOGITS = 1 << 21
-GRAD_AHEAD = True
 
 
 def ahead_chunk_size(batch: int, vocab: int | None) -> int:
@@ -266,14 +272,10 @@ def _head_logps_grad_ahead(head: Callable, h: mx.array, targets: mx.array, chunk
     stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
 
     def chunk(hs: mx.array, ts: mx.array) -> tuple[mx.array, mx.array]:
-        logits = head(hs).astype(mx.float32)  # [B, C, V]
-        picked = mx.take_along_axis(logits, ts[..., None], axis=-1).squeeze(-1)  # [B, C]
-        m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-        e = mx.exp(logits - m)  # [B, C, V] (MLX's exp, as the reference's logsumexp forms it)
-        s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
+        logp, e, s = _logps_exp_sum(head(hs).astype(mx.float32), ts)  # [B, C], [B, C, V]
         d_logits = _dlogits_kept(e, s, ts, mx.ones(ts.shape, mx.float32))  # [B, C, V]
         u = mx.vjp(lambda x: head(x).astype(mx.float32), [hs], [d_logits])[1][0]  # [B, C, H]
-        return picked - (m + mx.log(s)).squeeze(-1), u
+        return logp, u
 
     @mx.custom_function
     def fn(h):
@@ -494,9 +496,7 @@ def _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_star
     if s:
         h, targets = h[:, s:], targets[:, s:]  # [B, T-1-s, H], [B, T-1-s]
     frozen = module is not None and not tree_flatten(module.trainable_parameters())
-    if (
-        for_grad and frozen and GRAD_AHEAD
-    ):  # the head's gradient in the forward, chunked (no recompute)
+    if for_grad and frozen:  # the head's gradient in the forward, chunked (no recompute)
         ahead = chunk_size or ahead_chunk_size(B, vocab_size(model))
         logps = _head_logps_grad_ahead(head, h, targets, ahead)  # [B, T-1-s]
     elif chunk_size is None or chunk_size >= T - 1 - s:
