@@ -112,6 +112,7 @@ def child(args) -> None:
         plain = type(scorer)(scorer.model)  # no cache: every call is a reference forward
 
         def one(b):
+            mx.reset_peak_memory()
             t0 = time.perf_counter()
             if args.mode == "warm":
                 run(b, "kto_warm")
@@ -137,7 +138,8 @@ def child(args) -> None:
                 cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
                 rec = {"bench": "profile_pass", "mode": args.mode, "iter": it, "batch": j,
                        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                       "cores_used": round(cpu / wall, 2), "tokens": int(b.ntoks)}  # fmt: skip
+                       "cores_used": round(cpu / wall, 2), "tokens": int(b.ntoks),
+                       "peak_mb": round(mx.get_peak_memory() / 2**20, 1)}  # fmt: skip
                 print(json.dumps(rec), flush=True)
         if ctl:
             with open(ctl, "w") as f:

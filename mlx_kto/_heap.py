@@ -10,6 +10,11 @@ Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold to
 freed blocks in the heap for the next step, as MLX's own buffer cache does on Metal and CUDA.
 The cost is that the process keeps its high-water mark of heap memory until it exits.
 $MLX_KTO_MALLOC_TUNE=0 switches this off.
+
+With glibc keeping that reserve, MLX's own CPU buffer cache on top of it only holds a second
+one (~30 MB on the bench step, no faster: bench/RESULTS.md), so the CPU fast paths turn it off
+(`mlx_cache_off`), and a finished run hands the whole reserve back (`release`) before it saves,
+evaluates and plots: the process's peak resident size is then the training's own.
 """
 
 from __future__ import annotations
@@ -49,6 +54,37 @@ def tune() -> bool:
     ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     tuned = ok
     return tuned
+
+
+def mlx_cache_off() -> int | None:
+    """Set MLX's buffer-cache limit to 0 while glibc keeps freed blocks (`tune`); returns the
+    previous limit for `mlx_cache_restore`, or None when nothing was changed."""
+    if not tuned:
+        return None
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return None
+    return mx.set_cache_limit(0)
+
+
+def mlx_cache_restore(prev: int | None) -> None:
+    if prev is not None:
+        import mlx.core as mx
+
+        mx.set_cache_limit(prev)
+
+
+def release() -> bool:
+    """Hand freed memory back to the system: MLX's buffer cache, then every free page of
+    glibc's heap (malloc_trim). For the end of a run; True when glibc trimmed."""
+    import mlx.core as mx
+
+    mx.clear_cache()
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    return bool(libc.malloc_trim(0))
 
 
 def untune() -> None:

@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto import _heap  # noqa: E402
 from mlx_kto.config import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
 from mlx_kto.resume import absolute_paths, check_unchanged, rows_hash  # noqa: E402
@@ -324,6 +325,7 @@ def _train_model(
         dist=dist,
     )
     last = run_guarded(loop, guard, model, optimizer, state, cfg, run_dir, a_config, dist)
+    _heap.release()  # the freed training memory goes back before saving, eval and the plot
     if dist.is_main:
         save_adapter(model, run_dir, a_config)
     ev = {}

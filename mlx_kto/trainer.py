@@ -19,7 +19,7 @@ from functools import partial, wraps
 from pathlib import Path
 from typing import NamedTuple
 
-from mlx_kto import fastops
+from mlx_kto import _heap, fastops
 from mlx_kto.batches import Batch, iterate_batches, num_batches
 from mlx_kto.checkpoint import save_checkpoint
 from mlx_kto.config import KTOConfig
@@ -142,8 +142,12 @@ def fast_paths(
         from mlx_kto.qmatmul import dequantizes_per_call
 
         streams = 1 if dequantizes_per_call(model) else None
-    with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
-        yield
+    cache = _heap.mlx_cache_off()  # glibc keeps freed blocks already (_heap.py)
+    try:
+        with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
+            yield
+    finally:
+        _heap.mlx_cache_restore(cache)
 
 
 def checkpoint_paths(cfg) -> dict:
