@@ -49,6 +49,7 @@ def test_release_hands_the_kept_heap_back(lora_model):
     arrays are gone, until `release`."""
     model, _ = lora_model
     with fast_paths(model):
+        _heap.release()  # start from a trimmed heap: the churn below must fault pages in
         base = _rss_mb()
         _churn(n=64)  # 128 MB through malloc, then freed
         kept = _rss_mb()
