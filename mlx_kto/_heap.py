@@ -69,6 +69,7 @@ def mlx_cache_off() -> int | None:
 
 
 def mlx_cache_restore(prev: int | None) -> None:
+    """Undo `mlx_cache_off` (a user's `cache_limit_mb` comes back with it)."""
     if prev is not None:
         import mlx.core as mx
 

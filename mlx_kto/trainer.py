@@ -131,7 +131,8 @@ def fast_paths(
     arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
     all run inside, so the policy and its reference compute the same way. `streams`
     overrides the number of row streams (1 = rows one after another), `fast_exp` the
-    arithmetic exp (False = MLX's own ops).
+    arithmetic exp (False = MLX's own ops). MLX's CPU buffer cache is off inside while glibc
+    keeps freed blocks (`_heap.mlx_cache_off`), restored on exit.
 
     A quantized model on the CPU (`qmatmul.dequantizes_per_call`) runs its rows on one stream
     unless $MLX_KTO_CPU_STREAMS says otherwise: each stream would dequantize every weight for
