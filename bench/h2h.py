@@ -236,6 +236,20 @@ def warm_step_flops(ids_path: Path, per_epoch: int, rank: int = 8) -> float:
     return total / per_epoch
 
 
+def mlx_train_args(model, data, adapter, ref_cache, args) -> list[str]:
+    """`python -m mlx_kto.train` arguments of the mlx-kto side (args: rows, epochs, batch_size,
+    lr, seed); also bench/rss_probe.py's default command."""
+    warmup = int(0.1 * (args.rows // args.batch_size * args.epochs))  # as main(): 10% of steps
+    cmd = [
+        "--model", model, "--data", data, "--adapter-path", adapter, "--ref-cache", ref_cache,
+        "--epochs", args.epochs, "--batch-size", args.batch_size,
+        "--learning-rate", args.lr, "--lr-schedule", "cosine", "--warmup-steps", warmup,
+        "--beta", 0.1, "--max-length", MAX_LENGTH, "--lora-rank", 8, "--lora-alpha", 16,
+        "--lora-keys", LORA_KEYS, "--seed", args.seed, "--steps-per-eval", 0, "--quiet",
+    ]  # fmt: skip
+    return [str(a) for a in cmd]
+
+
 def ratio(a, b):
     return None if a is None or b in (None, 0) else round(a / b, 3)
 
@@ -408,15 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_mlx:
         note(f"mlx-kto: {n_steps} steps")
         out, adapter = run_dir / "mlx.json", run_dir / "mlx-adapter"
-        cmd = [
-            py_mlx, mlx_runner, "train", "--out", out, "--",
-            "--model", model, "--data", data, "--adapter-path", adapter,
-            "--ref-cache", run_dir / "mlx-ref-cache",  # fresh and empty: epoch 1 pays
-            "--epochs", args.epochs, "--batch-size", args.batch_size,
-            "--learning-rate", args.lr, "--lr-schedule", "cosine", "--warmup-steps", warmup,
-            "--beta", 0.1, "--max-length", MAX_LENGTH, "--lora-rank", 8, "--lora-alpha", 16,
-            "--lora-keys", LORA_KEYS, "--seed", args.seed, "--steps-per-eval", 0, "--quiet",
-        ]  # fmt: skip
+        # A fresh, empty reference cache: epoch 1 pays the reference pass.
+        train_args = mlx_train_args(model, data, adapter, run_dir / "mlx-ref-cache", args)
+        cmd = [py_mlx, mlx_runner, "train", "--out", out, "--", *train_args]
         proc = run_child("mlx-kto", cmd, run_dir / "mlx.log", env_mlx)
         metrics = [
             json.loads(x) for x in (adapter / "metrics.jsonl").read_text().splitlines() if x.strip()

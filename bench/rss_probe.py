@@ -93,20 +93,13 @@ def mappings(top: int = 8) -> list[tuple[str, float]]:
 
 def h2h_args(rows: int, epochs: int, out: Path) -> list[str]:
     """h2h.py's mlx-kto command line on its fixture (built under out)."""
-    from h2h import LORA_KEYS, MAX_LENGTH
+    from h2h import mlx_train_args, parse_args
     from h2h_fixture import h2h_model, write_fixture
 
     model = h2h_model(out)
     data, _ = write_fixture(out, rows)
-    warmup = int(0.1 * rows // 8 * epochs)
-    args = [
-        "--model", model, "--data", data, "--adapter-path", out / "run", "--ref-cache",
-        out / "ref-cache", "--epochs", epochs, "--batch-size", 8, "--learning-rate", 5e-5,
-        "--lr-schedule", "cosine", "--warmup-steps", warmup, "--beta", 0.1, "--max-length",
-        MAX_LENGTH, "--lora-rank", 8, "--lora-alpha", 16, "--lora-keys", LORA_KEYS, "--seed", 0,
-        "--steps-per-eval", 0, "--quiet", "--overwrite",
-    ]  # fmt: skip
-    return [str(a) for a in args]
+    args = parse_args(["--rows", str(rows), "--epochs", str(epochs), "--skip-trl"])
+    return mlx_train_args(model, data, out / "run", out / "ref-cache", args)
 
 
 def main() -> None:
