@@ -17,7 +17,7 @@ adding one change to the previous:
   v7 +eager_step   the policy step not traced as a whole (its fastops pieces still compiled),
                    as make_train_step runs it on CPU streams
 
-The malloc thresholds (mlx_kto._heap) are process-wide, so they are on for every variant;
+The malloc thresholds (mlx_kto.runtime.heap) are process-wide, so they are on for every variant;
 MLX_KTO_MALLOC_TUNE=0 runs all of them without.
 
 Every batch is timed once per variant, in turn, so they share the machine's load; one JSON
@@ -39,12 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import fastops, logprobs  # noqa: E402
-from mlx_kto.batches import iterate_batches  # noqa: E402
-from mlx_kto.config import KTOConfig  # noqa: E402
-from mlx_kto.loss import kto_loss  # noqa: E402
-from mlx_kto.model import apply_lora, load_base  # noqa: E402
-from mlx_kto.reference import ReferenceScorer  # noqa: E402
+from mlx_kto.config.core import KTOConfig  # noqa: E402
+from mlx_kto.data.batches import iterate_batches  # noqa: E402
+from mlx_kto.model import logprobs
+from mlx_kto.model.load import apply_lora, load_base  # noqa: E402
+from mlx_kto.reference.scorer import ReferenceScorer  # noqa: E402
+from mlx_kto.runtime import fastops  # noqa: E402
+from mlx_kto.train.loss import kto_loss  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

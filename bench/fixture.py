@@ -12,8 +12,9 @@ import random
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.tokenize import Row, assign_kl_partners
-from mlx_kto.toy import build_model
+from mlx_kto.data.tokenize import Row, assign_kl_partners
+
+from toy import build_model
 
 BENCH_SHAPE = dict(
     hidden_size=512,

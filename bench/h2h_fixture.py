@@ -47,7 +47,7 @@ def build_word_tokenizer(out_dir: Path):
 
 def h2h_model(root: Path) -> Path:
     """Build (once) the model folder: bench_model()'s weights + the word-level tokenizer."""
-    from mlx_kto.toy import build_model
+    from toy import build_model
 
     path = root / "llama-512x8-words"
     if not (path / "model.safetensors").exists():
@@ -104,8 +104,8 @@ def write_fixture(root: Path, n: int) -> tuple[Path, Path]:
 def check_round_trip(model_dir: Path, text_path: Path, ids_path: Path) -> int:
     """Tokenize train.jsonl the way `mlx-kto train` does; assert the ids are the fixture's.
     Returns the number of rows checked."""
-    from mlx_kto.data import load_splits
-    from mlx_kto.tokenize import tokenize_examples
+    from mlx_kto.data.rows import load_splits
+    from mlx_kto.data.tokenize import tokenize_examples
 
     from mlx_lm.utils import load_tokenizer
 

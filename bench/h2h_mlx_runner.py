@@ -49,7 +49,7 @@ def matmul_rate(n: int = 2048, reps: int = 5) -> dict:
         times.append(time.perf_counter() - t0)
     return {
         "gflops": 2 * n**3 / min(times) / 1e9,
-        "blas": mlx_kto._blas.loaded,
+        "blas": mlx_kto.runtime.blas.loaded,
         "mlx": mx.__version__,
     }
 
@@ -66,8 +66,8 @@ def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
 
 
 def train(train_args: list[str]) -> dict:
-    import mlx_kto.train as mlx_train
-    from mlx_kto import trainer
+    import mlx_kto.train.run as mlx_train
+    from mlx_kto.train import loop as trainer
 
     rec: dict = {"t_start": T_START, "t_imported": time.time()}
     stamps: list[float] = []

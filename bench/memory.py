@@ -8,7 +8,7 @@ On the benchmark model (or --model), one JSON line each:
              gradients), and one micro-batch of activations: the peak, above that resident
              set, of one plain policy forward + backward on one micro-batch (what any LoRA
              trainer must hold); `limit` = 2 x their sum (the issue's bound)
-  kto_step   peak of real training steps through `mlx_kto.trainer.train_loop` with an uncached
+  kto_step   peak of real training steps through `mlx_kto.train.loop.train_loop` with an uncached
              reference (every step runs the reference forward, the KL forward and the policy
              step: the heaviest case); `one_weight_copy`: active memory after training stays
              within weights + LoRA + optimizer state + 5%, so the reference shares the weights
@@ -29,12 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto.batches import make_batch  # noqa: E402
-from mlx_kto.config import KTOConfig  # noqa: E402
-from mlx_kto.logprobs import hidden_states, sequence_logps  # noqa: E402
-from mlx_kto.model import adapter_config, apply_lora, load_base  # noqa: E402
-from mlx_kto.reference import ReferenceScorer  # noqa: E402
-from mlx_kto.trainer import TrainState, make_schedule, train_loop  # noqa: E402
+from mlx_kto.config.core import KTOConfig  # noqa: E402
+from mlx_kto.data.batches import make_batch  # noqa: E402
+from mlx_kto.model.load import adapter_config, apply_lora, load_base  # noqa: E402
+from mlx_kto.model.logprobs import hidden_states, sequence_logps  # noqa: E402
+from mlx_kto.reference.scorer import ReferenceScorer  # noqa: E402
+from mlx_kto.train.loop import TrainState, make_schedule, train_loop  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -142,7 +142,7 @@ def kto_step(model_path: Path, rows, args, limit_mb: float, weights_mb: float) -
 
 def logits_peak(args, tmp: Path) -> dict:
     """Extra peak of sequence_logps over the trunk forward, vs full float32 logits."""
-    from mlx_kto.toy import build_model
+    from toy import build_model
 
     path = tmp / "big-vocab"
     shape = {**BENCH_SHAPE, "vocab_size": args.big_vocab, "num_hidden_layers": 2}

@@ -93,13 +93,13 @@ def measure(name, bits, gc, batch, tokens, blocks=None, dtype="float32") -> dict
     """One training step of one case (in this process); `blocks` keeps only the first N
     blocks of the model (real widths and vocabulary)."""
     import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-    from mlx_kto.batches import make_batch
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.distributed import Dist
-    from mlx_kto.model import apply_lora
-    from mlx_kto.step import StepData, run_step
-    from mlx_kto.tokenize import Row, assign_kl_partners
-    from mlx_kto.trainer import checkpoint_paths, fast_paths, make_step_fns
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.data.batches import make_batch
+    from mlx_kto.data.tokenize import Row, assign_kl_partners
+    from mlx_kto.model.load import apply_lora
+    from mlx_kto.train.distributed import Dist
+    from mlx_kto.train.loop import checkpoint_paths, fast_paths, make_step_fns
+    from mlx_kto.train.step import StepData, run_step
 
     import mlx.core as mx
     import mlx.nn as nn

@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import trainer  # noqa: E402
-from mlx_kto.batches import iterate_batches  # noqa: E402
+from mlx_kto.data.batches import iterate_batches  # noqa: E402
+from mlx_kto.train import loop as trainer  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 from fixture import bench_model, bench_rows  # noqa: E402

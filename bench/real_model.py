@@ -3,7 +3,7 @@
     .venv/bin/python bench/real_model.py [--gguf PATH] [--rows 12] [--batch-size 4]
 
 SmolLM2-135M-Instruct from its Q4_1 GGUF (`bash .ci/fetch_smollm2.sh`), loaded the way
-`mlx-kto train --model file.gguf` loads it (mlx_kto.model.load_base: Q4_1/Q8_0 kept
+`mlx-kto train --model file.gguf` loads it (mlx_kto.model.load.load_base: Q4_1/Q8_0 kept
 quantized, float32 compute on the CPU, quantized layers through BLAS). The rows are
 conversational (a user question, an assistant reply of a few sentences) rendered by SmolLM2's
 own ChatML template, as `train` tokenizes them. The three steps, their interleaved timing and
@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import fastops  # noqa: E402
-from mlx_kto.convert.gguf_base import load_gguf_tokenizer  # noqa: E402
-from mlx_kto.data import examples_from_rows  # noqa: E402
+from mlx_kto.data.rows import examples_from_rows  # noqa: E402
+from mlx_kto.data.tokenize import assign_kl_partners, tokenize_examples  # noqa: E402
 from mlx_kto.demo.real import smollm2_gguf  # noqa: E402
-from mlx_kto.tokenize import assign_kl_partners, tokenize_examples  # noqa: E402
+from mlx_kto.model.gguf import load_gguf_tokenizer  # noqa: E402
+from mlx_kto.runtime import fastops  # noqa: E402
 
 from throughput import common_args, measure  # noqa: E402
 

@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto.batches import num_batches  # noqa: E402
-from mlx_kto.config import KTOConfig  # noqa: E402
-from mlx_kto.fingerprint import reference_fingerprint  # noqa: E402
-from mlx_kto.model import adapter_config, apply_lora, load_base  # noqa: E402
-from mlx_kto.reference import RefCache, ReferenceScorer  # noqa: E402
-from mlx_kto.trainer import TrainState, make_schedule, train_loop  # noqa: E402
+from mlx_kto.config.core import KTOConfig  # noqa: E402
+from mlx_kto.data.batches import num_batches  # noqa: E402
+from mlx_kto.model.load import adapter_config, apply_lora, load_base  # noqa: E402
+from mlx_kto.reference.fingerprint import reference_fingerprint  # noqa: E402
+from mlx_kto.reference.scorer import RefCache, ReferenceScorer  # noqa: E402
+from mlx_kto.train.loop import TrainState, make_schedule, train_loop  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402

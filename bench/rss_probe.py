@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from mlx_kto import _torchless  # noqa: E402
+from mlx_kto.runtime import torchless as _torchless  # noqa: E402
 
 _torchless.keep_out()  # as the command does
 
@@ -115,7 +115,7 @@ def main() -> None:
     a = p.parse_args(argv)
     if not sys.platform.startswith("linux"):
         sys.exit("rss_probe: Linux only (reads /proc and glibc's mallinfo2)")
-    import mlx_kto.train as mlx_train
+    import mlx_kto.train.run as mlx_train
 
     mallinfo = _mallinfo()
     with tempfile.TemporaryDirectory(prefix="mlx_kto_rss_") as tmp:

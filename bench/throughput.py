@@ -9,7 +9,7 @@ so that all three see the same machine load (the 2 cores of the dev machine are 
   sft       mlx-lm's compiled LoRA SFT step (`default_loss` and the `step` of
             mlx_lm.tuner.trainer.train, as there) on the batch's main sequences, padded the way
             mlx-lm pads (1 + 32k); mlx-lm's own threading (OpenBLAS on both cores)
-  kto_cold  `mlx_kto.trainer.make_train_step` (what `train_loop` runs per micro-batch) with a
+  kto_cold  `mlx_kto.train.loop.make_train_step` (what `train_loop` runs per micro-batch) with a
             reference cache that has never seen the batch: every sequence misses, so the step
             runs the batched reference forward and stores it
   kto_warm  the same step on the same batch with a cache that holds it: no reference forward
@@ -51,13 +51,15 @@ if "--baseline" in sys.argv:  # glibc's own (dynamic) malloc thresholds: never t
     os.environ["MLX_KTO_MALLOC_TUNE"] = "0"
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
-from mlx_kto import fastops, logprobs, trainer  # noqa: E402
-from mlx_kto.batches import iterate_batches  # noqa: E402
-from mlx_kto.config import KTOConfig  # noqa: E402
-from mlx_kto.fingerprint import reference_fingerprint  # noqa: E402
-from mlx_kto.loss import metrics_to_floats  # noqa: E402
-from mlx_kto.model import apply_lora, load_base  # noqa: E402
-from mlx_kto.reference import RefCache, ReferenceScorer  # noqa: E402
+from mlx_kto.config.core import KTOConfig  # noqa: E402
+from mlx_kto.data.batches import iterate_batches  # noqa: E402
+from mlx_kto.model import logprobs
+from mlx_kto.model.load import apply_lora, load_base  # noqa: E402
+from mlx_kto.reference.fingerprint import reference_fingerprint  # noqa: E402
+from mlx_kto.reference.scorer import RefCache, ReferenceScorer  # noqa: E402
+from mlx_kto.runtime import fastops  # noqa: E402
+from mlx_kto.train import loop as trainer
+from mlx_kto.train.loss import metrics_to_floats  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -77,7 +79,7 @@ def machine() -> dict:
         "cpus": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "mlx": mx.__version__,
-        "blas": getattr(mlx_kto._blas, "loaded", None),
+        "blas": getattr(mlx_kto.runtime.blas, "loaded", None),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -394,7 +396,7 @@ def main() -> None:
         "trainer": "baseline (before issue 6)" if args.baseline else "current",
         "cpu_streams": 1 if args.baseline else logprobs.default_streams(),
         "fast_exp": fastops.wanted(),
-        "malloc_tuned": mlx_kto._heap.tuned,
+        "malloc_tuned": mlx_kto.runtime.heap.tuned,
         "batch_size": args.batch_size,
         **run,
         "mfu_warm": results["kto_warm"]["mfu"],

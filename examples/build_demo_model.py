@@ -36,13 +36,13 @@ from pathlib import Path
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.demo import task  # noqa: E402
 from mlx_kto.demo.sample import prompt_ids, sample_completions, style_shares  # noqa: E402
-from mlx_kto.toy import build_tokenizer, model_config  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+from toy import build_tokenizer, model_config  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "mlx_kto" / "demo" / "assets"
 ARCH = dict(  # ~0.9M parameters: ~1.8 MB in float16

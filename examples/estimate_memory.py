@@ -14,7 +14,7 @@ The estimate is deliberately simple and errs high:
                kv = key/value width; with --grad-checkpoint 2 h x 2 bytes per block
                (its input, kept for the recompute) plus one block's activations.
                Blocks below the LoRA'd ones keep nothing for the backward pass.
-  logits       chunked over the sequence (mlx_kto.logprobs): one 64 MiB float32 chunk
+  logits       chunked over the sequence (mlx_kto.model.logprobs): one 64 MiB float32 chunk
                plus its half-precision copy.
 
 The reference and KL forwards run without gradient, so they add one block of

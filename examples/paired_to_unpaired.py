@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 import mlx_kto  # noqa: F401
-from mlx_kto.data import load_examples
+from mlx_kto.data.rows import load_examples
 from mlx_kto.errors import UserError
 
 

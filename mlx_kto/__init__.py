@@ -1,6 +1,7 @@
 """mlx_kto: KTO (Kahneman-Tversky Optimization) LoRA training with MLX."""
 
-from mlx_kto import _blas, _heap
+from mlx_kto.runtime import blas as _blas
+from mlx_kto.runtime import heap as _heap
 
 _blas.preload()  # must precede the first `import mlx.core`
 _heap.tune()  # reuse freed pages (Linux CPU: fresh pages fault in slowly)
@@ -11,7 +12,9 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: `import mlx_kto` must stay light (it runs before mlx.core is imported).
     if name in ("KTOTrainer", "KTOConfig", "Callback"):
-        from mlx_kto import api, config, reporting
+        from mlx_kto import api
+        from mlx_kto.config import core as config
+        from mlx_kto.train import callbacks as reporting
 
         return {"KTOTrainer": api.KTOTrainer, "KTOConfig": config.KTOConfig,
                 "Callback": reporting.Callback}[name]  # fmt: skip

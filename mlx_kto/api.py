@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
-from mlx_kto.reporting import Callback, FunctionCallback
+from mlx_kto.train.callbacks import Callback, FunctionCallback
 
 
 def _config(args: KTOConfig | dict | str | Path | None) -> KTOConfig:
@@ -46,8 +46,8 @@ def _config(args: KTOConfig | dict | str | Path | None) -> KTOConfig:
 def rows_to_examples(rows: Any, name: str, seed: int = 0) -> list:
     """Validated Examples of in-memory rows (list of dicts or datasets.Dataset), located as
     "name[i]" in errors."""
-    from mlx_kto.data import examples_from_rows
-    from mlx_kto.datasets_io import records_rows
+    from mlx_kto.data.load import records_rows
+    from mlx_kto.data.rows import examples_from_rows
 
     if rows is None:
         return None
@@ -67,7 +67,7 @@ class KTOTrainer:
         train_dataset: rows to train on; None reads `args.data`.
         eval_dataset: rows evaluated every `steps_per_eval` steps and at the end.
         args: KTOConfig / dict / YAML path.
-        callbacks: `mlx_kto.reporting.Callback` objects (on_train_begin, on_step, on_eval,
+        callbacks: `mlx_kto.train.callbacks.Callback` objects (on_train_begin, on_step, on_eval,
             on_save, on_train_end).
         on_step(record), on_eval(step, metrics), on_save(step, path): plain-function hooks.
         model_path: the base model's folder, to key the reference cache.
@@ -91,7 +91,7 @@ class KTOTrainer:
         self.model, self.tokenizer = model, tokenizer
         self.args = _config(args)
         if self.args.chat_template:
-            from mlx_kto.chat_template import set_chat_template
+            from mlx_kto.model.chat_template import set_chat_template
 
             set_chat_template(tokenizer, self.args.chat_template)
         self.splits = None
@@ -119,8 +119,8 @@ class KTOTrainer:
 
     def train(self):
         """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics)."""
-        from mlx_kto.reporting import make_reporters
-        from mlx_kto.train import set_memory_limits, train_model
+        from mlx_kto.train.callbacks import make_reporters
+        from mlx_kto.train.run import set_memory_limits, train_model
 
         if self._trained:
             raise UserError("train: this trainer already trained its model; make a new one")
@@ -140,9 +140,9 @@ class KTOTrainer:
     def evaluate(self, eval_dataset: Any = None) -> dict:
         """KTO loss, rewards, margins, kl and reward accuracy of the current adapter on
         `eval_dataset` (default: the one given at construction). The reference is the base."""
-        from mlx_kto.reference import make_scorer
-        from mlx_kto.train import prepare_data
-        from mlx_kto.trainer import evaluate
+        from mlx_kto.reference.scorer import make_scorer
+        from mlx_kto.train.loop import evaluate
+        from mlx_kto.train.run import prepare_data
 
         if not self._trained:
             raise UserError("evaluate: call train() first (the model has no adapter yet)")

@@ -10,9 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLX_KTO_CACHE_DIR", tempfile.mkdtemp(prefix="mlx_kto_test_refcache_"))
 
 import mlx_kto  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
-from mlx_kto.toy import build_model, build_tokenizer  # noqa: E402
 
 import pytest  # noqa: E402
+from toy import build_model, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +45,8 @@ def tokenizer(tiny_llama):
 def lora_model(tiny_llama):
     """(model, cfg): the tiny Llama with rank-4 LoRA and non-zero lora_b (so every LoRA
     matrix has a gradient), in train mode; one per test module."""
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.model import apply_lora, load_base
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.model.load import apply_lora, load_base
 
     import mlx.core as mx
 

@@ -6,11 +6,11 @@ import shutil
 import subprocess
 import sys
 
-from mlx_kto.config import make_config
-from mlx_kto.convert import fuse, to_peft
+from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
-from mlx_kto.model import model_reference
-from mlx_kto.train import train
+from mlx_kto.export import fuse, to_peft
+from mlx_kto.model.load import model_reference
+from mlx_kto.train.run import train
 
 import pytest
 

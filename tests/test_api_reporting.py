@@ -4,7 +4,7 @@ import json
 import sys
 import types
 
-from mlx_kto.config import make_config
+from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
 
 import mlx.core as mx
@@ -42,7 +42,7 @@ def _write(path, rs):
 
 def test_trainer_api_callbacks_and_same_adapter_as_the_cli(tiny_llama, tmp_path):
     from mlx_kto import KTOTrainer
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     from mlx_lm import load
 
@@ -99,7 +99,7 @@ def test_trainer_takes_a_datasets_dataset(tiny_llama, tmp_path):
 
 
 def test_metrics_records_trl_keys_per_step_ref_counts_and_plain_progress(tiny_llama, tmp_path):
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     d = tmp_path / "data"
     d.mkdir()
@@ -126,10 +126,10 @@ def test_metrics_records_trl_keys_per_step_ref_counts_and_plain_progress(tiny_ll
 
 
 def test_mid_run_eval_is_written_above_the_bar(tiny_llama, tmp_path, monkeypatch, capsys):
-    import mlx_kto.reporting
-    from mlx_kto.train import train
+    import mlx_kto.train.callbacks
+    from mlx_kto.train.run import train
 
-    monkeypatch.setattr(mlx_kto.reporting, "show_bar", lambda: True)
+    monkeypatch.setattr(mlx_kto.train.callbacks, "show_bar", lambda: True)
     d = tmp_path / "data"
     d.mkdir()
     _write(d / "train.jsonl", rows(8))
@@ -157,7 +157,7 @@ class FakeRun:
 
 
 def test_wandb_logs_trl_keys_offline_without_a_key(tmp_path, monkeypatch):
-    from mlx_kto.reporting import CallbackList, make_reporters
+    from mlx_kto.train.callbacks import CallbackList, make_reporters
 
     run, inits = FakeRun(), []
     fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run)
@@ -187,7 +187,7 @@ def test_wandb_logs_trl_keys_offline_without_a_key(tmp_path, monkeypatch):
 
 
 def test_tensorboard_writer_and_missing_package_message(tmp_path, monkeypatch):
-    import mlx_kto.reporting as rep
+    import mlx_kto.train.callbacks as rep
 
     calls = []
 
@@ -225,14 +225,15 @@ def test_grad_checkpoint_turns_off_the_cpu_fast_paths(
     """Row streams and fastops keep per-block activations alive, which defeats gradient
     checkpointing: a checkpointed run uses one stream and MLX's own ops (the environment
     variables still override)."""
-    from mlx_kto import KTOTrainer, fastops
-    from mlx_kto.logprobs import active_streams
+    from mlx_kto import KTOTrainer
+    from mlx_kto.model.logprobs import active_streams
+    from mlx_kto.runtime import fastops
 
     from mlx_lm import load
 
     monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
     monkeypatch.delenv("MLX_KTO_FAST_EXP", raising=False)
-    monkeypatch.setattr("mlx_kto.logprobs.default_streams", lambda: 2)
+    monkeypatch.setattr("mlx_kto.model.logprobs.default_streams", lambda: 2)
     seen, lines = [], []
     model, tok = load(str(tiny_llama))
     KTOTrainer(

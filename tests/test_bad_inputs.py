@@ -1,6 +1,6 @@
 """Bad inputs end in one line naming the flag/field/file, exit 2, and lose nothing.
 
-Each case runs the CLI in-process through `mlx_kto.cli.run` (what `mlx-kto` runs) in a
+Each case runs the CLI in-process through `mlx_kto.cli.app.run` (what `mlx-kto` runs) in a
 fresh folder holding files a user already has (data, a model copy, an adapter, outputs
 of earlier conversions). After the failure: exit status 2, exactly one `error:` line
 on stderr naming what to fix, no traceback, and every file that existed before is
@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from mlx_kto.cli import cli, run
+from mlx_kto.cli.app import cli, run
 
 import pytest
 
@@ -26,7 +26,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def adapter(tiny_llama, tmp_path_factory):
-    from mlx_kto.convert._testing import make_adapter
+    from adapter_fixtures import make_adapter
 
     out, _ = make_adapter(tiny_llama, tmp_path_factory.mktemp("bad_inputs") / "adapter")
     return out

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import types
 
-from mlx_kto import _blas
+from mlx_kto.runtime import blas as _blas
 
 
 def _fake_run(output):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from mlx_kto.collect.chat import run_terminal_chat
 from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
-from mlx_kto.config import make_config
-from mlx_kto.data import load_examples
-from mlx_kto.train import train
+from mlx_kto.config.core import make_config
+from mlx_kto.data.rows import load_examples
+from mlx_kto.train.run import train
 
 import pytest
 
@@ -132,7 +132,7 @@ def test_chat_rate_train_chat_again_second_round(tmp_path):
     first = json.loads((run2 / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
     # ...whereas scored against the base model, run1's rewards on the same rows are not 0.
-    from mlx_kto.evaluate import evaluate_adapter
+    from mlx_kto.judge.evaluate import evaluate_adapter
 
     ev = evaluate_adapter(train_cfg(fb, tmp_path / "ev"), str(run1), "train")
     assert abs(ev["rewards/chosen"]) > 1e-3

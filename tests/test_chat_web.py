@@ -8,10 +8,10 @@ import shutil
 import threading
 import time
 
-from mlx_kto.collect.feedback import read_ratings
 from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
 from mlx_kto.collect.web.server import bind, create_app
-from mlx_kto.data import load_examples
+from mlx_kto.data.feedback import read_ratings
+from mlx_kto.data.rows import load_examples
 
 import pytest
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from mlx_kto.config import load_yaml, make_config
+from mlx_kto.config.core import load_yaml, make_config
 from mlx_kto.errors import UserError
 
 import pytest
@@ -143,7 +143,7 @@ def _toy_data(path, n=16):
 
 @pytest.mark.parametrize("name", ["mlx_lm_lora.yaml", "trl_kto.yaml"])
 def test_example_yaml_trains_from_the_cli(name, tiny_llama, tmp_path):
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     data = _toy_data(tmp_path / "fb.jsonl")
     out = tmp_path / "run"
@@ -159,8 +159,8 @@ def test_example_yaml_trains_from_the_cli(name, tiny_llama, tmp_path):
 
 
 def test_short_lora_keys_expand_and_unknown_ones_suggest(tiny_llama):
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.model import apply_lora, load_base, lora_modules
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.model.load import apply_lora, load_base, lora_modules
 
     cfg = KTOConfig(model=str(tiny_llama), lora_keys=["q_proj", "mlp.up_proj"]).validate()
     model, _, _, _ = load_base(cfg)

@@ -4,18 +4,18 @@
 import json
 import struct
 
-from mlx_kto.convert import fuse, hf_to_mlx
-from mlx_kto.convert._testing import logits, make_adapter
-from mlx_kto.convert.cli import convert
+from mlx_kto.cli.convert import convert
 from mlx_kto.errors import UserError
-from mlx_kto.toy import build_model
+from mlx_kto.export import fuse, hf_to_mlx
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits, make_adapter
 from click.testing import CliRunner
 from mlx_lm import load
 from mlx_lm.tuner.utils import load_adapters
+from toy import build_model
 
 TOKENS = [1, 5, 9, 30, 40, 7, 3, 11]
 

@@ -4,23 +4,23 @@ permutation) equal to the fused Hugging Face weight."""
 
 import json
 
-from mlx_kto.convert import fuse, read_lora_file, to_gguf
-from mlx_kto.convert._testing import make_adapter
-from mlx_kto.convert.base import load_base
-from mlx_kto.convert.gguf_lora import (
+from mlx_kto.errors import UserError
+from mlx_kto.export import fuse, read_lora_file, to_gguf
+from mlx_kto.export.base import load_base
+from mlx_kto.export.gguf_lora import (
     GGUFLora,
     base_gguf_tensors,
     check_lora,
     llama_permute_rows,
     llama_unpermute_rows,
 )
-from mlx_kto.errors import UserError
-from mlx_kto.toy import build_model
 
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import make_adapter
+from toy import build_model
 
 # family -> (GGUF arch, q/k permuted); llama has 4 q heads / 2 kv heads (GQA).
 FAMILIES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "phi3": ("phi3", False),

@@ -7,14 +7,14 @@ pre-tokenizer hash check would refuse it); our LoRA GGUF is applied with
 
 import json
 
-from mlx_kto.convert import to_gguf
-from mlx_kto.convert._testing import logits, make_adapter
-from mlx_kto.convert.gguf_lora import llama_permute_rows
+from mlx_kto.export import to_gguf
+from mlx_kto.export.gguf_lora import llama_permute_rows
 
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits, make_adapter
 from mlx_lm import load
 
 llama_cpp = pytest.importorskip(

@@ -8,15 +8,15 @@ refused on real PEFT files. CI installs torch and peft (.ci/interop.sh).
 
 import json
 
-from mlx_kto.convert import from_peft, read_adapter, to_peft
-from mlx_kto.convert._testing import logits, make_adapter
 from mlx_kto.errors import UserError
-from mlx_kto.toy import build_model
+from mlx_kto.export import from_peft, read_adapter, to_peft
 
 import numpy as np
 import pytest
+from adapter_fixtures import logits, make_adapter
 from mlx_lm import load
 from mlx_lm.tuner.utils import load_adapters
+from toy import build_model
 
 torch = pytest.importorskip("torch", reason="torch not installed (CI installs it: .ci/interop.sh)")
 peft = pytest.importorskip("peft", reason="peft not installed (CI installs it: .ci/interop.sh)")

@@ -11,12 +11,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from mlx_kto.convert import fuse, hf_to_mlx
-from mlx_kto.convert._testing import logits, make_adapter
-from mlx_kto.convert.tokenizer_files import tokenizer_files
+from mlx_kto.export import fuse, hf_to_mlx
+from mlx_kto.export.tokenizer_files import tokenizer_files
 
 import numpy as np
 import pytest
+from adapter_fixtures import logits, make_adapter
 from assets_tokenizers import CACHE, MISTRAL_CHAT_TEMPLATE, real_model
 
 CONVERTER = CACHE / "llamacpp_convert"

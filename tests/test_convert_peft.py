@@ -5,17 +5,17 @@ import json
 import math
 import struct
 
-from mlx_kto.convert import from_peft, read_adapter, to_peft
-from mlx_kto.convert._testing import logits, make_adapter
-from mlx_kto.convert.peft import alpha_for_scale, scale_for_alpha
 from mlx_kto.errors import UserError
-from mlx_kto.toy import build_model
+from mlx_kto.export import from_peft, read_adapter, to_peft
+from mlx_kto.export.peft import alpha_for_scale, scale_for_alpha
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits, make_adapter
 from mlx_lm import load
 from mlx_lm.tuner.utils import load_adapters
+from toy import build_model
 
 TOKENS = [1, 5, 9, 30, 40, 7, 3]
 
@@ -263,7 +263,7 @@ def test_to_peft_refusals(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="does not fit base"):
         to_peft(src, tmp_path / "p1", base=str(other))
     # An MLX-quantized base is not a PEFT base.
-    from mlx_kto.convert import hf_to_mlx
+    from mlx_kto.export import hf_to_mlx
 
     q = hf_to_mlx(str(tiny_llama), tmp_path / "q4", quantize=True, q_group_size=32)
     with pytest.raises(UserError, match="MLX-quantized"):

@@ -1,8 +1,8 @@
-"""Loading and validating feedback rows (mlx_kto.data)."""
+"""Loading and validating feedback rows (mlx_kto.data.rows)."""
 
 import json
 
-from mlx_kto.data import Example, load_examples, load_splits, parse_label
+from mlx_kto.data.rows import Example, load_examples, load_splits, parse_label
 from mlx_kto.errors import UserError
 
 import pytest

@@ -2,7 +2,7 @@
 
 import json
 
-from mlx_kto.data import load_examples, load_splits
+from mlx_kto.data.rows import load_examples, load_splits
 from mlx_kto.errors import UserError
 
 import pytest
@@ -145,7 +145,7 @@ def _write(path, rows):
 
 
 def test_openai_content_parts_are_flattened(tmp_path, tokenizer):
-    from mlx_kto.tokenize import tokenize_examples
+    from mlx_kto.data.tokenize import tokenize_examples
 
     parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
     row = {

@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlx_kto.config import KTOConfig, load_yaml, make_config
+from mlx_kto.config.core import KTOConfig, load_yaml, make_config
 from mlx_kto.demo import ASSETS, task
 
 import pytest
@@ -32,7 +32,7 @@ def test_examples_exist():
 
 
 def test_example_data_files_load():
-    from mlx_kto.data import load_examples
+    from mlx_kto.data.rows import load_examples
 
     chat = load_examples(EXAMPLES / "data" / "chat_feedback.jsonl")
     assert chat[0].conversational and {e.label for e in chat} == {True, False}
@@ -134,7 +134,7 @@ def test_demo_config_defaults_and_overrides(tmp_path):
 
 def test_train_without_model_or_data_runs_the_demo(monkeypatch):
     import mlx_kto.demo
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     seen = {}
     monkeypatch.setattr(mlx_kto.demo, "run_demo", lambda cfg: seen.setdefault("cfg", cfg))
@@ -144,7 +144,7 @@ def test_train_without_model_or_data_runs_the_demo(monkeypatch):
 
 
 def test_demo_command_is_attached():
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     res = CliRunner().invoke(cli, ["demo", "--help"])
     assert res.exit_code == 0

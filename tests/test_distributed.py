@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import mlx_kto
-from mlx_kto.checkpoint import list_checkpoints
-from mlx_kto.config import make_config
+from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
-from mlx_kto.train import train
+from mlx_kto.train.checkpoint import list_checkpoints
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np

@@ -2,9 +2,9 @@
 
 import json
 
-from mlx_kto.config import make_config
+from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
-from mlx_kto.train import train
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np
@@ -50,8 +50,8 @@ def test_dora_trains_its_magnitude_and_saves_a_dora_adapter(dora_run):
 def test_dora_reference_is_the_base_model(dora_run, tiny_llama):
     """The trained magnitude m rescales W x too, so LoRA's 'scale 0' would not give the base:
     the reference must equal the plain base model's log-probs exactly."""
-    from mlx_kto.logprobs import sequence_logps
-    from mlx_kto.model import reference_mode
+    from mlx_kto.model.load import reference_mode
+    from mlx_kto.model.logprobs import sequence_logps
 
     from mlx_lm import load
 
@@ -68,7 +68,7 @@ def test_dora_reference_is_the_base_model(dora_run, tiny_llama):
     np.testing.assert_allclose(np.array(ref), np.array(want), rtol=0, atol=1e-6)
     assert abs(float(pol[0]) - float(want[0])) > 1e-3
     # Scale 0 alone (no bypass) is not the base once m has moved.
-    from mlx_kto.model import lora_modules
+    from mlx_kto.model.load import lora_modules
 
     for m in lora_modules(tuned):
         m.scale = 0.0
@@ -76,8 +76,8 @@ def test_dora_reference_is_the_base_model(dora_run, tiny_llama):
 
 
 def test_dora_exports_to_peft_and_refuses_gguf(dora_run, tiny_llama, tmp_path):
-    from mlx_kto.convert.gguf_lora import to_gguf
-    from mlx_kto.convert.peft import to_peft
+    from mlx_kto.export.gguf_lora import to_gguf
+    from mlx_kto.export.peft import to_peft
 
     _, res, _ = dora_run
     out = to_peft(res.adapter_path, tmp_path / "peft", base=str(tiny_llama))

@@ -3,7 +3,7 @@
 import math
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.loss import dpo_loss, merge_metrics, metrics_to_floats
+from mlx_kto.train.loss import dpo_loss, merge_metrics, metrics_to_floats
 
 import mlx.core as mx
 import numpy as np

@@ -3,9 +3,9 @@
 import json
 import random
 
-from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
-from mlx_kto.train import train
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -80,13 +80,13 @@ def test_ipo_trains(tiny_llama, pair_dir, tmp_path):
 
 
 def test_step_gradient_equals_autograd_of_dpo_loss(lora_model, tokenizer):
-    from mlx_kto.batches import make_batch
-    from mlx_kto.data import parse_row
-    from mlx_kto.logprobs import sequence_logps
-    from mlx_kto.loss import dpo_loss
-    from mlx_kto.pairs import find_pairs, pair_batch_order
-    from mlx_kto.tokenize import tokenize_examples
-    from mlx_kto.trainer import make_step_fns
+    from mlx_kto.data.batches import make_batch
+    from mlx_kto.data.pairs import find_pairs, pair_batch_order
+    from mlx_kto.data.rows import parse_row
+    from mlx_kto.data.tokenize import tokenize_examples
+    from mlx_kto.model.logprobs import sequence_logps
+    from mlx_kto.train.loop import make_step_fns
+    from mlx_kto.train.loss import dpo_loss
 
     import mlx.optimizers as optim
 
@@ -150,7 +150,7 @@ def test_unpaired_data_is_refused_by_name(tiny_llama, tmp_path):
 
 
 def test_eval_command_scores_a_dpo_adapter(tiny_llama, pair_dir, tmp_path):
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     from click.testing import CliRunner
 
@@ -183,7 +183,7 @@ def test_cli_dpo_on_unpaired_file_is_one_line(tiny_llama, tmp_path):
 def test_dpo_resume_continues_exactly(tiny_llama, pair_dir, tmp_path):
     """A DPO run resumed from its step-4 checkpoint (mid-epoch: 24 pairs, 2 per step) ends
     with the straight run's adapter: the saved position is one of pair batches."""
-    from mlx_kto.checkpoint import list_checkpoints
+    from mlx_kto.train.checkpoint import list_checkpoints
 
     kw = dict(iters=8, steps_per_save=4, compile=False)
     straight = train(cfg_for(tiny_llama, pair_dir, tmp_path / "a", **kw), log=lambda *_: None)
@@ -200,7 +200,7 @@ def test_dpo_resume_continues_exactly(tiny_llama, pair_dir, tmp_path):
 
 
 def test_split_pairs_keeps_each_micro_batch_chosen_then_rejected():
-    from mlx_kto.dpo import split_pairs
+    from mlx_kto.train.dpo import split_pairs
 
     # a global batch of 5 pairs (c_i = i, r_i = 10 + i) over 2 ranks, micro-batches of 2 pairs
     shards = split_pairs([0, 1, 2, 3, 4, 10, 11, 12, 13, 14], world=2, micro=2)

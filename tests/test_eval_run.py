@@ -2,9 +2,9 @@
 
 import json
 
-from mlx_kto.cli import cli
-from mlx_kto.config import make_config
-from mlx_kto.train import train
+from mlx_kto.cli.app import cli
+from mlx_kto.config.core import make_config
+from mlx_kto.train.run import train
 
 import pytest
 from click.testing import CliRunner
@@ -92,7 +92,7 @@ def test_eval_of_a_run_started_from_an_adapter(run, tiny_llama, tmp_path):
 def test_eval_when_the_runs_data_moved(run, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from mlx_kto.cli import run as run_cli
+    from mlx_kto.cli.app import run as run_cli
 
     _, out, _ = run
     moved = tmp_path / "moved"

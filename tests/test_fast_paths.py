@@ -6,18 +6,18 @@ import os
 import random
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto import logprobs
-from mlx_kto.batches import HEAD_ALIGN, make_batch
-from mlx_kto.config import KTOConfig
-from mlx_kto.logprobs import (
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.data.batches import HEAD_ALIGN, make_batch
+from mlx_kto.data.tokenize import Row, assign_kl_partners
+from mlx_kto.model import logprobs
+from mlx_kto.model.load import apply_lora, load_base, reference_mode
+from mlx_kto.model.logprobs import (
     compiled_sequence_logps,
     cpu_row_parallel,
     head_start_of,
     sequence_logps,
     token_logps,
 )
-from mlx_kto.model import apply_lora, load_base, reference_mode
-from mlx_kto.tokenize import Row, assign_kl_partners
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -153,9 +153,10 @@ def test_train_step_paths_match_plain_eager(
     (a compiled forward + backward per row group, gradients summed; or, with
     MLX_KTO_GROUPED_STEP=0, the eager step; KL forward compiled), and those with fastops'
     arithmetic exp (3 streams over 4 rows: groups of 1, 2, 1): same losses, same adapter."""
-    from mlx_kto import fastops, trainer
-    from mlx_kto.reference import ReferenceScorer
-    from mlx_kto.trainer import make_train_step
+    from mlx_kto.reference.scorer import ReferenceScorer
+    from mlx_kto.runtime import fastops
+    from mlx_kto.train import loop as trainer
+    from mlx_kto.train.loop import make_train_step
 
     rows = _rows(8, seed=1)
     out = {}
@@ -194,8 +195,8 @@ def test_quantized_model_on_cpu_runs_rows_on_one_stream(tiny_llama, monkeypatch)
     """Each row stream would dequantize every weight for itself (twice the work and the
     dequantized copies): a model whose layers dequantize per call gets one stream, unless
     $MLX_KTO_CPU_STREAMS asks; a float model keeps one stream per core."""
-    from mlx_kto.qmatmul import dequantizes_per_call
-    from mlx_kto.trainer import fast_paths
+    from mlx_kto.runtime.qmatmul import dequantizes_per_call
+    from mlx_kto.train.loop import fast_paths
 
     monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
     if mx.default_device() != mx.cpu or logprobs.default_streams() < 2:

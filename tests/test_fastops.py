@@ -5,9 +5,10 @@ the malloc tuning is in effect."""
 import sys
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto import _heap, fastops
-from mlx_kto.logprobs import compiled_sequence_logps, sequence_logps
-from mlx_kto.trainer import fast_paths
+from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
+from mlx_kto.runtime import fastops
+from mlx_kto.runtime import heap as _heap
+from mlx_kto.train.loop import fast_paths
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-from mlx_kto.collect.feedback import append_row, rating_row, read_ratings, retraction_row
-from mlx_kto.columns import FieldMap
-from mlx_kto.data import load_examples
+from mlx_kto.data.columns import FieldMap
+from mlx_kto.data.feedback import append_row, rating_row, read_ratings, retraction_row
+from mlx_kto.data.rows import load_examples
 from mlx_kto.errors import UserError
 
 import pytest
@@ -34,7 +34,7 @@ def test_two_processes_append_without_interleaving(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from mlx_kto.collect.feedback import append_row, rating_row
+        from mlx_kto.data.feedback import append_row, rating_row
         tag = sys.argv[1]
         for i in range(40):
             append_row({str(f)!r}, rating_row([{{"role": "user", "content": tag}}],
@@ -223,7 +223,7 @@ def test_column_mapping_errors(tmp_path, row, fm, match):
 
 
 def test_mapping_flags_reach_training_config(tmp_path):
-    from mlx_kto.config import make_config
+    from mlx_kto.config.core import make_config
 
     y = tmp_path / "c.yaml"
     y.write_text("label_field: stars\nlabel_threshold: 4\nprompt_field: q\n")
@@ -242,7 +242,7 @@ def test_acknowledged_rows_survive_kill_9(tmp_path):
     f = tmp_path / "fb.jsonl"
     script = textwrap.dedent(
         f"""
-        from mlx_kto.collect.feedback import append_row, rating_row
+        from mlx_kto.data.feedback import append_row, rating_row
         i = 0
         while True:
             append_row({str(f)!r}, rating_row([{{"role": "user", "content": "q"}}], "x" * 50_000 + str(i), True))
@@ -262,7 +262,7 @@ def test_acknowledged_rows_survive_kill_9(tmp_path):
 
 
 def test_chat_cli_errors_are_one_line(tmp_path, capsys):
-    from mlx_kto.cli import cli, run
+    from mlx_kto.cli.app import cli, run
 
     cases = [
         (["--feedback", str(tmp_path / "nope" / "fb.jsonl")], "feedback: folder"),
@@ -283,7 +283,7 @@ def test_chat_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_mapping_flags_on_the_train_command():
-    from mlx_kto.cli import build_config, train_command
+    from mlx_kto.cli.app import build_config, train_command
 
     ctx = train_command.make_context(
         "train", ["--label-field", "stars", "--label-threshold", "4", "--messages-field", "conv"]
@@ -296,7 +296,7 @@ def test_mapping_flags_on_the_train_command():
 
 
 def test_data_check_takes_the_mapping_flags(tmp_path, capsys):
-    from mlx_kto.cli import cli, run
+    from mlx_kto.cli.app import cli, run
 
     f = tmp_path / "log.jsonl"
     f.write_text("".join(json.dumps({"q": "Q", "a": "A", "stars": s}) + "\n" for s in (5, 4, 1)))
@@ -320,7 +320,7 @@ def test_torn_line_longer_than_the_scan_window_is_dropped_whole(tmp_path):
 
 
 def test_write_errors_are_user_errors_not_tracebacks(tmp_path, monkeypatch):
-    import mlx_kto.collect.feedback as fbmod
+    import mlx_kto.data.feedback as fbmod
 
     f = tmp_path / "fb.jsonl"
     append_row(f, rating_row(PROMPT, "It is blue.", True))

@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlx_kto.atomic import atomic_write_bytes, atomic_write_with, clean_stale_temps, temp_path
 from mlx_kto.errors import UserError
+from mlx_kto.runtime.atomic import (
+    atomic_write_bytes,
+    atomic_write_with,
+    clean_stale_temps,
+    temp_path,
+)
 
 import pytest
 from test_train import quick_cfg, write_feedback
@@ -31,7 +36,7 @@ def _expect(p: Path, mask: int) -> None:
 
 
 def test_training_outputs_follow_umask(umask, tiny_llama, tmp_path):
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     write_feedback(tmp_path / "d.jsonl", 12, seed=0)
     out = tmp_path / "run"
@@ -51,11 +56,12 @@ def test_training_outputs_follow_umask(umask, tiny_llama, tmp_path):
 
 
 def test_plot_and_converters_follow_umask(umask, tiny_llama, tmp_path):
-    from mlx_kto.convert._testing import make_adapter
-    from mlx_kto.convert.fuse import fuse
-    from mlx_kto.convert.gguf_lora import to_gguf
-    from mlx_kto.convert.peft import to_peft
     from mlx_kto.demo.plot import plot_metrics
+    from mlx_kto.export.fuse import fuse
+    from mlx_kto.export.gguf_lora import to_gguf
+    from mlx_kto.export.peft import to_peft
+
+    from adapter_fixtures import make_adapter
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(
@@ -101,7 +107,7 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path):
     target = tmp_path / "adapter_config.json"
     # A process killed mid-write (SIGKILL: no cleanup) leaves its temp file behind.
     code = (
-        "import os, sys; from pathlib import Path; from mlx_kto.atomic import temp_path; "
+        "import os, sys; from pathlib import Path; from mlx_kto.runtime.atomic import temp_path; "
         f"p = temp_path(Path({str(target)!r})); p.write_bytes(b'half'); os._exit(0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

@@ -1,22 +1,22 @@
-"""GGUF base models in (mlx_kto.convert.gguf_base): toy GGUF files written here with gguf-py,
+"""GGUF base models in (mlx_kto.model.gguf): toy GGUF files written here with gguf-py,
 laid out like llama.cpp's converter, in every type class the loader distinguishes."""
 
 import json
 import subprocess
 import sys
 
-from mlx_kto.config import KTOConfig
-from mlx_kto.convert._testing import logits
-from mlx_kto.convert.gguf_base import load_gguf, pack_native, read_gguf
-from mlx_kto.convert.gguf_lora import llama_unpermute_rows
+from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
-from mlx_kto.fingerprint import weights_digest
-from mlx_kto.model import load_base
+from mlx_kto.export.gguf_lora import llama_unpermute_rows
+from mlx_kto.model.gguf import load_gguf, pack_native, read_gguf
+from mlx_kto.model.load import load_base
+from mlx_kto.reference.fingerprint import weights_digest
 
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits
 from mlx_lm import load
 from toy_gguf import write_toy_gguf
 
@@ -113,7 +113,7 @@ def test_pack_native_matches_mlx_loader(tiny_llama, tmp_path):
 def test_types_mlx_cannot_read_are_dequantized(tmp_path):
     """Q5_0 makes mx.load refuse the whole file: every tensor then comes through gguf-py
     (Q4_1 still packed, Q5_0 and Q6_K dequantized exactly), and the log says so."""
-    from mlx_kto.toy import build_model
+    from toy import build_model
 
     base = build_model(tmp_path / "wide", hidden_size=256, intermediate_size=512,
                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -215,7 +215,7 @@ def test_gguf_to_mlx_folder_loads_in_mlx_lm(tiny_llama, tmp_path):
 def test_cli_generate_and_data_check_take_a_gguf(tiny_llama, tmp_path):
     """`generate --model FILE.gguf` prints what the HF folder it was made from prints;
     `data check --model FILE.gguf` tokenizes with the GGUF's tokenizer."""
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     from click.testing import CliRunner
 

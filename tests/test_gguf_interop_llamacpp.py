@@ -1,18 +1,18 @@
 """`convert to-gguf ADAPTER OUT --base model.gguf` against llama.cpp (llama-cpp-python, built
 by .ci/interop.sh): llama.cpp runs the base .gguf with our LoRA; MLX runs the same file
-(loaded by mlx_kto.convert.gguf_base) with the mlx-lm adapter."""
+(loaded by mlx_kto.model.gguf) with the mlx-lm adapter."""
 
 import json
 
-from mlx_kto.config import KTOConfig
-from mlx_kto.convert import to_gguf
-from mlx_kto.convert._testing import logits
+from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
-from mlx_kto.model import adapter_config, apply_lora, load_base, save_adapter
+from mlx_kto.export import to_gguf
+from mlx_kto.model.load import adapter_config, apply_lora, load_base, save_adapter
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits
 from toy_gguf import write_toy_gguf
 
 llama_cpp = pytest.importorskip(
@@ -59,7 +59,7 @@ def test_lora_for_a_float_gguf_matches_llama_cpp(tiny_llama, tiny_qwen2, tmp_pat
     base = write_toy_gguf({"llama": tiny_llama, "qwen2": tiny_qwen2}[family], tmp_path / "b.gguf")
     src, model = random_adapter(base, tmp_path / "ad")
     lora = to_gguf(src, tmp_path / "lora.gguf", base=str(base))
-    from mlx_kto.model import reference_mode
+    from mlx_kto.model.load import reference_mode
 
     with reference_mode(model):
         want_base = logits(model, TOKENS)
@@ -78,7 +78,7 @@ def test_lora_for_a_quantized_gguf_moves_llama_cpp_like_mlx(tiny_llama, tmp_path
     base = write_toy_gguf(tiny_llama, tmp_path / "q.gguf", types)
     src, model = random_adapter(base, tmp_path / "ad")
     lora = to_gguf(src, tmp_path / "lora.gguf", base=str(base))
-    from mlx_kto.model import reference_mode
+    from mlx_kto.model.load import reference_mode
 
     with reference_mode(model):
         want_base = logits(model, TOKENS)
@@ -94,7 +94,7 @@ def test_lora_for_a_quantized_gguf_moves_llama_cpp_like_mlx(tiny_llama, tmp_path
 def test_to_gguf_checks_against_the_gguf_file(tiny_llama, tmp_path):
     """The base .gguf decides names and shapes: an adapter for another model is refused,
     and lm_head LoRA on a tied-embedding GGUF (no output.weight) is refused by name."""
-    from mlx_kto.toy import build_model
+    from toy import build_model
 
     llama = write_toy_gguf(tiny_llama, tmp_path / "l.gguf")
     wide = write_toy_gguf(build_model(tmp_path / "w", hidden_size=128), tmp_path / "w.gguf")

@@ -3,7 +3,7 @@
 import json
 import re
 
-from mlx_kto.cli import cli
+from mlx_kto.cli.app import cli
 from mlx_kto.errors import UserError
 
 import pytest
@@ -18,7 +18,7 @@ TEMPLATE = (
 @pytest.fixture(scope="module")
 def no_template_model(tmp_path_factory):
     """The tiny Llama with a tokenizer that has no chat template."""
-    from mlx_kto.toy import build_model, build_tokenizer
+    from toy import build_model, build_tokenizer
 
     tok_dir = tmp_path_factory.mktemp("tok_plain")
     build_tokenizer(tok_dir, chat_template=None)
@@ -88,9 +88,9 @@ def test_data_check_marks_the_chat_template_boundary(tmp_path, tiny_llama):
 
 
 def test_data_check_shows_what_truncation_does(tmp_path, tokenizer):
-    from mlx_kto.data import load_examples
-    from mlx_kto.data_report import data_check_lines
-    from mlx_kto.tokenize import encode_example
+    from mlx_kto.data.check import data_check_lines
+    from mlx_kto.data.rows import load_examples
+    from mlx_kto.data.tokenize import encode_example
 
     rows = [
         {"prompt": "word " * n, "completion": " and more words here " * 3, "label": n % 2 == 0}
@@ -139,10 +139,10 @@ def test_chat_template_string_and_file(tmp_path, no_template_model):
 
 
 def test_chat_template_reaches_training_tokenization(tmp_path, no_template_model):
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.data import load_examples
-    from mlx_kto.model import load_base
-    from mlx_kto.tokenize import tokenize_examples
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.data.rows import load_examples
+    from mlx_kto.data.tokenize import tokenize_examples
+    from mlx_kto.model.load import load_base
 
     cfg = KTOConfig(model=str(no_template_model), chat_template=TEMPLATE).validate()
     _, tok, _, _ = load_base(cfg)
@@ -151,7 +151,7 @@ def test_chat_template_reaches_training_tokenization(tmp_path, no_template_model
 
 
 def test_bad_chat_template_values(tmp_path):
-    from mlx_kto.chat_template import read_chat_template
+    from mlx_kto.model.chat_template import read_chat_template
 
     with pytest.raises(UserError, match="neither a file nor a Jinja template"):
         read_chat_template("no-such-file.jinja")
@@ -191,7 +191,7 @@ def test_generate_stdin_system_prompt_and_speed_figures(tiny_llama):
 
 
 def test_top_k_1_is_greedy(tiny_llama):
-    from mlx_kto.generation import generate, prompt_ids
+    from mlx_kto.judge.generate import generate, prompt_ids
 
     import mlx.core as mx
     from mlx_lm import load

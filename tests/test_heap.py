@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto import _heap
-from mlx_kto.trainer import fast_paths
+from mlx_kto.runtime import heap as _heap
+from mlx_kto.train.loop import fast_paths
 
 import mlx.core as mx
 import pytest
@@ -60,8 +60,8 @@ def test_release_hands_the_kept_heap_back(lora_model):
 
 
 def test_training_releases_memory_once_training_is_over(tiny_llama, tmp_path, monkeypatch):
-    from mlx_kto import train as train_mod
-    from mlx_kto.config import make_config
+    from mlx_kto.config.core import make_config
+    from mlx_kto.train import run as train_mod
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import write_feedback

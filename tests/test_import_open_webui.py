@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from mlx_kto.cli import cli, run
+from mlx_kto.cli.app import cli, run
 from mlx_kto.collect.importers import import_open_webui, read_open_webui
-from mlx_kto.data import load_examples
+from mlx_kto.data.rows import load_examples
 from mlx_kto.errors import UserError
 
 import pytest

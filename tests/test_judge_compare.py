@@ -30,8 +30,8 @@ def _write(path, rows):
 @pytest.fixture(scope="module")
 def run(tiny_llama, tmp_path_factory):
     """A data folder and a 4-step adapter trained on it with diversity probes every 2 steps."""
-    from mlx_kto.config import make_config
-    from mlx_kto.train import train
+    from mlx_kto.config.core import make_config
+    from mlx_kto.train.run import train
 
     root = tmp_path_factory.mktemp("judge_run")
     data = root / "data"
@@ -104,8 +104,8 @@ def test_win_rate_counts():
 
 
 def test_model_judge_both_orders(tiny_llama, tokenizer):
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.model import load_base
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.model.load import load_base
 
     model, tok, _, _ = load_base(KTOConfig(model=str(tiny_llama)))
     judge = ModelJudge(model, tok, batch_size=2)
@@ -146,7 +146,7 @@ def test_training_logs_diversity_and_writes_plot(run):
 
 
 def test_plot_command(run, tmp_path):
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     from click.testing import CliRunner
 
@@ -164,8 +164,8 @@ def test_plot_command(run, tmp_path):
 
 
 def test_compare_end_to_end_with_rule(run, tiny_llama, tmp_path, capsys):
-    from mlx_kto.cli import cli
-    from mlx_kto.cli import run as run_cli
+    from mlx_kto.cli.app import cli
+    from mlx_kto.cli.app import run as run_cli
 
     _, data, adapter, _ = run
     rule = tmp_path / "rule.py"
@@ -255,8 +255,8 @@ def test_prompts_file_formats(tmp_path):
 
 
 def test_compare_user_errors_are_one_line(tiny_llama, tmp_path, capsys):
-    from mlx_kto.cli import cli
-    from mlx_kto.cli import run as run_cli
+    from mlx_kto.cli.app import cli
+    from mlx_kto.cli.app import run as run_cli
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\n")
@@ -274,8 +274,8 @@ def test_compare_user_errors_are_one_line(tiny_llama, tmp_path, capsys):
 
 def test_probes_leave_training_unchanged(run, tiny_llama, tmp_path):
     """Sampling uses its own keys: the same run without probes trains the same weights."""
-    from mlx_kto.config import make_config
-    from mlx_kto.train import train
+    from mlx_kto.config.core import make_config
+    from mlx_kto.train.run import train
 
     import mlx.core as mx
 

@@ -172,9 +172,9 @@ def test_sampler_entropy_and_lengths():
 
 
 def test_sampler_is_seeded_and_restores_mode(tiny_llama, tokenizer):
-    from mlx_kto.config import KTOConfig
+    from mlx_kto.config.core import KTOConfig
     from mlx_kto.judge.sample import Prompt, encode_prompt, sample_replies
-    from mlx_kto.model import load_base
+    from mlx_kto.model.load import load_base
 
     model, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)))
     model.train()

@@ -2,7 +2,7 @@
 
 import json
 
-from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
 from mlx_kto.judge.probes import DiversityProbe, collapsed, make_probe
 
@@ -55,7 +55,7 @@ def test_collapsing_run_triggers_the_warning(tmp_path):
     """High learning rate, tiny beta, the tiny demo model: the replies collapse onto one
     string within a few steps and the probe says so once."""
     from mlx_kto.demo import ASSETS
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     rows = (ASSETS / "data" / "train.jsonl").read_text().splitlines()[:96]
     data = tmp_path / "feedback.jsonl"

@@ -2,7 +2,7 @@
 
 import json
 
-from mlx_kto.logit_stats import logit_stats
+from mlx_kto.model.logit_stats import logit_stats
 
 import mlx.core as mx
 import numpy as np
@@ -43,8 +43,8 @@ def test_absent_side_is_left_out(lora_model):
 
 
 def test_kto_metrics_jsonl_has_trl_logit_keys(tiny_llama, tmp_path):
-    from mlx_kto.config import make_config
-    from mlx_kto.train import train
+    from mlx_kto.config.core import make_config
+    from mlx_kto.train.run import train
 
     data = tmp_path / "fb.jsonl"
     with open(data, "w") as f:
@@ -68,7 +68,7 @@ def test_kto_metrics_jsonl_has_trl_logit_keys(tiny_llama, tmp_path):
 
 def test_position_chunks_give_the_same_stats(lora_model, monkeypatch):
     """Large vocabularies go through the head a few positions at a time: same numbers."""
-    import mlx_kto.logprobs as lp
+    import mlx_kto.model.logprobs as lp
 
     model, _ = lora_model
     rng = np.random.default_rng(1)

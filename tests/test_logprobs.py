@@ -4,8 +4,8 @@ tied heads, gradients through LoRA, compile, row independence."""
 from functools import partial
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto import logprobs
-from mlx_kto.logprobs import (
+from mlx_kto.model import logprobs
+from mlx_kto.model.logprobs import (
     can_split,
     default_chunk_size,
     hidden_states,
@@ -346,7 +346,7 @@ def test_bfloat16_model_gives_float32_logps(tiny_qwen2):
 
 @pytest.mark.parametrize("family", ["mistral", "qwen3"])
 def test_other_toy_families_split_exactly(tmp_path, tiny_llama, family):
-    from mlx_kto.toy import build_model
+    from toy import build_model
 
     path = build_model(tmp_path / family, family=family, seed=6, tokenizer_dir=tiny_llama)
     model = _load(path)

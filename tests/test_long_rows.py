@@ -3,8 +3,8 @@
 import random
 import time
 
-from mlx_kto.data import Example
-from mlx_kto.tokenize import CHARS_PER_TOKEN, SAFETY_TOKENS, tokenize_examples
+from mlx_kto.data.rows import Example
+from mlx_kto.data.tokenize import CHARS_PER_TOKEN, SAFETY_TOKENS, tokenize_examples
 
 import pytest
 
@@ -29,9 +29,9 @@ def _reference(examples, tokenizer, max_length):
 @pytest.mark.parametrize("max_length", [8, 16, 33])
 def test_rows_near_the_limit_match_full_tokenization(tokenizer, max_length, monkeypatch):
     # A small chars-per-token start makes the prefix path run (and grow) on short rows.
-    monkeypatch.setattr("mlx_kto.tokenize.CHARS_PER_TOKEN", 1)
-    monkeypatch.setattr("mlx_kto.tokenize.SAFETY_TOKENS", 4)
-    import mlx_kto.tokenize as tk
+    monkeypatch.setattr("mlx_kto.data.tokenize.CHARS_PER_TOKEN", 1)
+    monkeypatch.setattr("mlx_kto.data.tokenize.SAFETY_TOKENS", 4)
+    import mlx_kto.data.tokenize as tk
 
     cuts = []
     real_cut = tk._whitespace_cut
@@ -89,9 +89,9 @@ def test_a_20mb_completion_is_cut_cheaply(tokenizer):
 def test_prompt_cuts_are_reported(tiny_llama, tmp_path):
     import json
 
-    from mlx_kto.cli import cli
-    from mlx_kto.config import make_config
-    from mlx_kto.train import prepare_data
+    from mlx_kto.cli.app import cli
+    from mlx_kto.config.core import make_config
+    from mlx_kto.train.run import prepare_data
 
     from click.testing import CliRunner
 

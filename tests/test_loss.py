@@ -4,7 +4,7 @@ import math
 from functools import partial
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.loss import kto_loss, merge_metrics, metrics_to_floats
+from mlx_kto.train.loss import kto_loss, merge_metrics, metrics_to_floats
 
 import mlx.core as mx
 import numpy as np

@@ -3,8 +3,8 @@
 from dataclasses import dataclass
 
 import mlx_kto  # noqa: F401
+from mlx_kto.data.pairs import find_pairs, num_pair_batches, pair_batch_order
 from mlx_kto.errors import UserError
-from mlx_kto.pairs import find_pairs, num_pair_batches, pair_batch_order
 
 import pytest
 

@@ -6,16 +6,16 @@ KTO on conversational rows through its ChatML template, the adapter loaded by
 import json
 import time
 
-from mlx_kto.config import KTOConfig
-from mlx_kto.convert import to_gguf
-from mlx_kto.convert._testing import logits
-from mlx_kto.convert.gguf_base import gguf_to_mlx, read_config
-from mlx_kto.model import load_gguf_for_inference, reference_mode
-from mlx_kto.train import train
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.export import to_gguf
+from mlx_kto.model.gguf import gguf_to_mlx, read_config
+from mlx_kto.model.load import load_gguf_for_inference, reference_mode
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from adapter_fixtures import logits
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
 from mlx.utils import tree_map
 

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import textwrap
 
-from mlx_kto.batches import iterate_batches
-from mlx_kto.cache_cli import cache as cache_group
-from mlx_kto.config import KTOConfig, make_config
-from mlx_kto.data import load_examples
-from mlx_kto.fingerprint import file_digest, reference_fingerprint
-from mlx_kto.reference import (
+from mlx_kto.cli.cache import cache as cache_group
+from mlx_kto.config.core import KTOConfig, make_config
+from mlx_kto.data.batches import iterate_batches
+from mlx_kto.data.rows import load_examples
+from mlx_kto.data.tokenize import assign_kl_partners, tokenize_examples
+from mlx_kto.reference.fingerprint import file_digest, reference_fingerprint
+from mlx_kto.reference.scorer import (
     DB_NAME,
     RefCache,
     ReferenceScorer,
@@ -23,8 +24,7 @@ from mlx_kto.reference import (
     entry_key,
     reference_forward,
 )
-from mlx_kto.tokenize import assign_kl_partners, tokenize_examples
-from mlx_kto.train import train
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np
@@ -69,7 +69,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref_model(tiny_llama):
     """The tiny Llama with LoRA whose B is non-zero: the adapter-off path really matters."""
-    from mlx_kto.model import apply_lora, lora_modules
+    from mlx_kto.model.load import apply_lora, lora_modules
 
     from mlx_lm import load
 
@@ -147,7 +147,7 @@ def test_only_misses_are_computed_in_one_forward(
     batches = [b for _, _, b in iterate_batches(rows, 4, shuffle=False, loop=False)]
     scorer(batches[0])
     # A batch mixing two cached rows with two new ones: one forward over the new sequences only.
-    from mlx_kto.batches import make_batch
+    from mlx_kto.data.batches import make_batch
 
     mixed = make_batch(rows, batches[0].index[:2] + batches[1].index[:2])
     new_seqs = {(tuple(rows[i].tokens)) for i in batches[1].index[:2]}
@@ -171,7 +171,7 @@ def test_only_misses_are_computed_in_one_forward(
 
 
 def test_fingerprint_covers_weights_quantization_dtype_and_adapter(tiny_llama, tmp_path):
-    from mlx_kto.model import adapter_config, apply_lora, lora_modules, save_adapter
+    from mlx_kto.model.load import adapter_config, apply_lora, lora_modules, save_adapter
 
     from mlx_lm import load
 
@@ -264,9 +264,8 @@ def test_changed_weights_quantization_or_adapter_miss(
 def test_tokenizer_output_and_max_length_change_the_key(
     ref_model, tiny_llama, tokenizer, data_dir, tmp_path
 ):
-    from mlx_kto.toy import build_tokenizer
-
     from mlx_lm.utils import load_tokenizer
+    from toy import build_tokenizer
 
     fp = fp_of(tiny_llama)
     cache = RefCache(tmp_path / "c")
@@ -373,7 +372,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import mlx_kto
-    from mlx_kto.reference import RefCache, entry_key
+    from mlx_kto.reference.scorer import RefCache, entry_key
     root, mode, tag = sys.argv[1], sys.argv[2], int(sys.argv[3])
     fp = "ab" * 32
     def value(i):

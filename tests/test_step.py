@@ -6,18 +6,18 @@ import json
 import random
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.batches import batch_order, make_batch
-from mlx_kto.config import KTOConfig, make_config
-from mlx_kto.distributed import Dist
+from mlx_kto.config.core import KTOConfig, make_config
+from mlx_kto.data.batches import batch_order, make_batch
+from mlx_kto.data.tokenize import Row, assign_kl_partners
 from mlx_kto.errors import UserError
-from mlx_kto.fingerprint import reference_fingerprint
-from mlx_kto.model import apply_lora, load_base
-from mlx_kto.refcache import RefCache
-from mlx_kto.reference import ReferenceScorer
-from mlx_kto.step import StepData, iterate_steps, run_step, split_global_batch
-from mlx_kto.tokenize import Row, assign_kl_partners
-from mlx_kto.train import train
-from mlx_kto.trainer import fast_paths, make_step_fns
+from mlx_kto.model.load import apply_lora, load_base
+from mlx_kto.reference.cache import RefCache
+from mlx_kto.reference.fingerprint import reference_fingerprint
+from mlx_kto.reference.scorer import ReferenceScorer
+from mlx_kto.train.distributed import Dist
+from mlx_kto.train.loop import fast_paths, make_step_fns
+from mlx_kto.train.run import train
+from mlx_kto.train.step import StepData, iterate_steps, run_step, split_global_batch
 
 import mlx.core as mx
 import mlx.optimizers as optim

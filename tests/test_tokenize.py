@@ -1,10 +1,9 @@
-"""Tokenization, truncation, KL partners and class balance (mlx_kto.tokenize)."""
+"""Tokenization, truncation, KL partners and class balance (mlx_kto.data.tokenize)."""
 
 import json
 
-from mlx_kto.data import Example, load_examples
-from mlx_kto.errors import UserError
-from mlx_kto.tokenize import (
+from mlx_kto.data.rows import Example, load_examples
+from mlx_kto.data.tokenize import (
     Row,
     TokenizeStats,
     assign_kl_partners,
@@ -14,6 +13,7 @@ from mlx_kto.tokenize import (
     recommended_weight_range,
     tokenize_examples,
 )
+from mlx_kto.errors import UserError
 
 import pytest
 
@@ -138,9 +138,8 @@ def test_tools_and_template_kwargs_forwarded():
 
 
 def test_no_chat_template_is_user_error(tmp_path):
-    from mlx_kto.toy import build_tokenizer
-
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from toy import build_tokenizer
 
     plain = build_tokenizer(tmp_path, chat_template=None)
     for t in (plain, TokenizerWrapper(plain)):

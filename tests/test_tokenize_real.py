@@ -5,10 +5,10 @@ and the prompt/completion boundary, on standard and conversational rows."""
 
 import json
 
-from mlx_kto.config import KTOConfig
-from mlx_kto.data import Example
-from mlx_kto.model import load_base
-from mlx_kto.tokenize import tokenize_examples
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.data.rows import Example
+from mlx_kto.data.tokenize import tokenize_examples
+from mlx_kto.model.load import load_base
 
 import mlx.core as mx
 import pytest
@@ -209,7 +209,7 @@ def test_thinking_switch_is_the_templates_default_as_in_trl(loaded, tmp_path):
 def test_sampling_prompt_is_the_training_prompt(loaded, name):
     """`generate` and the demo's sampler render prompts with `chat_prompt_ids`: the same
     ids training uses as the prompt of a conversational row."""
-    from mlx_kto.tokenize import chat_prompt_ids
+    from mlx_kto.data.tokenize import chat_prompt_ids
 
     _, tok, _ = loaded(name)
     (row,), _ = _ours(tok, [Example([USER], [BLUE], True)])
@@ -217,7 +217,7 @@ def test_sampling_prompt_is_the_training_prompt(loaded, name):
 
 
 def test_generate_command_uses_the_chat_prompt(tiny_llama):
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     from click.testing import CliRunner
 

@@ -25,10 +25,10 @@ def run_py(code: str, tmp_path, **env) -> dict:
 
 LOAD = """
 import json, sys
-from mlx_kto import _torchless
+from mlx_kto.runtime import torchless as _torchless
 kept = _torchless.keep_out() if {keep} else False
-from mlx_kto.model import load_base
-from mlx_kto.config import KTOConfig
+from mlx_kto.model.load import load_base
+from mlx_kto.config.core import KTOConfig
 model, tok, _, _ = load_base(KTOConfig(model={model!r}))
 ids = tok.encode("What color is the sky? It is blue.")
 real = sys.modules.get("torch") is not None
@@ -57,7 +57,7 @@ def test_gguf_tokenizer_is_read_in_a_child_when_torch_is_kept_out(tiny_llama, tm
 def test_allow_lifts_the_mark_and_the_switch_leaves_torch_alone(tmp_path):
     code = """
 import json, importlib.util
-from mlx_kto import _torchless
+from mlx_kto.runtime import torchless as _torchless
 kept = _torchless.keep_out()
 hidden = importlib.util.find_spec("torch") is None
 _torchless.allow()
@@ -73,9 +73,9 @@ print(json.dumps({"kept": kept, "hidden": hidden, "after": _torchless.kept_out()
 def test_the_train_command_keeps_torch_out(tmp_path):
     code = """
 import json, sys
-import mlx_kto.train
+import mlx_kto.train.run
 try:
-    mlx_kto.train.main(["--help"])
+    mlx_kto.train.run.main(["--help"])
 except SystemExit:
     pass
 print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))

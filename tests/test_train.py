@@ -5,9 +5,9 @@ import random
 import subprocess
 import sys
 
-from mlx_kto.config import KTOConfig, make_config
+from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
-from mlx_kto.train import train
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np
@@ -120,8 +120,8 @@ def test_adapter_loads_in_mlx_lm_and_changes_outputs(trained, tiny_llama):
 
 def test_reference_is_base_model(tiny_llama):
     """LoRA switched off (with non-zero LoRA weights) gives exactly the base model."""
-    from mlx_kto.logprobs import sequence_logps
-    from mlx_kto.model import apply_lora, lora_modules, reference_mode
+    from mlx_kto.model.load import apply_lora, lora_modules, reference_mode
+    from mlx_kto.model.logprobs import sequence_logps
 
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -145,7 +145,7 @@ def test_reference_is_base_model(tiny_llama):
 
 def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
     """Resuming from the step-10 checkpoint of a 20-step run reproduces its final adapter."""
-    from mlx_kto.checkpoint import list_checkpoints
+    from mlx_kto.train.checkpoint import list_checkpoints
 
     straight = train(quick_cfg(tiny_llama, data_dir, tmp_path / "a", iters=20), log=lambda *_: None)
     ckpts = list_checkpoints(tmp_path / "a")
@@ -254,7 +254,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_llama):
 
 
 def test_python_m_train_matches_cli_help():
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     for flag in (
@@ -273,7 +273,7 @@ def test_python_m_train_matches_cli_help():
 
 
 def test_eval_command_scores_trained_adapter(trained, tiny_llama, data_dir):
-    from mlx_kto.cli import cli
+    from mlx_kto.cli.app import cli
 
     _, result = trained
     out = CliRunner().invoke(

@@ -7,10 +7,10 @@ import json
 import os
 import shutil
 
-from mlx_kto.config import KTOConfig, field_choices
+from mlx_kto.config.core import KTOConfig, field_choices
 from mlx_kto.errors import UserError
-from mlx_kto.train import train
-from mlx_kto.train_guard import Diverged
+from mlx_kto.train.guard import Diverged
+from mlx_kto.train.run import train
 
 import mlx.core as mx
 import numpy as np
@@ -47,7 +47,7 @@ def assert_same_adapter(a, b):
 
 
 def _lora(tiny_llama, **cfg_kw):
-    from mlx_kto.model import apply_lora, load_base
+    from mlx_kto.model.load import apply_lora, load_base
 
     cfg = KTOConfig(model=str(tiny_llama), lora_rank=4, **cfg_kw).validate()
     model, tok, _, _ = load_base(cfg)
@@ -57,7 +57,7 @@ def _lora(tiny_llama, **cfg_kw):
 
 
 def _poison(model):
-    from mlx_kto.model import lora_modules
+    from mlx_kto.model.load import lora_modules
 
     for m in lora_modules(model):
         m.lora_a = mx.full(m.lora_a.shape, float("nan"))
@@ -67,12 +67,12 @@ def _poison(model):
 @pytest.mark.parametrize("kind", ["plain", "quantized", "dora"])
 def test_reference_ignores_nan_adapter(tiny_llama, kind):
     """NaN LoRA (or DoRA) weights, plain or quantized base: the reference is exactly the base."""
-    from mlx_kto.logprobs import sequence_logps
-    from mlx_kto.model import reference_mode
+    from mlx_kto.model.load import reference_mode
+    from mlx_kto.model.logprobs import sequence_logps
 
     kw = {"quantize": 8, "q_group_size": 32} if kind == "quantized" else {}
     if kind == "dora":
-        from mlx_kto.model import load_base
+        from mlx_kto.model.load import load_base
 
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -99,8 +99,8 @@ def test_reference_ignores_nan_adapter(tiny_llama, kind):
 def test_frozen_reference_ignores_trained_values(tiny_llama):
     """With a starting adapter, the reference is base + that adapter, whatever the trained
     weights became."""
-    from mlx_kto.logprobs import sequence_logps
-    from mlx_kto.model import lora_modules, reference_mode, trainable_lora
+    from mlx_kto.model.load import lora_modules, reference_mode, trainable_lora
+    from mlx_kto.model.logprobs import sequence_logps
 
     model, _, tok = _lora(tiny_llama)
     for m in lora_modules(model):
@@ -117,7 +117,7 @@ def test_frozen_reference_ignores_trained_values(tiny_llama):
 
 
 def test_cache_never_stores_or_returns_non_finite(tmp_path):
-    from mlx_kto.refcache import RefCache, _pack_value, entry_key
+    from mlx_kto.reference.cache import RefCache, _pack_value, entry_key
 
     cache = RefCache(tmp_path, log=lambda *_: None)
     fp = "ab" * 32
@@ -204,8 +204,8 @@ def test_divergence_stops_and_skipped_steps_leave_weights_alone(
 
 
 def test_non_finite_checkpoint_is_never_written_nor_prunes(tiny_llama, data, tmp_path):
-    from mlx_kto.checkpoint import list_checkpoints, save_checkpoint
-    from mlx_kto.model import save_adapter
+    from mlx_kto.model.load import save_adapter
+    from mlx_kto.train.checkpoint import list_checkpoints, save_checkpoint
 
     import mlx.optimizers as optim
 
@@ -269,9 +269,9 @@ def _full(*a, **k):
 
 @pytest.mark.parametrize("where", ["metrics", "checkpoint", "adapter"])
 def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monkeypatch, where):
-    import mlx_kto.checkpoint as ckpt_mod
-    import mlx_kto.model as model_mod
-    import mlx_kto.run_dir as run_dir_mod
+    import mlx_kto.model.load as model_mod
+    import mlx_kto.train.checkpoint as ckpt_mod
+    import mlx_kto.train.run_dir as run_dir_mod
 
     out = tmp_path / "run"
     cfg = cfg_for(tiny_llama, data, out, iters=4, steps_per_save=2)
@@ -293,7 +293,7 @@ def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monke
         def append(f, path, line):
             return real(HalfFull(f) if json.loads(line)["step"] == 3 else f, path, line)
 
-        monkeypatch.setattr("mlx_kto.trainer.append_line", append)
+        monkeypatch.setattr("mlx_kto.train.loop.append_line", append)
         needle = f"{out / 'metrics.jsonl'}: disk full"
     elif where == "checkpoint":
         monkeypatch.setattr(ckpt_mod, "_write_checkpoint", _full)
@@ -310,7 +310,7 @@ def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monke
 
 
 def test_short_safetensors_write_is_detected(tmp_path):
-    from mlx_kto.run_dir import check_safetensors_size
+    from mlx_kto.train.run_dir import check_safetensors_size
 
     p = tmp_path / "a.safetensors"
     mx.save_safetensors(str(p), {"w": mx.zeros((64, 64))})
@@ -339,7 +339,7 @@ def test_torn_metrics_line_then_resume(tiny_llama, data, tmp_path):
 def test_resume_into_moved_folder_from_another_cwd(tiny_llama, data, tmp_path, monkeypatch):
     """Relative paths at the start; the run folder is moved and resumed from elsewhere: it
     continues in its new place (nothing re-created at the old one)."""
-    from mlx_kto.cli import build_config
+    from mlx_kto.cli.app import build_config
 
     monkeypatch.chdir(tiny_llama.parent)
     rel = cfg_for(
@@ -384,7 +384,7 @@ def test_resume_refuses_changed_data_or_setup(tiny_llama, tmp_path):
     [("", "is empty"), ("{not json", "not valid JSON"), ('{"step": 2}', "lacks 'epoch'")],
 )
 def test_bad_trainer_state_is_one_line(tmp_path, content, needle):
-    from mlx_kto.cli import build_config
+    from mlx_kto.cli.app import build_config
 
     ck = tmp_path / "run" / "checkpoints" / "step_0000002"
     ck.mkdir(parents=True)
@@ -447,7 +447,7 @@ def _signal_args(model, data, out):
 @pytest.fixture(scope="module")
 def straight_run(tiny_llama, data, tmp_path_factory):
     """The uninterrupted run, through the same command line."""
-    from mlx_kto.cli import build_config, train_command
+    from mlx_kto.cli.app import build_config, train_command
 
     out = tmp_path_factory.mktemp("straight") / "run"
     ctx = train_command.make_context("train", _signal_args(tiny_llama, data, out))
@@ -499,7 +499,7 @@ def test_signal_checkpoints_and_resume_matches(
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
     else:
-        from mlx_kto.cli import build_config
+        from mlx_kto.cli.app import build_config
 
         train(build_config(None, {"resume": str(out)}), **QUIET)
     assert_same_adapter(adapter(out), straight_run)
@@ -553,7 +553,7 @@ def test_cli_refusals_are_one_line_exit_2(tiny_llama, data, tmp_path):
 
 def test_nan_starting_adapter_is_refused(tiny_llama, data, tmp_path):
     """A starting adapter is the reference: a NaN one is refused, never trained against."""
-    from mlx_kto.model import adapter_config, trainable_lora
+    from mlx_kto.model.load import adapter_config, trainable_lora
 
     model, _, _ = _lora(tiny_llama)
     _poison(model)

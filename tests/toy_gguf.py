@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlx_kto.convert.gguf_lora import llama_permute_rows
+from mlx_kto.export.gguf_lora import llama_permute_rows
 
 import gguf
 import mlx.core as mx

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.collect.feedback import append_row, rating_row, retraction_row
+from mlx_kto.data.feedback import append_row, rating_row, retraction_row
 from mlx_kto.errors import UserError
 
 
@@ -35,8 +35,8 @@ def load_chat_model(model: str, adapter_path: str | None):
     """(model, tokenizer) through the project's loader (the same as training: local
     folder or hub id, and whatever formats `load_base` supports), adapter applied the
     way `mlx_lm.load(..., adapter_path=...)` does; one-line errors."""
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.model import load_base
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.model.load import load_base
 
     if adapter_path is not None:
         a = Path(adapter_path)

@@ -105,7 +105,7 @@ def sampling_model(gguf: Path, adapter_path: str | None = None):
     """(model, tokenizer) for sampling: the GGUF's weights dequantized once to dense float32
     layers (the values the quantized layers compute with, so the same samples; each decode
     step would otherwise dequantize every layer again: ~2x slower here), plus the adapter."""
-    from mlx_kto.model import load_gguf_for_inference
+    from mlx_kto.model.load import load_gguf_for_inference
 
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
@@ -124,9 +124,9 @@ def run_real_demo(
     out: str = "kto-demo-real", sizes: RealDemoSizes | None = None, seed: int = 0, echo=print
 ) -> dict:
     """Sample, rate, train, re-sample; returns {"before", "after", "seconds", ...}."""
-    from mlx_kto.config import KTOConfig
+    from mlx_kto.config.core import KTOConfig
     from mlx_kto.demo.sample import sample_completions
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     sizes = sizes or RealDemoSizes()
     t0 = time.perf_counter()

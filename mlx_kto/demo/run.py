@@ -2,7 +2,7 @@
 
 1. Sample the shipped base model on held-out questions: a mix of polite, terse
    and rude answers (measured by `task.classify`).
-2. Train a LoRA adapter with `mlx_kto.train.train` on the shipped thumbs-up/down
+2. Train a LoRA adapter with `mlx_kto.train.run.train` on the shipped thumbs-up/down
    feedback (~30% desirable, like real feedback; `desirable_weight: auto`).
 3. Sample again with the adapter (loaded the way mlx-lm loads it) and print the
    before/after table: style shares, reward margin on held-out feedback, samples.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.config import KTOConfig  # noqa: E402
+from mlx_kto.config.core import KTOConfig  # noqa: E402
 from mlx_kto.demo import ASSETS  # noqa: E402
 from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
@@ -113,7 +113,7 @@ def heldout_prompts() -> list[str]:
 def load_policy(cfg: KTOConfig, adapter_dir: str | Path | None = None):
     """The base model (cfg.dtype applied), with an mlx-lm adapter folder loaded
     through mlx-lm's own `load_adapters` when given."""
-    from mlx_kto.model import load_base
+    from mlx_kto.model.load import load_base
 
     model, tokenizer, _, _ = load_base(cfg)
     if adapter_dir is not None:
@@ -138,7 +138,7 @@ def run_demo(
     training progress goes to `log` (stderr)."""
     from mlx_kto.demo.plot import plot_metrics
     from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
-    from mlx_kto.train import train
+    from mlx_kto.train.run import train
 
     echo = echo or (lambda msg="": print(msg, flush=True))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -284,7 +284,7 @@ def _feedback_summary(data: str) -> str:
 
 
 def _write_results(res: DemoResult, path: Path, cfg: KTOConfig) -> None:
-    from mlx_kto.model import atomic_write_bytes
+    from mlx_kto.model.load import atomic_write_bytes
 
     data = {
         "before": res.before,

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The chat-formatted prompt, ending with the assistant's turn marker."""
-    from mlx_kto.tokenize import chat_prompt_ids  # rendered as training renders it
+    from mlx_kto.data.tokenize import chat_prompt_ids  # rendered as training renders it
 
     return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
 

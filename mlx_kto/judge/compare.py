@@ -1,7 +1,7 @@
 """`mlx-kto compare`: the base model and one or more adapters on the same held-out prompts.
 
 Per model: N seeded samples per prompt (the same draws for every model), then reward
-accuracy and margin on labelled held-out rows (through `mlx_kto.evaluate`), mean reply
+accuracy and margin on labelled held-out rows (through `mlx_kto.judge.evaluate`), mean reply
 length, distinct-1/2, self-BLEU, the mean per-token entropy of the model on its own
 samples, and, with a judge, the win rate of each adapter against the base.
 """
@@ -59,7 +59,7 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def _labelled(data: str | None, split: str | None) -> tuple[str | None, str]:
     """(data source of labelled rows, split for evaluate) or (None, reason) for a prompts file."""
-    from mlx_kto.data import find_split_files
+    from mlx_kto.data.rows import find_split_files
     from mlx_kto.judge.sample import load_prompts
 
     if data is None:
@@ -69,7 +69,7 @@ def _labelled(data: str | None, split: str | None) -> tuple[str | None, str]:
         files = find_split_files(p)
         return data, split or next((s for s in ("test", "valid") if s in files), "valid")
     try:
-        from mlx_kto.data import load_examples
+        from mlx_kto.data.rows import load_examples
 
         load_examples(p)
     except UserError:
@@ -88,8 +88,8 @@ def _adapter_kto(path: str) -> dict:
 
 
 def _load(settings: CompareSettings, adapter: str | None):
-    from mlx_kto.config import KTOConfig
-    from mlx_kto.model import load_base, load_init_adapter
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.model.load import load_base, load_init_adapter
 
     cfg = KTOConfig(model=settings.model, dtype=settings.dtype)
     model, tokenizer, _, _ = load_base(cfg)
@@ -100,9 +100,9 @@ def _load(settings: CompareSettings, adapter: str | None):
 
 
 def labelled_metrics(settings: CompareSettings, adapter: str, data: str, split: str) -> dict:
-    """Reward accuracy and margin of an adapter on labelled rows (mlx_kto.evaluate)."""
-    from mlx_kto.config import make_config
-    from mlx_kto.evaluate import evaluate_adapter
+    """Reward accuracy and margin of an adapter on labelled rows (mlx_kto.judge.evaluate)."""
+    from mlx_kto.config.core import make_config
+    from mlx_kto.judge.evaluate import evaluate_adapter
 
     kw = dict(batch_size=settings.batch_size, max_length=settings.max_length)
     kw.update(_adapter_kto(adapter))  # score with the beta the adapter was trained with
@@ -174,8 +174,8 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
             res.update(reward_accuracy=None, reward_margin=None)
         results[name] = res
     if settings.judge_model:
-        from mlx_kto.config import KTOConfig
-        from mlx_kto.model import load_base
+        from mlx_kto.config.core import KTOConfig
+        from mlx_kto.model.load import load_base
 
         log(f"judging with {settings.judge_model} (both orders) ...")
         jm, jt, _, _ = load_base(KTOConfig(model=settings.judge_model, dtype=settings.dtype))

@@ -1,12 +1,12 @@
 """Atomic writes of report files with the permissions the user's umask asks for: a thin
-layer over `mlx_kto.atomic` (temp file beside the target, fsync, rename; 0666 & ~umask)."""
+layer over `mlx_kto.runtime.atomic` (temp file beside the target, fsync, rename; 0666 & ~umask)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from mlx_kto.atomic import atomic_write_with
+from mlx_kto.runtime.atomic import atomic_write_with
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

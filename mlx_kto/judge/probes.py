@@ -79,7 +79,7 @@ class DiversityProbe:
 
     def start(self) -> dict:
         """The base model's figures (adapter bypassed), measured once."""
-        from mlx_kto.model import reference_mode
+        from mlx_kto.model.load import reference_mode
 
         with reference_mode(self.model, self.frozen):
             self.base = self.measure()

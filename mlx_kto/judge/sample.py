@@ -60,7 +60,7 @@ def encode_prompt(tokenizer, p: Prompt, chat: bool = True) -> list[int]:
     """Token ids that end where the reply starts: a message list (or, with `chat`, a plain
     prompt as one user turn) through the chat template with the generation prompt; a raw
     prompt (or no template) encoded as is."""
-    from mlx_kto.tokenize import has_chat_template
+    from mlx_kto.data.tokenize import has_chat_template
 
     msgs = p.prompt
     if isinstance(msgs, str):
@@ -220,7 +220,7 @@ def load_prompts(
     - a feedback file (rows with a label, or chosen/rejected): its prompts;
     - a prompts file: .jsonl / .json rows with "prompt" (text or messages) or "messages"
       (a trailing assistant turn is dropped), or any other file: one prompt per line."""
-    from mlx_kto.data import find_split_files, load_examples
+    from mlx_kto.data.rows import find_split_files, load_examples
 
     path = Path(path)
     if not path.exists():

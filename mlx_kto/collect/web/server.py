@@ -24,8 +24,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from mlx_kto.collect.feedback import append_row, read_ratings, retraction_row
 from mlx_kto.collect.session import ChatSession
+from mlx_kto.data.feedback import append_row, read_ratings, retraction_row
 from mlx_kto.errors import UserError
 
 MAX_BODY = 1 << 20  # 1 MB of JSON is far more than a chat turn

@@ -1,0 +1,122 @@
+"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import`
+(attached by mlx_kto.cli.app). Parsing only; the work is in the sibling modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlx_kto.errors import UserError
+
+import click
+
+
+def _check_feedback_path(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"feedback: {p} is a folder; give a .jsonl file")
+    if p.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise UserError(f"feedback: {p} should end in .jsonl (one rating per line)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"feedback: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"feedback: {p} is not writable")
+    return p
+
+
+@click.command("chat", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model", default=None, help="Model folder or hub id.  [default: the shipped demo model]"
+)
+@click.option("--adapter-path", default=None, help="Adapter folder to chat with (e.g. a run).")
+@click.option(
+    "--feedback",
+    default="feedback.jsonl",
+    show_default=True,
+    help="Ratings are appended here, in the format `mlx-kto train --data` reads.",
+)
+@click.option("--system-prompt", default=None, help="System message at the start of the chat.")
+@click.option("--temp", default=0.7, show_default=True, type=float, help="Sampling temperature.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+@click.option("--web", is_flag=True, help="Serve the chat as a local web page instead.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--web: address to bind.")
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="--web: port (0 = any free port).",
+)
+def chat(
+    model, adapter_path, feedback, system_prompt, temp, top_p, max_tokens, seed, web, host, port
+):
+    """Chat with a model and rate its replies; the ratings train the next adapter.
+
+    In the terminal, after each reply press u (thumbs up), d (thumbs down),
+    r (regenerate), Enter (go on) or q (quit). With --web, open the printed URL:
+    thumbs buttons under each reply, the ratings so far, undo. Then train:
+    `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
+    again with `--adapter-path run1`.
+    """
+    from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
+
+    if not 0 < top_p <= 1:
+        raise UserError("top-p: must be in (0, 1]")
+    if temp < 0:
+        raise UserError("temp: must be >= 0")
+    fb = _check_feedback_path(feedback)
+    model = model or default_model()
+    click.echo(
+        f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True
+    )
+    m, tok = load_chat_model(model, adapter_path)
+    session = ChatSession(
+        m,
+        tok,
+        model_name=model,
+        adapter_path=adapter_path,
+        feedback=fb,
+        system_prompt=system_prompt,
+        sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
+    )
+    if web:
+        from mlx_kto.collect.web.server import serve
+
+        serve(session, host=host, port=port, echo=click.echo)
+        return
+    from mlx_kto.collect.chat import run_terminal_chat
+
+    run_terminal_chat(session)
+
+
+@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", type=click.Choice(["open-webui"]))
+@click.argument("export")
+@click.option("-o", "--output", required=True, help="Feedback file to write (.jsonl).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def import_command(source, export, output, force):
+    """Convert ratings made elsewhere into a feedback file `mlx-kto train` reads.
+
+    open-webui: its feedback export (Admin > Evaluations > Export, records with
+    data.rating 1/-1 and snapshot.chat) or its chat export (Settings > Chats >
+    Export, messages with annotation.rating). Every rated assistant message of a
+    chat becomes one row; its prompt is the conversation before it.
+    """
+    from mlx_kto.collect.importers import import_open_webui
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise UserError(f"output: {out} exists (use --force to overwrite)")
+    n, counts = import_open_webui(export, out)
+    click.echo(
+        f"wrote {n} rows to {out} ({counts['up']} thumbs up, {counts['down']} thumbs down"
+        + (
+            f"; skipped {counts['skipped']} unrated or without a rating"
+            if counts["skipped"]
+            else ""
+        )
+        + ")"
+    )

@@ -1,0 +1,472 @@
+"""GGUF base models (llama.cpp / Ollama / LM Studio files) as mlx-lm models.
+
+What comes from where:
+- config: the GGUF metadata (`{arch}.block_count`, ...), read by `gguf_reader.read_header`
+  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse);
+- tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
+  turns the GGUF vocabulary into a fast tokenizer with its chat template;
+- weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
+  MLX affine quantization with group size 32 (`w = scale * q + bias`: Q4_1 is exactly that,
+  Q4_0 is `d * (q - 8)` so bias = -8 d, Q8_0 is `d * q` with signed q so bias = -128 d).
+  Those layers become mlx-lm QuantizedLinear / QuantizedEmbedding with the same bits: QLoRA
+  trains on the quantized weights llama.cpp runs, bit for bit. F32 / F16 / BF16 stay as
+  stored; every other type (Q4_K, Q6_K, Q5_0, ...) is dequantized exactly by gguf-py
+  (float32 on the CPU device, float16 elsewhere) and can be re-quantized to MLX 4/8 bit
+  (`requantize`). Files with a type MLX's loader cannot read at all (Q5_0, Q3_K, Q5_K,
+  ...) are read from the memory-mapped file instead; their Q4_0 / Q4_1 / Q8_0 tensors are
+  repacked into the same MLX layout (`pack_native`, checked against `mx.load` bit for bit).
+- tensor names: gguf-py's HF <-> GGUF name map, inverted over the mlx-lm model's parameters;
+  llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone.
+Anything that cannot be mapped is refused by name: architectures, tensors (e.g. Llama 3's
+`rope_freqs`), rope scaling, types gguf-py cannot dequantize.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_kto.errors import UserError
+from mlx_kto.model.gguf_reader import meta, read_header
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+# GGUF general.architecture -> (mlx-lm model_type, q/k rows stored permuted by llama.cpp).
+ARCHES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # kept quantized, group size 32
+GROUP = 32
+# Bumped when the GGUF -> MLX mapping changes: part of the reference fingerprint.
+MAPPING_VERSION = "mlx_kto.gguf/1"
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+@dataclass
+class GGUFBase:
+    """A GGUF file read as an mlx-lm model: config, weights under mlx-lm names, report."""
+
+    path: Path
+    arch: str  # GGUF general.architecture
+    config: dict  # mlx-lm config.json (with "quantization" when layers stay quantized)
+    weights: dict[str, mx.array]  # mlx-lm parameter names (quantized: weight/scales/biases)
+    types: dict[str, str]  # GGUF tensor name -> GGML type name
+    dequantized: list[str] = field(default_factory=list)  # mlx module paths made float
+
+    def report(self) -> list[str]:
+        """One line per GGML type: how many tensors, and what happened to them."""
+        lines = []
+        for typ, n in sorted(Counter(self.types.values()).items()):
+            if typ in NATIVE_BITS:
+                what = f"kept quantized (MLX {NATIVE_BITS[typ]}-bit affine, group size {GROUP})"
+            elif typ in ("F32", "F16", "BF16"):
+                what = "loaded as floats"
+            else:
+                what = "dequantized to floats (gguf-py)"
+            lines.append(f"{typ}: {n} tensors {what}")
+        return lines
+
+
+def read_config(path: Path, reader=None) -> dict:
+    """mlx-lm config.json from a GGUF file's metadata: the `{arch}.*` hyperparameters
+    llama.cpp's converter writes, mapped to the Hugging Face keys (as transformers'
+    GGUF_CONFIG_MAPPING does; the tests check both agree), ties decided by the tensors."""
+    reader = reader or read_header(path)
+    arch = meta(reader, "general.architecture")
+    if arch not in ARCHES:
+        raise UserError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHES)})"
+        )
+    if meta(reader, "general.type", "model") != "model":
+        raise UserError(f"{path}: general.type is {meta(reader, 'general.type')!r}, not a model")
+    scaling = meta(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise UserError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not mapped to mlx-lm")
+
+    def need(key):
+        v = meta(reader, f"{arch}.{key}")
+        if v is None:
+            raise UserError(f"{path}: GGUF metadata has no {arch}.{key}")
+        return v
+
+    model_type = ARCHES[arch][0]
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: no token_embd.weight tensor")
+    n_head = int(need("attention.head_count"))
+    config = {
+        "model_type": model_type,
+        "architectures": [_HF_CLASS[model_type]],
+        "hidden_size": int(need("embedding_length")),
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(meta(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(meta(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml ne = [n_embd, n_vocab]
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if (ctx := meta(reader, f"{arch}.context_length")) is not None:
+        config["max_position_embeddings"] = int(ctx)
+    if (head_dim := meta(reader, f"{arch}.attention.key_length")) is not None:
+        config["head_dim"] = int(head_dim)
+    else:
+        config["head_dim"] = config["hidden_size"] // n_head
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    for key, gkey in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        if (tid := meta(reader, f"tokenizer.ggml.{gkey}_token_id")) is not None:
+            config[f"{key}_token_id"] = int(tid)
+    return config
+
+
+def _lazy_model(config: dict) -> nn.Module:
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def name_map(config: dict, arch: str, model: nn.Module) -> dict[str, str]:
+    """GGUF tensor name -> mlx-lm parameter name, from gguf-py's HF -> GGUF map applied to
+    every parameter of the mlx-lm model (whose names are the Hugging Face ones)."""
+    import gguf
+
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    tmap = gguf.get_tensor_name_map(enum, config["num_hidden_layers"])
+    out = {}
+    for name, _ in tree_flatten(model.parameters()):
+        module, _, leaf = name.rpartition(".")
+        g = tmap.get_name(module)
+        if g is not None:
+            out[f"{g}.{leaf}"] = name
+    return out
+
+
+def describe(path: str | Path):
+    """(BaseModel, GGUF 2-D tensor name -> ggml ne, architecture, q/k permuted) of a GGUF
+    base, for converters that check an adapter against it (no weights are read)."""
+    from mlx_kto.export.base import BaseModel, _kind
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--base {path}: no such GGUF file")
+    reader = read_header(path)
+    config = read_config(path, reader)
+    model = _lazy_model(config)
+    info = BaseModel(
+        ref=str(path),
+        path=path,
+        config=config,
+        shapes={k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
+        kinds={name: _kind(m) for name, m in model.named_modules() if name},
+        n_layers=len(model.layers),
+    )
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
+    arch = meta(reader, "general.architecture")
+    return info, tensors, arch, ARCHES[arch][1]
+
+
+def _unpermute(x, n_head: int):
+    """ggml interleaved-rope rows -> HF rotate-half rows (inverse of llama.cpp's permute);
+    a row permutation, so it applies to packed weights, scales and biases alike."""
+    rows = x.shape[0]
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def pack_native(data: np.ndarray, typ: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0 / Q4_1 / Q8_0 blocks (uint8 [rows, bytes]) -> MLX affine (weight uint32
+    [rows, cols*bits/32], scales and biases float16 [rows, cols/32]), as mx.load makes them.
+    Block layouts (ggml-common.h): Q8_0 = d, int8 q[32]; Q4_0 = d, nibbles; Q4_1 = d, m,
+    nibbles, element j in the low nibble of byte j and element j+16 in its high nibble."""
+    rows = data.shape[0]
+    head = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}[typ]
+    size = head + (GROUP if typ == "Q8_0" else GROUP // 2)
+    blocks = data.reshape(rows, -1, size)  # [rows, n_blocks, block bytes]
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [rows, n_blocks]
+    qs = blocks[..., head:]
+    if typ == "Q8_0":
+        q = (qs.view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # [rows, nb, 32]
+        weight = q.reshape(rows, -1).view(np.uint32)  # 4 per word, element 0 lowest
+        return weight, d, (d * np.float16(-128)).astype(np.float16)
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1, 8).astype(np.uint32)
+    weight = (q << (4 * np.arange(8, dtype=np.uint32))).sum(axis=-1, dtype=np.uint32)
+    bias = blocks[..., 2:4].copy().view(np.float16)[..., 0] if typ == "Q4_1" else d * -8
+    return weight, d, bias.astype(np.float16)
+
+
+def _dequantize(t) -> np.ndarray:
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UserError(
+            f"tensor '{t.name}': GGML type {t.tensor_type.name} cannot be dequantized by gguf-py"
+        ) from None
+
+
+def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase:
+    """Read a GGUF file's config and weights under mlx-lm names (see the module docstring).
+    `float_dtype`: dtype of dequantized tensors (default float32 on CPU, float16 elsewhere)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    reader = read_header(path)
+    config = read_config(path, reader)
+    arch = meta(reader, "general.architecture")
+    permute = ARCHES[arch][1]
+    if float_dtype is None:
+        float_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    model = _lazy_model(config)
+    names = name_map(config, arch, model)
+    expected = dict(tree_flatten(model.parameters()))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    unmapped = [n for n in types if n not in names]
+    if unmapped:
+        more = f" (and {len(unmapped) - 3} more)" if len(unmapped) > 3 else ""
+        raise UserError(
+            f"{path}: GGUF tensors with no mlx-lm {config['model_type']} parameter: "
+            + ", ".join(unmapped[:3])
+            + more
+        )
+    try:
+        loaded = mx.load(str(path))  # MLX's loader: Q4_0/Q4_1/Q8_0 stay packed
+    except Exception:  # a type MLX cannot read (Q5_0, Q3_K, ...): gguf-py for all tensors
+        loaded = None
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    weights, quant, dequantized = {}, {}, []
+    for t in reader.tensors:
+        typ, target = types[t.name], names[t.name]
+        module = target.rpartition(".")[0]
+        if typ in NATIVE_BITS:
+            if loaded is not None:
+                stem = t.name[: -len(".weight")]
+                parts = (loaded[t.name], loaded[f"{stem}.scales"], loaded[f"{stem}.biases"])
+            else:
+                parts = tuple(mx.array(a) for a in pack_native(np.asarray(t.data), typ))
+            quant[module] = {"group_size": GROUP, "bits": NATIVE_BITS[typ]}
+        elif typ == "F32" or typ == "F16":
+            parts = (loaded[t.name] if loaded is not None else mx.array(np.asarray(t.data)),)
+        else:
+            x = mx.array(_dequantize(t))  # exact float32 values
+            parts = (x.astype(mx.bfloat16) if typ == "BF16" else x.astype(float_dtype),)
+            if typ != "BF16" and module not in dequantized:
+                dequantized.append(module)
+        if permute and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = n_head if "attn_q" in t.name else n_kv
+            parts = tuple(_unpermute(p, heads) for p in parts)
+        want = tuple(expected[target].shape)
+        got = tuple(parts[0].shape)
+        if typ in NATIVE_BITS:  # packed uint32 columns -> the float matrix's columns
+            got = got[:-1] + (got[-1] * 32 // NATIVE_BITS[typ],)
+        if got != want:
+            raise UserError(f"{path}: tensor '{t.name}' has shape {got}, mlx-lm expects {want}")
+        weights[target] = parts[0]
+        if len(parts) == 3:
+            weights[f"{module}.scales"], weights[f"{module}.biases"] = parts[1], parts[2]
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise UserError(f"{path}: no GGUF tensor for mlx-lm parameters {', '.join(missing[:3])}")
+    if quant:
+        bits = Counter(q["bits"] for q in quant.values()).most_common(1)[0][0]
+        qconf = {"group_size": GROUP, "bits": bits, "mode": "affine"}
+        qconf.update({m: {**q, "mode": "affine"} for m, q in quant.items() if q["bits"] != bits})
+        config["quantization"] = qconf
+        config["quantization_config"] = qconf
+    return GGUFBase(path, arch, config, weights, types, dequantized)
+
+
+def build_model(base: GGUFBase) -> nn.Module:
+    """The mlx-lm model of `base`, its natively quantized layers as quantized MLX layers."""
+    model = _lazy_model(base.config)
+    q = base.config.get("quantization")
+    if q:
+
+        def predicate(p, m):
+            if p in q:
+                return q[p]
+            return hasattr(m, "to_quantized") and f"{p}.scales" in base.weights
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=predicate)
+    model.load_weights(list(base.weights.items()), strict=True)
+    model.eval()
+    return model
+
+
+def requantize(model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> list[str]:
+    """Quantize the dequantized layers (not the natively quantized ones) to MLX `bits`;
+    records them in base.config["quantization"]; returns their module paths."""
+    todo = set(base.dequantized)
+
+    def predicate(p, m):
+        ok = p in todo and hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
+        return {"group_size": group_size, "bits": bits, "mode": "affine"} if ok else False
+
+    done = [p for p, m in model.named_modules() if predicate(p, m)]
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    qconf = base.config.setdefault("quantization", {"group_size": group_size, "bits": bits})
+    for p in done:
+        qconf[p] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    base.config["quantization_config"] = qconf
+    return done
+
+
+def save_tokenizer(path: Path, out_dir: Path) -> None:
+    """Write the GGUF's tokenizer as Hugging Face tokenizer files (tokenizer.json,
+    tokenizer_config.json with the chat template) via transformers' GGUF tokenizer, which
+    needs torch: in a command process that keeps torch out (`_torchless`), in a child."""
+    from mlx_kto.runtime import torchless as _torchless
+
+    if _torchless.kept_out():
+        return _save_tokenizer_in_child(path, out_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise UserError(f"{path}: transformers cannot read its GGUF tokenizer ({e})") from None
+    tok.save_pretrained(str(out_dir))
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from mlx_kto.model.gguf import save_tokenizer
+from mlx_kto.errors import UserError
+try:
+    save_tokenizer(Path(sys.argv[1]), Path(sys.argv[2]))
+except UserError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _save_tokenizer_in_child(path: Path, out_dir: Path) -> None:
+    """`save_tokenizer` in a fresh interpreter (torch importable there); its one-line error
+    comes back as this process's UserError."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _CHILD, str(path), str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 2:  # the child's UserError, as it worded it
+        raise UserError(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise UserError(f"{path}: reading its GGUF tokenizer failed ({last})")
+
+
+def _tokenizer_cache(path: Path) -> Path:
+    """Cache folder of a GGUF file's converted tokenizer, keyed like the fingerprint's file
+    memo by (real path, size, mtime_ns) plus the transformers version that converted it."""
+    import hashlib
+    import os
+
+    from mlx_kto.reference.cache import default_cache_dir
+
+    import transformers
+
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{MAPPING_VERSION}"
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return default_cache_dir() / "gguf_tokenizers" / digest
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+    """A folder with the GGUF file's tokenizer as Hugging Face files, converted once by
+    transformers (which re-parses the whole vocabulary: seconds) and then cached."""
+    import os
+    import shutil
+
+    path = Path(path)
+    folder = _tokenizer_cache(path)
+    if not (folder / "tokenizer_config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        try:
+            save_tokenizer(path, tmp)
+            try:
+                os.replace(tmp, folder)  # atomic: a reader never sees half the files
+            except OSError:  # another process got there first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
+    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir(path), eos_token_ids=eos_token_ids)
+
+
+def load_gguf(
+    path: str | Path,
+    quantize: int | None = None,
+    q_group_size: int = 64,
+    float_dtype: mx.Dtype | None = None,
+    log=print,
+):
+    """(model, tokenizer, config) for a GGUF file, the way mlx-lm loads a folder; logs
+    what happened to each GGML type once. `quantize`: re-quantize dequantized layers."""
+    base = read_gguf(path, float_dtype)
+    model = build_model(base)
+    for line in base.report():
+        log(f"{Path(path).name}: {line}")
+    if quantize:
+        done = requantize(model, base, quantize, q_group_size)
+        log(f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
+    tokenizer = load_gguf_tokenizer(base.path, base.config.get("eos_token_id"))
+    mx.eval(model.parameters())
+    return model, tokenizer, base.config
+
+
+def gguf_to_mlx(
+    path: str | Path,
+    out: str | Path,
+    quantize: int | None = None,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> Path:
+    """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files) for a GGUF
+    file; `mlx_lm.load(OUT)` then gives the same model as `--model FILE.gguf`. `dtype`
+    (float16 / bfloat16 / float32): dtype of dequantized tensors (default float16)."""
+    from mlx_kto.export._io import atomic_write, atomic_write_json, prepare_out_dir
+
+    path = Path(path)
+    out = prepare_out_dir(out, overwrite)
+    base = read_gguf(path, getattr(mx, dtype or "float16"))
+    model = build_model(base)
+    for line in base.report():
+        log(f"{path.name}: {line}")
+    if quantize:
+        done = requantize(model, base, quantize, q_group_size)
+        log(f"{path.name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
+    weights = dict(tree_flatten(model.parameters()))
+    import shutil
+
+    for f in sorted(tokenizer_dir(path).iterdir()):
+        if f.is_file():
+            atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
+    atomic_write(
+        out / "model.safetensors",
+        lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),
+        suffix=".safetensors",
+    )
+    atomic_write_json(out / "config.json", {**base.config, "gguf_source": path.name})
+    return out
