@@ -30,7 +30,7 @@ import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
 from mlx_kto.data.rows import examples_from_rows  # noqa: E402
 from mlx_kto.data.tokenize import assign_kl_partners, tokenize_examples  # noqa: E402
 from mlx_kto.demo.real import smollm2_gguf  # noqa: E402
-from mlx_kto.model.gguf import load_gguf_tokenizer  # noqa: E402
+from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer  # noqa: E402
 from mlx_kto.runtime import fastops  # noqa: E402
 
 from throughput import common_args, measure  # noqa: E402

@@ -119,6 +119,7 @@ class KTOTrainer:
 
     def train(self):
         """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics)."""
+        from mlx_kto.judge.probes import training_extras
         from mlx_kto.train.callbacks import make_reporters
         from mlx_kto.train.run import set_memory_limits, train_model
 
@@ -133,7 +134,7 @@ class KTOTrainer:
         self._trained = True
         self.result = train_model(
             cfg, self.model, self.tokenizer, self.model_path, splits=self.splits,
-            log=self.log, callbacks=reporters + self.callbacks,
+            log=self.log, callbacks=reporters + self.callbacks, extras=training_extras(),
         )  # fmt: skip
         return self.result
 

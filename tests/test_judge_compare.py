@@ -31,6 +31,7 @@ def _write(path, rows):
 def run(tiny_llama, tmp_path_factory):
     """A data folder and a 4-step adapter trained on it with diversity probes every 2 steps."""
     from mlx_kto.config.core import make_config
+    from mlx_kto.judge.probes import training_extras
     from mlx_kto.train.run import train
 
     root = tmp_path_factory.mktemp("judge_run")
@@ -59,7 +60,7 @@ def run(tiny_llama, tmp_path_factory):
         quiet=True,
     )
     logs = []
-    train(cfg, log=logs.append)
+    train(cfg, log=logs.append, extras=training_extras())
     return root, data, root / "adapter", logs
 
 

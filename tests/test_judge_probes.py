@@ -55,6 +55,7 @@ def test_collapsing_run_triggers_the_warning(tmp_path):
     """High learning rate, tiny beta, the tiny demo model: the replies collapse onto one
     string within a few steps and the probe says so once."""
     from mlx_kto.demo import ASSETS
+    from mlx_kto.judge.probes import training_extras
     from mlx_kto.train.run import train
 
     rows = (ASSETS / "data" / "train.jsonl").read_text().splitlines()[:96]
@@ -82,7 +83,7 @@ def test_collapsing_run_triggers_the_warning(tmp_path):
         quiet=True,
     )
     logs = []
-    train(cfg, log=logs.append)
+    train(cfg, log=logs.append, extras=training_extras())
     warnings = [m for m in logs if "mode collapse" in m]
     assert len(warnings) == 1, logs
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

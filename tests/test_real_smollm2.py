@@ -8,7 +8,8 @@ import time
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.export import to_gguf
-from mlx_kto.model.gguf import gguf_to_mlx, read_config
+from mlx_kto.export.gguf_base import gguf_to_mlx
+from mlx_kto.model.gguf import read_config
 from mlx_kto.model.load import load_gguf_for_inference, reference_mode
 from mlx_kto.train.run import train
 

@@ -310,7 +310,7 @@ def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monke
 
 
 def test_short_safetensors_write_is_detected(tmp_path):
-    from mlx_kto.train.run_dir import check_safetensors_size
+    from mlx_kto.runtime.atomic import check_safetensors_size
 
     p = tmp_path / "a.safetensors"
     mx.save_safetensors(str(p), {"w": mx.zeros((64, 64))})

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto import __version__
 from mlx_kto.config.core import KTOConfig, load_yaml, make_config
 from mlx_kto.errors import UserError
 from mlx_kto.runtime import torchless as _torchless
@@ -84,7 +84,7 @@ def build_config(config_file: str | None, flags: dict) -> KTOConfig:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(mlx_kto.__version__, prog_name="mlx-kto")
+@click.version_option(__version__, prog_name="mlx-kto")
 def cli():
     """KTO (Kahneman-Tversky Optimization) LoRA training for local models with MLX.
 
@@ -99,6 +99,7 @@ def train_command(config_file, **flags):
 
     Example: mlx-kto train --model Qwen/Qwen2.5-0.5B-Instruct --data feedback.jsonl
     """
+    from mlx_kto.judge.probes import training_extras
     from mlx_kto.train.run import train
 
     cfg = build_config(config_file, flags)
@@ -110,7 +111,7 @@ def train_command(config_file, **flags):
             raise UserError("no --model/--data given (see `mlx-kto train --help`)") from None
         run_demo(cfg)
         return
-    train(cfg, log=lambda msg: click.echo(msg, err=True))
+    train(cfg, log=lambda msg: click.echo(msg, err=True), extras=training_extras())
 
 
 @cli.command("eval")
@@ -251,7 +252,7 @@ def _load_tokenizer(model: str, chat_template: str | None = None):
 
     mpath = resolve_model_path(model)
     if mpath.suffix.lower() == ".gguf":
-        from mlx_kto.model.gguf import load_gguf_tokenizer
+        from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
 
         tok = load_gguf_tokenizer(mpath)
     else:

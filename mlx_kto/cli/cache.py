@@ -16,7 +16,6 @@ import json
 import sqlite3
 import time
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
 from mlx_kto.reference.cache import cache_source

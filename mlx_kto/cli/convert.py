@@ -61,7 +61,7 @@ def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
 @_overwrite
 def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
     """llama.cpp GGUF model FILE to an mlx-lm folder OUT (Q4_0/Q4_1/Q8_0 stay quantized)."""
-    from mlx_kto.model.gguf import gguf_to_mlx
+    from mlx_kto.export.gguf_base import gguf_to_mlx
 
     path = gguf_to_mlx(
         gguf_file, out, int(q_bits) if q_bits else None, int(q_group_size), dtype,

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.data.feedback import append_row, rating_row, retraction_row
 from mlx_kto.errors import UserError
+from mlx_kto.runtime.paths import DEMO_ASSETS
 
 
 @dataclass
@@ -26,9 +26,7 @@ class Sampling:
 
 def default_model() -> str:
     """The shipped demo model (no download needed)."""
-    from mlx_kto.demo import ASSETS
-
-    return str(ASSETS / "model")
+    return str(DEMO_ASSETS / "model")
 
 
 def load_chat_model(model: str, adapter_path: str | None):

@@ -22,6 +22,7 @@ from typing import Any
 
 from mlx_kto.errors import UserError
 
+EXTENSIONS = (".jsonl", ".json", ".ndjson")  # JSON rows (mlx_kto.data.rows)
 TABLE_EXTENSIONS = (".parquet", ".arrow")
 HF_HINT = "pip install 'mlx-kto[hf]'"
 # owner/name, as the hub spells ids; a path with a data file extension is never an id.
@@ -136,8 +137,6 @@ def source_splits(data: str, split: str | None = None) -> dict | None:
 
 def looks_like_hub_id(data: str) -> bool:
     """`owner/name` that is not a local path and has no data-file extension."""
-    from mlx_kto.data.rows import EXTENSIONS
-
     if data.startswith((".", "/", "~")) or os.path.exists(data):
         return False
     return bool(_HUB_ID.match(data)) and not data.lower().endswith(EXTENSIONS + TABLE_EXTENSIONS)

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mlx_kto.data.content_parts import flatten_message
-from mlx_kto.data.load import TABLE_EXTENSIONS
+from mlx_kto.data.load import EXTENSIONS, TABLE_EXTENSIONS, read_table_rows, source_splits
 from mlx_kto.errors import UserError
 
-EXTENSIONS = (".jsonl", ".json", ".ndjson")
 DATA_EXTENSIONS = EXTENSIONS + TABLE_EXTENSIONS  # + parquet / arrow (datasets_io)
 SPLIT_NAMES = {  # split -> accepted file stems in a data folder
     "train": ("train",),
@@ -316,8 +315,6 @@ def _read_rows(path: Path) -> list[tuple[Any, str]]:
     """Raw rows of a .jsonl/.json file with their "path:line" / "path[i]" locations."""
     ext = path.suffix.lower()
     if ext in TABLE_EXTENSIONS:
-        from mlx_kto.data.load import read_table_rows
-
         return read_table_rows(path)
     if ext not in EXTENSIONS:
         raise UserError(
@@ -432,8 +429,6 @@ def load_splits(
     read from train.jsonl / valid.jsonl (or validation/val) / test.jsonl (or .json, .parquet,
     .arrow); a `save_to_disk` folder or a Hugging Face dataset id -> its splits, `split`
     naming the training one (datasets_io)."""
-    from mlx_kto.data.load import source_splits
-
     raw = source_splits(str(path), split)
     if raw is not None:
         return {

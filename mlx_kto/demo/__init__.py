@@ -4,9 +4,9 @@ and no data) runs it; see `mlx_kto.demo.run`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from mlx_kto.runtime.paths import DEMO_ASSETS
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = DEMO_ASSETS
 
 
 def run_demo(cfg=None, **kwargs):

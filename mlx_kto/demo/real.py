@@ -126,6 +126,7 @@ def run_real_demo(
     """Sample, rate, train, re-sample; returns {"before", "after", "seconds", ...}."""
     from mlx_kto.config.core import KTOConfig
     from mlx_kto.demo.sample import sample_completions
+    from mlx_kto.judge.probes import training_extras
     from mlx_kto.train.run import train
 
     sizes = sizes or RealDemoSizes()
@@ -163,7 +164,7 @@ def run_real_demo(
         num_layers=sizes.num_layers, lora_rank=8, beta=sizes.beta, desirable_weight="auto",
         steps_per_eval=0, steps_per_report=5, quiet=True, seed=seed, overwrite=True,
     )  # fmt: skip
-    res = train(cfg, log=lambda *_: 0)
+    res = train(cfg, log=lambda *_: 0, extras=training_extras())
     model, tok = sampling_model(gguf, str(res.adapter_path))
     after_s = sample_completions(model, tok, held_q, **held_kw)
     before, after = share(before_s), share(after_s)

@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig  # noqa: E402
-from mlx_kto.demo import ASSETS  # noqa: E402
 from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
+from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS  # noqa: E402
 
 DEFAULT_OUT = "kto-demo"
 # Settings for the shipped model; a field the user set (different from KTOConfig's
@@ -138,6 +137,7 @@ def run_demo(
     training progress goes to `log` (stderr)."""
     from mlx_kto.demo.plot import plot_metrics
     from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
+    from mlx_kto.judge.probes import training_extras
     from mlx_kto.train.run import train
 
     echo = echo or (lambda msg="": print(msg, flush=True))
@@ -160,7 +160,7 @@ def run_demo(
     del model
 
     echo(f"training a LoRA adapter for {cfg.iters} steps -> {cfg.adapter_path}")
-    result = train(cfg, log=log)
+    result = train(cfg, log=log, extras=training_extras())
 
     model, tokenizer = load_policy(cfg, result.adapter_path)
     after_samples = sample_completions(model, tokenizer, prompts, **sample_kw)
@@ -284,7 +284,7 @@ def _feedback_summary(data: str) -> str:
 
 
 def _write_results(res: DemoResult, path: Path, cfg: KTOConfig) -> None:
-    from mlx_kto.model.load import atomic_write_bytes
+    from mlx_kto.runtime.atomic import atomic_write_bytes
 
     data = {
         "before": res.before,

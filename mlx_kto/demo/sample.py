@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.demo.task import STYLES, classify, is_correct  # noqa: E402
 
 import mlx.core as mx  # noqa: E402

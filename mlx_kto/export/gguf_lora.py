@@ -202,7 +202,7 @@ def to_gguf(
     if not base_ref:
         raise UserError(f"{adapter_dir}: adapter_config.json has no 'model'; pass --base")
     if str(base_ref).lower().endswith(".gguf"):  # the exact GGUF file: its names and shapes
-        from mlx_kto.model.gguf import describe
+        from mlx_kto.export.gguf_base import describe
 
         info, base_tensors, arch, permute = describe(base_ref)
     else:

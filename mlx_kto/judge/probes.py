@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mlx_kto.errors import UserError
+from mlx_kto.judge.plot import plot_after_training
+from mlx_kto.train.run import Extras
 
 PREFIX = "diversity/"
 BASE_PREFIX = "diversity/base/"
@@ -155,3 +157,8 @@ def make_probe(
     )
     probe.start()
     return probe
+
+
+def training_extras() -> Extras:
+    """The judge's part of a training run: the diversity probe and training.png."""
+    return Extras(probe=make_probe, plot=plot_after_training)

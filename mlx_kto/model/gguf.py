@@ -23,13 +23,13 @@ Anything that cannot be mapped is refused by name: architectures, tensors (e.g. 
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.model.gguf_reader import meta, read_header
+from mlx_kto.model.gguf_reader import MAPPING_VERSION, meta, read_header  # noqa: F401
+from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,7 +41,6 @@ ARCHES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3"
 NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # kept quantized, group size 32
 GROUP = 32
 # Bumped when the GGUF -> MLX mapping changes: part of the reference fingerprint.
-MAPPING_VERSION = "mlx_kto.gguf/1"
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -150,30 +149,6 @@ def name_map(config: dict, arch: str, model: nn.Module) -> dict[str, str]:
         if g is not None:
             out[f"{g}.{leaf}"] = name
     return out
-
-
-def describe(path: str | Path):
-    """(BaseModel, GGUF 2-D tensor name -> ggml ne, architecture, q/k permuted) of a GGUF
-    base, for converters that check an adapter against it (no weights are read)."""
-    from mlx_kto.export.base import BaseModel, _kind
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--base {path}: no such GGUF file")
-    reader = read_header(path)
-    config = read_config(path, reader)
-    model = _lazy_model(config)
-    info = BaseModel(
-        ref=str(path),
-        path=path,
-        config=config,
-        shapes={k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
-        kinds={name: _kind(m) for name, m in model.named_modules() if name},
-        n_layers=len(model.layers),
-    )
-    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
-    arch = meta(reader, "general.architecture")
-    return info, tensors, arch, ARCHES[arch][1]
 
 
 def _unpermute(x, n_head: int):
@@ -322,97 +297,6 @@ def requantize(model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> 
     return done
 
 
-def save_tokenizer(path: Path, out_dir: Path) -> None:
-    """Write the GGUF's tokenizer as Hugging Face tokenizer files (tokenizer.json,
-    tokenizer_config.json with the chat template) via transformers' GGUF tokenizer, which
-    needs torch: in a command process that keeps torch out (`_torchless`), in a child."""
-    from mlx_kto.runtime import torchless as _torchless
-
-    if _torchless.kept_out():
-        return _save_tokenizer_in_child(path, out_dir)
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
-        raise UserError(f"{path}: transformers cannot read its GGUF tokenizer ({e})") from None
-    tok.save_pretrained(str(out_dir))
-
-
-_CHILD = """
-import sys
-from pathlib import Path
-from mlx_kto.model.gguf import save_tokenizer
-from mlx_kto.errors import UserError
-try:
-    save_tokenizer(Path(sys.argv[1]), Path(sys.argv[2]))
-except UserError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
-"""
-
-
-def _save_tokenizer_in_child(path: Path, out_dir: Path) -> None:
-    """`save_tokenizer` in a fresh interpreter (torch importable there); its one-line error
-    comes back as this process's UserError."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-c", _CHILD, str(path), str(out_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 2:  # the child's UserError, as it worded it
-        raise UserError(proc.stderr.strip().splitlines()[-1])
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise UserError(f"{path}: reading its GGUF tokenizer failed ({last})")
-
-
-def _tokenizer_cache(path: Path) -> Path:
-    """Cache folder of a GGUF file's converted tokenizer, keyed like the fingerprint's file
-    memo by (real path, size, mtime_ns) plus the transformers version that converted it."""
-    import hashlib
-    import os
-
-    from mlx_kto.reference.cache import default_cache_dir
-
-    import transformers
-
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{MAPPING_VERSION}"
-    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-    return default_cache_dir() / "gguf_tokenizers" / digest
-
-
-def tokenizer_dir(path: str | Path) -> Path:
-    """A folder with the GGUF file's tokenizer as Hugging Face files, converted once by
-    transformers (which re-parses the whole vocabulary: seconds) and then cached."""
-    import os
-    import shutil
-
-    path = Path(path)
-    folder = _tokenizer_cache(path)
-    if not (folder / "tokenizer_config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        try:
-            save_tokenizer(path, tmp)
-            try:
-                os.replace(tmp, folder)  # atomic: a reader never sees half the files
-            except OSError:  # another process got there first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def load_gguf_tokenizer(path: str | Path, eos_token_ids=None):
-    """mlx-lm's TokenizerWrapper for the tokenizer stored in a GGUF file."""
-    from mlx_lm.utils import load_tokenizer
-
-    return load_tokenizer(tokenizer_dir(path), eos_token_ids=eos_token_ids)
-
-
 def load_gguf(
     path: str | Path,
     quantize: int | None = None,
@@ -432,41 +316,3 @@ def load_gguf(
     tokenizer = load_gguf_tokenizer(base.path, base.config.get("eos_token_id"))
     mx.eval(model.parameters())
     return model, tokenizer, base.config
-
-
-def gguf_to_mlx(
-    path: str | Path,
-    out: str | Path,
-    quantize: int | None = None,
-    q_group_size: int = 64,
-    dtype: str | None = None,
-    overwrite: bool = False,
-    log=print,
-) -> Path:
-    """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files) for a GGUF
-    file; `mlx_lm.load(OUT)` then gives the same model as `--model FILE.gguf`. `dtype`
-    (float16 / bfloat16 / float32): dtype of dequantized tensors (default float16)."""
-    from mlx_kto.export._io import atomic_write, atomic_write_json, prepare_out_dir
-
-    path = Path(path)
-    out = prepare_out_dir(out, overwrite)
-    base = read_gguf(path, getattr(mx, dtype or "float16"))
-    model = build_model(base)
-    for line in base.report():
-        log(f"{path.name}: {line}")
-    if quantize:
-        done = requantize(model, base, quantize, q_group_size)
-        log(f"{path.name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
-    weights = dict(tree_flatten(model.parameters()))
-    import shutil
-
-    for f in sorted(tokenizer_dir(path).iterdir()):
-        if f.is_file():
-            atomic_write(out / f.name, lambda p, f=f: shutil.copyfile(f, p))
-    atomic_write(
-        out / "model.safetensors",
-        lambda p: mx.save_safetensors(str(p), weights, metadata={"format": "mlx"}),
-        suffix=".safetensors",
-    )
-    atomic_write_json(out / "config.json", {**base.config, "gguf_source": path.name})
-    return out

@@ -16,6 +16,9 @@ from mlx_kto.errors import UserError
 
 import numpy as np
 
+# Version of our GGUF -> mlx-lm mapping: part of the reference fingerprint and tokenizer cache key.
+MAPPING_VERSION = "mlx_kto.gguf/1"
+
 
 @dataclass
 class _Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
-from mlx_kto.train.run_dir import check_safetensors_size, write_errors
+from mlx_kto.runtime.atomic import atomic_write_bytes, check_safetensors_size, write_errors
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -373,11 +373,11 @@ def _unflatten(flat: dict[str, mx.array]):
     return tree_unflatten(list(flat.items()))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + rename, with the user's umask (mlx_kto.runtime.atomic)."""
-    from mlx_kto.runtime.atomic import atomic_write_bytes as write
-
-    write(path, data)
+def all_finite(tree) -> bool:
+    """True when every floating array of a tree (dict / list of arrays) is finite."""
+    leaves = [v for _, v in tree_flatten(tree) if isinstance(v, mx.array)]
+    checks = [mx.all(mx.isfinite(v)) for v in leaves if mx.issubdtype(v.dtype, mx.inexact)]
+    return bool(mx.all(mx.stack(checks)).item()) if checks else True
 
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
@@ -423,8 +423,6 @@ def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:
 def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
     """Write adapters.safetensors + adapter_config.json (mlx-lm's folder format). A
     non-finite adapter is never written; write errors are one line naming the file."""
-    from mlx_kto.train.guard import all_finite
-
     out_dir = Path(out_dir)
     weights = trainable_lora(model)
     target = out_dir / "adapters.safetensors"

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mlx_kto.reference.fingerprint import Fingerprint, weights_digest
+from mlx_kto.runtime.paths import default_cache_dir
 
 import numpy as np
 
@@ -43,17 +44,6 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE TABLE IF NOT EXISTS file_hashes (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, digest TEXT NOT NULL);
 """
-
-
-def default_cache_dir() -> Path:
-    """$MLX_KTO_CACHE_DIR if set (the cache folder itself), else
-    $XDG_CACHE_HOME/mlx_kto/reference, else ~/.cache/mlx_kto/reference."""
-    env = os.environ.get("MLX_KTO_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlx_kto" / "reference"
 
 
 def entry_key(fingerprint: str, ids: Sequence[int] | np.ndarray, start: int) -> bytes:

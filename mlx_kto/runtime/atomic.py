@@ -11,15 +11,21 @@ becomes a one-line UserError naming the path.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_kto.errors import UserError
 
 _TMP = ".tmp-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def umask() -> int:
@@ -145,3 +151,69 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], None], suffix: s
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (a reader sees the old or the new file)."""
     atomic_write_with(path, lambda p: p.write_bytes(data))
+
+
+# -- one line for a failed write ----------------------------------------------------------
+
+
+def describe_os_error(path: str | Path, e: OSError) -> str:
+    """One line for an OSError while writing `path`."""
+    if e.errno in _DISK_FULL:
+        return f"{path}: disk full ({e.strerror}); free some space"
+    if e.errno in _NOT_WRITABLE:
+        return f"{path}: not writable ({e.strerror})"
+    if e.errno == errno.ENOTDIR:
+        return f"{path}: a parent of this path is a file, not a folder"
+    if e.errno == errno.EEXIST:
+        return f"{path}: exists and is not a folder"
+    return f"{path}: cannot write ({e.strerror or e})"
+
+
+@contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Inside, an OSError from writing becomes a UserError naming `path` (or the file the
+    error names): disk full, read-only, not a folder."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(describe_os_error(e.filename or path, e)) from None
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON file (temp file + rename), errors as one line naming the path."""
+    with write_errors(path):
+        atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def check_safetensors_size(path: str | Path) -> None:
+    """Raise OSError(ENOSPC) when a just-written .safetensors file is shorter than its own
+    header says: mx.save_safetensors does not report a failed write (e.g. a full disk)."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n <= size else None
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+        ok = size >= 8 + n + end
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise OSError(errno.ENOSPC, "short write (disk full?)", str(path))
+
+
+def append_line(f, path: str | Path, line: str) -> None:
+    """Append one line to the open file `f` and flush; on failure the file is cut back to
+    where it was (no torn line) and the error names `path`."""
+    pos = os.fstat(f.fileno()).st_size  # flushed after every line: nothing buffered
+    try:
+        f.write(line)
+        f.flush()
+    except OSError as e:
+        try:
+            os.ftruncate(f.fileno(), pos)
+        except OSError:
+            pass
+        raise UserError(describe_os_error(path, e)) from None

@@ -15,9 +15,14 @@ import shutil
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.model.load import trainable_lora
-from mlx_kto.runtime.atomic import chmod_like_new, clean_stale_temps_in, temp_path
-from mlx_kto.train.run_dir import check_safetensors_size, write_errors
+from mlx_kto.model.load import all_finite, trainable_lora
+from mlx_kto.runtime.atomic import (
+    check_safetensors_size,
+    chmod_like_new,
+    clean_stale_temps_in,
+    temp_path,
+    write_errors,
+)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,7 +46,6 @@ def save_checkpoint(
 
     Non-finite weights or optimizer state are never written (and so never prune a finite
     checkpoint); a write error (disk full, read-only) is one line naming the folder."""
-    from mlx_kto.train.guard import all_finite
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:07d}"

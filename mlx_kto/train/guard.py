@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mlx_kto.errors import UserError
+from mlx_kto.model.load import all_finite  # noqa: F401  (re-exported: train.guard.all_finite)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,13 +79,6 @@ def keep_finite_update(
     model.update(_select_into(new_params, old_params, ok))
     _select_into(optimizer.state, old_state, ok)
     return ok
-
-
-def all_finite(tree) -> bool:
-    """True when every floating array of a tree (dict / list of arrays) is finite."""
-    leaves = [v for _, v in tree_flatten(tree) if isinstance(v, mx.array)]
-    checks = [mx.all(mx.isfinite(v)) for v in leaves if mx.issubdtype(v.dtype, mx.inexact)]
-    return bool(mx.all(mx.stack(checks)).item()) if checks else True
 
 
 # -- host side ------------------------------------------------------------------------------

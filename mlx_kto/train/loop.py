@@ -34,6 +34,7 @@ from mlx_kto.model.logprobs import (
 from mlx_kto.reference.scorer import ReferenceScorer
 from mlx_kto.runtime import fastops
 from mlx_kto.runtime import heap as _heap
+from mlx_kto.runtime.atomic import append_line
 from mlx_kto.train.checkpoint import save_checkpoint
 from mlx_kto.train.distributed import Dist, sum_gradients
 from mlx_kto.train.dpo import (
@@ -45,7 +46,7 @@ from mlx_kto.train.dpo import (
 )
 from mlx_kto.train.guard import RunGuard, keep_finite_update
 from mlx_kto.train.loss import kto_loss, merge_metrics, metrics_to_floats
-from mlx_kto.train.run_dir import append_line, truncate_metrics
+from mlx_kto.train.run_dir import truncate_metrics
 from mlx_kto.train.step import global_batch_size, iterate_steps, run_step
 
 import mlx.core as mx

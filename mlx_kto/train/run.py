@@ -5,18 +5,18 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig  # noqa: E402
 from mlx_kto.errors import UserError  # noqa: E402
 from mlx_kto.runtime import heap as _heap  # noqa: E402
+from mlx_kto.runtime.atomic import write_errors, write_json
 from mlx_kto.train.guard import Interrupted, RunGuard, all_finite  # noqa: E402
 from mlx_kto.train.resume import absolute_paths, check_unchanged, rows_hash  # noqa: E402
-from mlx_kto.train.run_dir import clear_run, prepare_run_dir, write_errors, write_json  # noqa: E402
+from mlx_kto.train.run_dir import clear_run, prepare_run_dir  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
@@ -109,7 +109,22 @@ def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
     return rows
 
 
-def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResult:
+@dataclass
+class Extras:
+    """What the caller adds around training (train/ imports nothing from judge/).
+
+    probe: `(cfg, model, tokenizer, rows, frozen, log) -> probe | None`, a diversity probe
+        called as `probe(step, record, n_steps)` (judge.probes.make_probe).
+    plot: `(run_dir, log) -> Path | None`, called once after the adapter is saved
+        (judge.plot.plot_after_training)."""
+
+    probe: Callable | None = None
+    plot: Callable | None = None
+
+
+def train(
+    cfg: KTOConfig, log=print, callbacks: list | None = None, extras: Extras | None = None
+) -> TrainResult:
     """Train a KTO LoRA adapter as configured (`mlx-kto train`): load cfg.model, then
     `train_model`. Returns where the adapter went and the final metrics. Under `mlx.launch`
     every rank runs this; rank 0 alone logs and writes."""
@@ -149,7 +164,7 @@ def train(cfg: KTOConfig, log=print, callbacks: list | None = None) -> TrainResu
         raise
     return train_model(
         cfg, model, tokenizer, model_path, log=log, callbacks=reporters + list(callbacks or []),
-        ckpt=ckpt, saved=saved, dist=dist,
+        ckpt=ckpt, saved=saved, dist=dist, extras=extras,
     )  # fmt: skip
 
 
@@ -164,6 +179,7 @@ def train_model(
     ckpt: Path | None = None,
     saved: dict | None = None,
     dist=None,
+    extras: Extras | None = None,
 ) -> TrainResult:
     """KTO training of an already loaded `model` / `tokenizer` (the work behind `train` and
     `mlx_kto.api.KTOTrainer`): LoRA insertion, data (`splits` of Examples, or cfg.data),
@@ -176,17 +192,27 @@ def train_model(
     cb = CallbackList(callbacks)
     dist = dist or init_distributed(cfg.distributed_timeout)
     try:
-        return _train_model(cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved, dist)
+        return _train_model(
+            cfg,
+            model,
+            tokenizer,
+            model_path,
+            splits,
+            log,
+            cb,
+            ckpt,
+            saved,
+            dist,
+            extras or Extras(),
+        )
     finally:
         cb.close()
 
 
 def _train_model(
-    cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved, dist
+    cfg, model, tokenizer, model_path, splits, log, cb, ckpt, saved, dist, extras
 ) -> TrainResult:
     from mlx_kto.config.core import check_rows_per_step
-    from mlx_kto.judge.plot import plot_after_training
-    from mlx_kto.judge.probes import make_probe
     from mlx_kto.model.load import (
         adapter_config,
         apply_lora,
@@ -298,8 +324,10 @@ def _train_model(
     # Reference fingerprint: model_path + cfg.quantize/q_group_size/dtype/init_adapter.
     scorer = make_scorer(cfg, model, frozen, model_path, log)
     probe = None
-    if dist.is_main:  # its figures go to metrics.jsonl, which rank 0 alone writes
-        probe = make_probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
+    if dist.is_main and extras.probe is not None:  # its figures go to metrics.jsonl (rank 0)
+        probe = extras.probe(cfg, model, tokenizer, valid_rows or train_rows, frozen, log)
+    elif cfg.diversity_every and extras.probe is None:
+        log("diversity probe: not run (pass extras=Extras(probe=judge.probes.make_probe))")
     cb.on_train_begin(
         {"steps": n_steps, "rows": len(train_rows), "run_dir": run_dir, "config": cfg.to_dict()}
     )
@@ -335,8 +363,8 @@ def _train_model(
         log("final eval: " + " ".join(f"{k} {ev[k]:.4f}" for k in keys if k in ev))
         cb.on_eval(state.step, ev)
     log(f"adapter saved to {run_dir}")
-    if dist.is_main:
-        plot_after_training(run_dir, log)
+    if dist.is_main and extras.plot is not None:
+        extras.plot(run_dir, log)
     result = TrainResult(run_dir, run_dir / "metrics.jsonl", state.step, last, ev, scorer.stats())
     cb.on_train_end(result)
     return result
@@ -398,16 +426,3 @@ def run_guarded(
 
 def _silent(*_args, **_kw) -> None:
     """The log of ranks other than 0."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m mlx_kto.train`: the same options as `mlx-kto train`."""
-    from mlx_kto.cli.app import run, train_command
-    from mlx_kto.runtime import torchless as _torchless
-
-    _torchless.keep_out()  # this process is a command: torch stays out (_torchless.py)
-    run(train_command, argv if argv is not None else sys.argv[1:], "python -m mlx_kto.train")
-
-
-if __name__ == "__main__":
-    main()

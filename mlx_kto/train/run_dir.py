@@ -13,11 +13,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from mlx_kto.errors import UserError
+from mlx_kto.runtime.atomic import atomic_write_bytes, write_errors
 
 RUN_FILES = (
     "checkpoints",  # first: once it is gone, nothing can --resume the old run
@@ -27,8 +26,6 @@ RUN_FILES = (
     "metrics.jsonl",
     "training.png",
 )
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def existing_run_files(run_dir: str | Path) -> list[str]:
@@ -64,29 +61,6 @@ def _move_away(run_dir: Path, names: list[str]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def describe_os_error(path: str | Path, e: OSError) -> str:
-    """One line for an OSError while writing `path`."""
-    if e.errno in _DISK_FULL:
-        return f"{path}: disk full ({e.strerror}); free some space"
-    if e.errno in _NOT_WRITABLE:
-        return f"{path}: not writable ({e.strerror})"
-    if e.errno == errno.ENOTDIR:
-        return f"{path}: a parent of this path is a file, not a folder"
-    if e.errno == errno.EEXIST:
-        return f"{path}: exists and is not a folder"
-    return f"{path}: cannot write ({e.strerror or e})"
-
-
-@contextmanager
-def write_errors(path: str | Path) -> Iterator[None]:
-    """Inside, an OSError from writing becomes a UserError naming `path` (or the file the
-    error names): disk full, read-only, not a folder."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(describe_os_error(e.filename or path, e)) from None
-
-
 def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resuming: bool = False) -> Path:
     """Create run_dir (and parents) and check it is a writable folder. A folder holding a
     previous run is refused unless `resuming` (continue it) or `overwrite` (the caller
@@ -112,35 +86,6 @@ def prepare_run_dir(run_dir: str | Path, overwrite: bool = False, resuming: bool
     return run_dir
 
 
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON file (temp file + rename), errors as one line naming the path."""
-    from mlx_kto.model.load import atomic_write_bytes
-
-    with write_errors(path):
-        atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def check_safetensors_size(path: str | Path) -> None:
-    """Raise OSError(ENOSPC) when a just-written .safetensors file is shorter than its own
-    header says: mx.save_safetensors does not report a failed write (e.g. a full disk)."""
-    import struct
-
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if n <= size else None
-        end = max(
-            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-        )
-        ok = size >= 8 + n + end
-    except (struct.error, ValueError, TypeError, KeyError, AttributeError):
-        ok = False
-    if not ok:
-        raise OSError(errno.ENOSPC, "short write (disk full?)", str(path))
-
-
 # -- metrics.jsonl --------------------------------------------------------------------------
 
 
@@ -162,23 +107,6 @@ def read_metrics(path: str | Path, max_step: int | None = None) -> list[str]:
 
 def truncate_metrics(path: str | Path, max_step: int) -> None:
     """On resume: keep only the records of steps the checkpoint reached (atomic rewrite)."""
-    from mlx_kto.model.load import atomic_write_bytes
-
     path = Path(path)
     with write_errors(path):
         atomic_write_bytes(path, "".join(k + "\n" for k in read_metrics(path, max_step)).encode())
-
-
-def append_line(f, path: str | Path, line: str) -> None:
-    """Append one line to the open file `f` and flush; on failure the file is cut back to
-    where it was (no torn line) and the error names `path`."""
-    pos = os.fstat(f.fileno()).st_size  # flushed after every line: nothing buffered
-    try:
-        f.write(line)
-        f.flush()
-    except OSError as e:
-        try:
-            os.ftruncate(f.fileno(), pos)
-        except OSError:
-            pass
-        raise UserError(describe_os_error(path, e)) from None
