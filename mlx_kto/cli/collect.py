@@ -61,7 +61,7 @@ def chat(
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
-    from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
+    from mlx_kto.collect.session import Sampling, default_model, open_session
 
     if not 0 < top_p <= 1:
         raise UserError("top-p: must be in (0, 1]")
@@ -72,12 +72,9 @@ def chat(
     click.echo(
         f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True
     )
-    m, tok = load_chat_model(model, adapter_path)
-    session = ChatSession(
-        m,
-        tok,
-        model_name=model,
-        adapter_path=adapter_path,
+    session = open_session(
+        model,
+        adapter_path,
         feedback=fb,
         system_prompt=system_prompt,
         sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),

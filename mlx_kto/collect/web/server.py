@@ -21,7 +21,6 @@ import ipaddress
 import json
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from mlx_kto.collect.session import ChatSession
@@ -115,7 +114,6 @@ def create_app(session: ChatSession, port: int):
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-kto-generate")
     gen_lock = asyncio.Lock()  # one generation at a time: one model, one CPU/GPU
     system = [m for m in session.messages if m["role"] == "system"]
     pages = {
@@ -165,28 +163,22 @@ def create_app(session: ChatSession, port: int):
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
-        def work():  # on the generation thread: all MLX work happens there
-            try:
-                for piece in session.stream(prompt):
-                    if stop.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, ("token", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-            except Exception as e:  # reported to the page, not a traceback
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", f"{type(e).__name__}: {e}"))
+        def emit(kind, value):  # on the MLX thread: hand over to the event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         async def events():
             async with gen_lock:
-                loop.run_in_executor(executor, work)
+                session.start_stream(prompt, stop, emit)  # all MLX work on its thread
                 pieces: list[str] = []
                 try:
                     while True:
                         kind, value = await queue.get()
-                        if kind == "token":
+                        if kind == "piece":
                             pieces.append(value)
                             yield f"event: token\ndata: {json.dumps({'text': value})}\n\n"
                         elif kind == "error":
-                            yield f"event: error\ndata: {json.dumps({'error': value})}\n\n"
+                            err = f"{type(value).__name__}: {value}"
+                            yield f"event: error\ndata: {json.dumps({'error': err})}\n\n"
                             return
                         else:
                             r = session.new_reply(prompt, "".join(pieces))
@@ -274,7 +266,6 @@ def create_app(session: ChatSession, port: int):
         Route("/api/ratings", ratings, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
-    app.state.executor = executor
     return LocalOnly(app, port)
 
 
@@ -306,4 +297,8 @@ def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765, echo=
         echo(f"warning: bound to {host}: anyone who can reach this address can chat and rate")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
+        pass
+    echo(f"mlx-kto chat: stopped (ratings are in {session.feedback})")
