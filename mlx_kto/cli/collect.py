@@ -55,9 +55,12 @@ def chat(
 ):
     """Chat with a model and rate its replies; the ratings train the next adapter.
 
-    In the terminal, after each reply press u (thumbs up), d (thumbs down),
-    r (regenerate), Enter (go on) or q (quit). With --web, open the printed URL:
-    thumbs buttons under each reply, the ratings so far, undo. Then train:
+    In the terminal, after each reply press one key: u (thumbs up) or d (thumbs
+    down), which saves the rating and goes on, r (regenerate), Enter (go on
+    unrated) or q (quit); at the message prompt everything typed is the message,
+    except /undo (retract your last rating and rate again), /new and /quit. Ctrl-C
+    stops a streaming reply. With --web, open the printed URL: thumbs buttons
+    under each reply, the ratings so far, undo. Then train:
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
