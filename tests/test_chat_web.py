@@ -94,7 +94,9 @@ def test_post_without_origin_or_json_is_rejected(server):
     port = server.port
     assert request(port, "POST", "/api/undo", {}, {"rating_id": "x"})[0] == 403
     own = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "text/plain"}
-    assert request(port, "POST", "/api/undo", own, {"rating_id": "x"})[0] == 400
+    assert (
+        request(port, "POST", "/api/undo", own, {"rating_id": "x"})[0] == 415
+    )  # Unsupported Media Type
 
 
 def test_unknown_reply_and_bad_label_are_refused(server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mlx_kto.data.feedback import read_ratings
 from mlx_kto.errors import UserError
 
 import click
@@ -71,6 +72,10 @@ def chat(
     if temp < 0:
         raise UserError("temp: must be >= 0")
     fb = _check_feedback_path(feedback)
+    try:
+        read_ratings(fb)
+    except UserError as e:  # ratings still append; training refuses the file until it is fixed
+        click.echo(f"warning: {e} (training on {fb} fails until that line is fixed)", err=True)
     model = model or default_model()
     click.echo(
         f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True

@@ -8,6 +8,9 @@ it with each turn; the server keeps every
 reply it generated, so a rating can only name a reply this server produced (a page
 cannot write arbitrary text into the feedback file).
 
+Every refusal is a 4xx with a JSON `{"error": ...}`; what a request may hold is
+checked in `inputs` (body size and JSON, each field's type, the conversation).
+
 Guard (`LocalOnly`): requests whose Host is not `localhost` or an IP literal with our
 port get 403 (a DNS-rebinding page reaches us under its own domain name), and so do
 requests whose Origin is not this page's own (cross-site POSTs; every POST must
@@ -24,10 +27,22 @@ import threading
 from importlib import resources
 
 from mlx_kto.collect.session import ChatSession
+from mlx_kto.collect.web.inputs import (
+    BadRequest,
+    conversation,
+    display_rating,
+    fields,
+    read_json,
+)
 from mlx_kto.data.feedback import append_row, read_ratings, retraction_row
 from mlx_kto.errors import UserError
 
-MAX_BODY = 1 << 20  # 1 MB of JSON is far more than a chat turn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -75,13 +90,13 @@ class LocalOnly:
             elif headers.get("sec-fetch-site") == "cross-site":
                 why = "cross-site request"
             if why:
-                body = f"forbidden: {why}\n".encode()
+                body = json.dumps({"error": f"forbidden: {why}"}).encode()
                 await send(
                     {
                         "type": "http.response.start",
                         "status": 403,
                         "headers": [
-                            (b"content-type", b"text/plain"),
+                            (b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                         ],
                     }
@@ -91,29 +106,22 @@ class LocalOnly:
         await self.app(scope, receive, send)
 
 
-def _clean_messages(value) -> list[dict]:
-    """The page's conversation: user/assistant turns of plain text, ending with the user."""
-    if not isinstance(value, list) or not value:
-        raise ValueError("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise ValueError(f"messages[{i}]: role must be 'user' or 'assistant'")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
-        raise ValueError("the last message must be the user's (non-empty)")
-    return out
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: every refusal as a 4xx with a JSON error."""
+    if isinstance(exc, BadRequest):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, UserError):  # the feedback file (a line of it, its folder, the disk)
+        return _error(409, str(exc))
+    assert isinstance(exc, HTTPException)  # 404 / 405 from the router
+    return _error(exc.status_code, exc.detail)
 
 
 def create_app(session: ChatSession, port: int):
     """The starlette app for `session`; `port` is the one the guard accepts in Host."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
     gen_lock = asyncio.Lock()  # one generation at a time: one model, one CPU/GPU
     system = [m for m in session.messages if m["role"] == "system"]
     pages = {
@@ -129,20 +137,6 @@ def create_app(session: ChatSession, port: int):
             headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
         )
 
-    async def body_json(request: Request) -> dict:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise ValueError("send application/json")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ValueError("request too large")
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("expected a JSON object")
-        return data
-
-    def bad(msg: str, status: int = 400):
-        return JSONResponse({"error": msg}, status_code=status)
-
     async def info(request: Request):
         return JSONResponse(
             {
@@ -155,10 +149,7 @@ def create_app(session: ChatSession, port: int):
         )
 
     async def reply(request: Request):
-        try:
-            prompt = system + _clean_messages((await body_json(request)).get("messages"))
-        except ValueError as e:
-            return bad(str(e))
+        prompt = system + conversation(fields(await read_json(request), "reply")["messages"])
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -192,30 +183,21 @@ def create_app(session: ChatSession, port: int):
         )
 
     async def rate(request: Request):
-        try:
-            data = await body_json(request)
-        except ValueError as e:
-            return bad(str(e))
-        r = session.replies.get(data.get("reply_id"))
+        data = fields(await read_json(request), "rate")
+        r = session.replies.get(data["reply_id"])
         if r is None:
-            return bad("no such reply (only replies from this server can be rated)", 404)
-        if not isinstance(data.get("label"), bool):
-            return bad("'label' must be true (thumbs up) or false (thumbs down)")
+            return _error(404, "no such reply (only replies from this server can be rated)")
         try:
             rid = await asyncio.to_thread(session.rate, r, data["label"])  # fsync off the loop
-        except UserError as e:
-            return bad(str(e))
+        except UserError as e:  # an empty reply; the file not writable
+            return _error(400, str(e))
         return JSONResponse({"rating_id": rid, "label": r.label})
 
     async def undo(request: Request):
-        try:
-            data = await body_json(request)
-        except ValueError as e:
-            return bad(str(e))
-        rid = data.get("rating_id")
+        rid = fields(await read_json(request), "undo")["rating_id"]
         live = await asyncio.to_thread(read_ratings, session.feedback)
-        if not isinstance(rid, str) or rid not in {row.get("id") for row in live}:
-            return bad("no such rating in the feedback file", 404)
+        if rid not in {row.get("id") for row in live if isinstance(row.get("id"), str)}:
+            return _error(404, "no such rating in the feedback file")
         mine = next((r for r in session.replies.values() if r.rating_id == rid), None)
         if mine is not None:
             await asyncio.to_thread(session.undo, mine)
@@ -225,36 +207,7 @@ def create_app(session: ChatSession, port: int):
 
     async def ratings(request: Request):
         rows = await asyncio.to_thread(read_ratings, session.feedback)
-        out = []
-        for row in reversed(rows[-500:]):
-            prompt = row.get("prompt")
-            last_user = (
-                next(
-                    (
-                        m.get("content")
-                        for m in reversed(prompt)
-                        if isinstance(m, dict) and m.get("role") == "user"
-                    ),
-                    None,
-                )
-                if isinstance(prompt, list)
-                else prompt
-            )
-            comp = row.get("completion")
-            if isinstance(comp, list) and comp and isinstance(comp[0], dict):
-                comp = comp[0].get("content")
-            meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-            out.append(
-                {
-                    "id": row.get("id"),
-                    "label": row.get("label"),
-                    "prompt": last_user,
-                    "completion": comp,
-                    "time": meta.get("time"),
-                    "reply_id": meta.get("reply"),
-                    "undoable": isinstance(row.get("id"), str),
-                }
-            )
+        out = [display_rating(row) for row in reversed(rows[-500:])]
         return JSONResponse({"feedback": str(session.feedback), "ratings": out})
 
     routes = [Route(path, page, methods=["GET"]) for path in STATIC]
@@ -265,8 +218,8 @@ def create_app(session: ChatSession, port: int):
         Route("/api/undo", undo, methods=["POST"]),
         Route("/api/ratings", ratings, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
-    return LocalOnly(app, port)
+    handlers = {BadRequest: _refused, UserError: _refused, HTTPException: _refused}
+    return LocalOnly(Starlette(routes=routes, exception_handlers=handlers), port)
 
 
 def bind(host: str, port: int) -> socket.socket:
