@@ -100,22 +100,35 @@ def chat(
 @click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Choice(["open-webui"]))
 @click.argument("export")
-@click.option("-o", "--output", required=True, help="Feedback file to write (.jsonl).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Feedback file to write: .jsonl (one row per line) or .json (a JSON list).",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a file that exists.")
 def import_command(source, export, output, force):
     """Convert ratings made elsewhere into a feedback file `mlx-kto train` reads.
 
     open-webui: its feedback export (Admin > Evaluations > Export, records with
     data.rating 1/-1 and snapshot.chat) or its chat export (Settings > Chats >
     Export, messages with annotation.rating). Every rated assistant message of a
-    chat becomes one row; its prompt is the conversation before it.
+    chat becomes one row; its prompt is the conversation before it. A message rated
+    twice in the export (the same record id) keeps the later rating.
     """
-    from mlx_kto.collect.importers import import_open_webui
+    from mlx_kto.collect.importers import check_output, import_open_webui
 
     out = Path(output)
+    check_output(out)  # a folder or an unreadable name is refused, --force or not
     if out.exists() and not force:
         raise UserError(f"output: {out} exists (use --force to overwrite)")
     n, counts = import_open_webui(export, out)
+    if counts["replaced"]:
+        click.echo(
+            f"note: {counts['replaced']} record(s) rate a message rated earlier in the export "
+            f"(same id); kept the later rating of each ({counts['changed']} changed the label)",
+            err=True,
+        )
     click.echo(
         f"wrote {n} rows to {out} ({counts['up']} thumbs up, {counts['down']} thumbs down"
         + (

@@ -133,7 +133,7 @@ def drop_retracted(rows: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
             rid = row["retract"]
             if not isinstance(rid, str) or not rid:
                 raise UserError(
-                    f"{where}: 'retract' must be the id (a string) of a rating, not {_kind(rid)}"
+                    f"{where}: 'retract' must be the id (a string) of a rating, not {describe_value(rid)}"
                 )
             retracted[rid] = where
     if not retracted:
@@ -144,7 +144,9 @@ def drop_retracted(rows: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
         if isinstance(rid, str):
             ids.add(rid)
         elif isinstance(rid, (list, dict)):  # a number or null just cannot be retracted
-            raise UserError(f"{where}: 'id' must be the rating's id (a string), not {_kind(rid)}")
+            raise UserError(
+                f"{where}: 'id' must be the rating's id (a string), not {describe_value(rid)}"
+            )
     for rid, where in retracted.items():
         if rid not in ids:
             log.warning(
@@ -162,7 +164,7 @@ def _str_id(row: dict) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def _kind(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """How an error names a wrong value: its JSON type (and the value, when short)."""
     if value is None or value == "":
         return "null" if value is None else "an empty string"
