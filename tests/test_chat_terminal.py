@@ -10,6 +10,7 @@ import time
 from mlx_kto.data.feedback import read_ratings
 
 import pytest
+from assets_smollm2 import smollm2_gguf  # noqa: F401, F811  (fixture)
 from chat_procs import cli_env, demo_adapter, mlx_kto, run_cli
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect not installed (pip install -e .[test])")
@@ -147,3 +148,31 @@ def test_ctrl_c_while_streaming_stops_the_reply_and_offers_the_keys(run, tmp_pat
     assert len(text) < 2000 * 2  # stopped well before max-tokens
     visible = re.compile(r"[\s\x00-\x1f\x7f]")  # the pty rewrites line ends
     assert visible.sub("", text) == visible.sub("", shown)  # what was rated is what streamed
+
+
+def test_ctrl_c_while_the_model_loads_exits_cleanly(tmp_path, smollm2_gguf):  # noqa: F811
+    """Ctrl-C during the load (a real model takes seconds): one line, exit 130, and no
+    abort from MLX's teardown under the still-loading thread."""
+    cmd = mlx_kto() + ["chat", "--model", str(smollm2_gguf), "--feedback", str(tmp_path / "f.jsonl")]  # fmt: skip
+    child = pexpect.spawn(cmd[0], cmd[1:], env=cli_env(), encoding="utf-8", timeout=120, cwd=str(tmp_path))  # fmt: skip
+    try:
+        child.expect("tensors")  # the GGUF is being read: the MLX thread is at work
+        child.sendintr()
+        i = child.expect(["interrupted while loading the model", "you> "])
+        if i == 1:
+            pytest.skip("the model finished loading before Ctrl-C arrived")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130, (child.exitstatus, child.signalstatus, child.before)
+    assert "terminate called" not in child.before and "Traceback" not in child.before
+
+
+def test_an_adapter_of_another_base_is_one_line_naming_its_base(run, tiny_llama, tmp_path):
+    """`chat --model OTHER --adapter-path RUN`: one line saying which base RUN was
+    trained on (mlx-lm's error lists every tensor), exit 2, and no abort at exit."""
+    p = run_cli(["chat", "--model", tiny_llama, "--adapter-path", run], tmp_path, ok=False)
+    assert p.returncode == 2, p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert "does not fit" in line and "trained on" in line and "demo/assets/model" in line
+    assert "Traceback" not in p.stderr and "terminate" not in p.stderr

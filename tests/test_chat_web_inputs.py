@@ -262,3 +262,42 @@ def test_ratings_view_shows_any_row_as_text(tmp_path):
     finally:
         assert chat.stop() == 0
     assert len(read_ratings(fb)) == 2
+
+
+def test_ctrl_c_while_a_reply_streams_stops_the_server_at_once(tmp_path):
+    """The reply in flight ends at its next token (as a done event), the process exits 0
+    without a traceback, instead of streaming on to max_tokens first."""
+    import signal
+    import threading
+
+    chat = WebChat(["--feedback", tmp_path / "fb.jsonl", "--temp", "10", "--max-tokens", "2000",
+                    "--seed", "0"], tmp_path)  # fmt: skip
+    events: list[str] = []
+    started = threading.Event()
+
+    def read_reply():
+        conn = http.client.HTTPConnection("127.0.0.1", chat.port, timeout=60)
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell me a long story."}]})
+        conn.request("POST", "/api/reply", body=body, headers={
+            "Host": f"127.0.0.1:{chat.port}", "Origin": f"http://127.0.0.1:{chat.port}",
+            "Content-Type": "application/json"})  # fmt: skip
+        r = conn.getresponse()
+        for line in r:
+            if line.startswith(b"event: "):
+                events.append(line[7:].strip().decode())
+                if len(events) >= 5:
+                    started.set()
+        started.set()
+        conn.close()
+
+    reader = threading.Thread(target=read_reply, daemon=True)
+    reader.start()
+    assert started.wait(60)
+    assert "done" not in events  # still streaming when Ctrl-C comes
+    start = time.monotonic()
+    chat.proc.send_signal(signal.SIGINT)
+    assert chat.stop() == 0, chat.stderr
+    assert time.monotonic() - start < 15
+    reader.join(10)
+    assert events[-1] == "done" and events.count("token") < 2000
+    assert "Traceback" not in chat.stderr and "terminate" not in chat.stderr, chat.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from mlx_kto.data.feedback import read_ratings
@@ -80,21 +81,32 @@ def chat(
     click.echo(
         f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True
     )
-    session = open_session(
-        model,
-        adapter_path,
-        feedback=fb,
-        system_prompt=system_prompt,
-        sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
-    )
-    if web:
-        from mlx_kto.collect.web.server import serve
+    try:
+        session = open_session(
+            model,
+            adapter_path,
+            feedback=fb,
+            system_prompt=system_prompt,
+            sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
+        )
+    except KeyboardInterrupt:
+        # The MLX thread is still loading and cannot be stopped; a normal exit would run
+        # MLX's teardown under it (the process aborts). Nothing is unsaved at this point.
+        click.echo("\ninterrupted while loading the model", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    try:
+        if web:
+            from mlx_kto.collect.web.server import serve
 
-        serve(session, host=host, port=port, echo=click.echo)
-        return
-    from mlx_kto.collect.chat import run_terminal_chat
+            serve(session, host=host, port=port, echo=click.echo)
+        else:
+            from mlx_kto.collect.chat import run_terminal_chat
 
-    run_terminal_chat(session)
+            run_terminal_chat(session)
+    finally:
+        session.worker.finish()  # the reply in flight (if any) ends before the process
 
 
 @click.command("import", context_settings={"help_option_names": ["-h", "--help"]})

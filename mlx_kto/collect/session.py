@@ -14,13 +14,12 @@ from mlx_kto.collect.worker import Emit, MLXThread
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.feedback import append_row, rating_row, retraction_row
 from mlx_kto.errors import UserError
-from mlx_kto.model.load import load_base
+from mlx_kto.model.load import load_base, load_init_adapter
 from mlx_kto.runtime.paths import DEMO_ASSETS
 
 import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.tuner.utils import load_adapters
 
 
 @dataclass
@@ -38,11 +37,21 @@ def default_model() -> str:
     return str(DEMO_ASSETS / "model")
 
 
+def _trained_on(adapter_path: str) -> str | None:
+    """The base model an adapter's config names (mlx-lm and mlx-kto write "model")."""
+    try:
+        base = json.loads((Path(adapter_path) / "adapter_config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
+
+
 def load_chat_model(model: str, adapter_path: str | None):
-    """(model, tokenizer) through the project's loader (the same as training: local
-    folder or hub id, and whatever formats `load_base` supports), adapter applied the
-    way `mlx_lm.load(..., adapter_path=...)` does; one-line errors. Every weight is
-    evaluated before this returns: nothing lazy is left tied to the loading thread."""
+    """(model, tokenizer) through the project's loaders (the same as training: local
+    folder, .gguf or hub id; the adapter checked and applied as `--init-adapter` is);
+    one-line errors, naming the base an adapter was trained on when it does not fit.
+    Every weight is evaluated before this returns: nothing lazy is left tied to the
+    loading thread."""
     if adapter_path is not None:
         a = Path(adapter_path)
         if not (a / "adapters.safetensors").exists() or not (a / "adapter_config.json").exists():
@@ -53,9 +62,15 @@ def load_chat_model(model: str, adapter_path: str | None):
     m, tok, path, _ = load_base(KTOConfig(model=model))
     if adapter_path is not None:
         try:
-            load_adapters(m, adapter_path)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"adapter-path: {adapter_path} does not fit {path} ({e})") from None
+            load_init_adapter(m, adapter_path, "--adapter-path")
+        except UserError as e:
+            base = _trained_on(adapter_path)
+            if "does not match" not in str(e) or base is None:
+                raise
+            raise UserError(
+                f"--adapter-path: {adapter_path} does not fit {path}: it was trained on "
+                f"{base} (chat with --model {base})"
+            ) from None
     m.eval()
     mx.eval(m.parameters())
     if not getattr(tok, "chat_template", None):
@@ -179,11 +194,7 @@ def open_session(
     """A chat session whose model and adapter were loaded on its own MLX thread, the
     thread that then generates every reply."""
     worker = MLXThread()
-    try:
-        m, tok = worker.call(load_chat_model, model, adapter_path)
-    except BaseException:
-        worker.shutdown()
-        raise
+    m, tok = worker.call(load_chat_model, model, adapter_path)
     return ChatSession(
         m, tok, model_name=model, adapter_path=adapter_path, feedback=feedback,
         system_prompt=system_prompt, sampling=sampling, worker=worker,

@@ -28,11 +28,8 @@ class MLXThread:
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            fn, future = job
+        while True:  # for the life of the process (see `finish`)
+            fn, future = self._jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -89,6 +86,13 @@ class MLXThread:
             else:
                 return
 
-    def shutdown(self) -> None:
-        """Let the thread end after the job it is running (queued jobs still run)."""
-        self._jobs.put(None)
+    def finish(self, timeout: float | None = 30) -> None:
+        """Wait until the jobs queued so far are done (up to `timeout`); call before the
+        process exits. The thread itself is never ended: with mlx 0.32 a process aborts
+        at exit ("terminate called without an active exception") when a thread that
+        loaded and ran the model has ended first, or ends while the interpreter does;
+        an idle daemon thread is safe."""
+        try:
+            self.submit(lambda: None).result(timeout)
+        except TimeoutError:
+            pass

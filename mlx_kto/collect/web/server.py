@@ -123,6 +123,7 @@ async def _refused(request: Request, exc: Exception) -> JSONResponse:
 def create_app(session: ChatSession, port: int):
     """The starlette app for `session`; `port` is the one the guard accepts in Host."""
     gen_lock = asyncio.Lock()  # one generation at a time: one model, one CPU/GPU
+    streaming: set[threading.Event] = set()  # the stop flags of replies in flight
     system = [m for m in session.messages if m["role"] == "system"]
     pages = {
         route: (resources.files("mlx_kto.collect.web").joinpath("static", name).read_bytes(), kind)
@@ -159,6 +160,7 @@ def create_app(session: ChatSession, port: int):
 
         async def events():
             async with gen_lock:
+                streaming.add(stop)
                 session.start_stream(prompt, stop, emit)  # all MLX work on its thread
                 pieces: list[str] = []
                 try:
@@ -177,6 +179,7 @@ def create_app(session: ChatSession, port: int):
                             return
                 finally:
                     stop.set()
+                    streaming.discard(stop)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
@@ -219,7 +222,9 @@ def create_app(session: ChatSession, port: int):
         Route("/api/ratings", ratings, methods=["GET"]),
     ]
     handlers = {BadRequest: _refused, UserError: _refused, HTTPException: _refused}
-    return LocalOnly(Starlette(routes=routes, exception_handlers=handlers), port)
+    app = LocalOnly(Starlette(routes=routes, exception_handlers=handlers), port)
+    app.stop_streams = lambda: [stop.set() for stop in list(streaming)]
+    return app
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -248,8 +253,16 @@ def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765, echo=
     )
     if host not in ("127.0.0.1", "::1", "localhost"):
         echo(f"warning: bound to {host}: anyone who can reach this address can chat and rate")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Ctrl-C: replies still streaming end at their next token (sent as done),
+            # so the graceful shutdown does not wait for them to run to max_tokens.
+            app.stop_streams()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
+    server = Server(config)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
