@@ -1,11 +1,16 @@
-"""`mlx-kto compare` and `mlx-kto plot` (attached to the CLI by mlx_kto.cli.app)."""
+"""`mlx-kto compare` and `mlx-kto plot`."""
 
 from __future__ import annotations
+
+from mlx_kto.cli.options import HELP
+from mlx_kto.errors import UserError
+from mlx_kto.judge.compare import CompareSettings, parse_adapter_specs, run_compare
+from mlx_kto.judge.plot import plot_run
 
 import click
 
 
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("compare", context_settings=HELP)
 @click.option("--model", required=True, help="Base model folder or hub id.")
 @click.option(
     "--adapter-path",
@@ -68,8 +73,6 @@ def compare(
     --judge-model) the win rate against the base. Writes OUT/compare.json, OUT/report.html
     (samples side by side, plots) and OUT/compare.png.
     """
-    from mlx_kto.judge.compare import CompareSettings, parse_adapter_specs, run_compare
-
     settings = CompareSettings(
         model=model,
         adapters=parse_adapter_specs(list(adapters)),
@@ -89,14 +92,11 @@ def compare(
     run_compare(settings, log=lambda m: click.echo(m, err=True), echo=click.echo)
 
 
-@click.command("plot", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("plot", context_settings=HELP)
 @click.argument("run_dir")
 @click.option("-o", "--out", default=None, help="PNG path.  [default: RUN_DIR/training.png]")
 def plot(run_dir, out):
     """Plot a training run (loss, rewards, margins, kl, eval, diversity) from its metrics.jsonl."""
-    from mlx_kto.errors import UserError
-    from mlx_kto.judge.plot import plot_run
-
     path = plot_run(run_dir, out)
     if path is None:
         raise UserError("plot: matplotlib is not installed (pip install matplotlib)")
