@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from mlx_kto import demo
 from mlx_kto.cli.options import HELP, config_options
 from mlx_kto.config.core import KTOConfig, load_yaml, make_config
-from mlx_kto.demo import run_demo
 from mlx_kto.judge.evaluate import eval_config, evaluate_adapter
 from mlx_kto.judge.probes import training_extras
 from mlx_kto.train.checkpoint import find_checkpoint, read_state
@@ -44,7 +44,7 @@ def train_command(config_file, **flags):
     """
     cfg = build_config(config_file, flags)
     if cfg.model is None and cfg.data is None:
-        run_demo(cfg)  # no model and no data: the embedded demo
+        demo.run_demo(cfg)  # no model and no data: the embedded demo
         return
     train(cfg, log=lambda msg: click.echo(msg, err=True), extras=training_extras())
 

@@ -1,4 +1,4 @@
-"""Atomic file writes and output-folder checks shared by the converters."""
+"""Atomic file writes, output-folder checks and JSON reading shared by the converters."""
 
 from __future__ import annotations
 
@@ -8,6 +8,22 @@ from pathlib import Path
 
 from mlx_kto.errors import UserError
 from mlx_kto.runtime.atomic import atomic_write_with
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` (a config file), or one line saying why it is not one:
+    unreadable, not UTF-8, invalid JSON (with the line), or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:

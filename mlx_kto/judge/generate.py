@@ -1,6 +1,8 @@
-"""`mlx-kto generate`: sample from a base model with or without an adapter, with
-mlx-lm's generate flags (system prompt, top-p / min-p / top-k, prompt from stdin) and
-its speed figures (prompt and generation tokens per second, peak memory)."""
+"""`mlx-kto generate`: one prompt, streamed token by token through mlx-lm's
+`stream_generate`, with mlx-lm's generate flags (system prompt, top-p / min-p / top-k,
+prompt from stdin) and its speed figures (prompt and generation tokens per second, peak
+memory). The prompt is rendered by `judge.sample.prompt_ids`, as for every sampler here;
+many prompts at once (probes, compare, the demo) go through `judge.sample.sample_replies`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlx_kto.errors import UserError
-from mlx_kto.model.chat_template import FLAG_HINT
+from mlx_kto.judge.sample import prompt_ids
+
+__all__ = ["GenerationStats", "generate", "prompt_ids", "read_prompt"]
 
 
 @dataclass
@@ -33,32 +37,6 @@ def read_prompt(prompt: str) -> str:
     if prompt == "-":
         return sys.stdin.read()
     return prompt.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def prompt_ids(
-    tokenizer,
-    prompt: str,
-    system_prompt: str | None = None,
-    chat: bool = True,
-    log: Callable[[str], None] = lambda m: None,
-) -> list[int]:
-    """Token ids to generate from: the chat template with a generation prompt (system +
-    user messages) when `chat` and the tokenizer has one, else the raw text."""
-    from mlx_kto.data.tokenize import _as_ids, chat_prompt_ids, has_chat_template
-
-    if chat and has_chat_template(tokenizer):
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        return chat_prompt_ids(tokenizer, messages)  # rendered as training renders prompts
-    if chat:
-        log(
-            f"note: the tokenizer has no chat template, so the prompt is used as raw text; {FLAG_HINT}"
-        )
-    if system_prompt:
-        raise UserError(
-            f"system-prompt: needs a chat template (the raw prompt has no system turn); {FLAG_HINT}"
-        )
-    return _as_ids(tokenizer.encode(prompt))
 
 
 def generate(
