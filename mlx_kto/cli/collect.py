@@ -12,6 +12,8 @@ from mlx_kto.collect.chat import run_terminal_chat
 from mlx_kto.collect.importers import import_open_webui
 from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import check_sampling
+from mlx_kto.runtime.outputs import check_out_file
 
 import click
 
@@ -66,10 +68,7 @@ def chat(
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
-    if not 0 < top_p <= 1:
-        raise UserError("top-p: must be in (0, 1]")
-    if temp < 0:
-        raise UserError("temp: must be >= 0")
+    check_sampling(temp, top_p, max_tokens=max_tokens, seed=seed)
     fb = _check_feedback_path(feedback)
     if web:
         require("starlette", "uvicorn")  # before loading a model it could not serve
@@ -108,9 +107,7 @@ def import_command(source, export, output, force):
     Export, messages with annotation.rating). Every rated assistant message of a
     chat becomes one row; its prompt is the conversation before it.
     """
-    out = Path(output)
-    if out.exists() and not force:
-        raise UserError(f"output: {out} exists (use --force to overwrite)")
+    out = check_out_file(output, force, "--force")
     n, counts = import_open_webui(export, out)
     click.echo(
         f"wrote {n} rows to {out} ({counts['up']} thumbs up, {counts['down']} thumbs down"

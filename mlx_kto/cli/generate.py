@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlx_kto.cli.options import HELP
 from mlx_kto.judge.generate import generate, prompt_ids, read_prompt
+from mlx_kto.judge.sample import check_sampling
 from mlx_kto.model.inference import load_for_inference
 
 import click
@@ -25,7 +26,7 @@ import mlx.core as mx
 @click.option("-m", "--max-tokens", default=100, show_default=True, type=int)
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature.")
 @click.option(
-    "--top-p", default=0.0, show_default=True, type=float, help="Nucleus sampling (0 = off)."
+    "--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling (1 = off)."
 )
 @click.option(
     "--min-p", default=0.0, show_default=True, type=float, help="Min-p sampling (0 = off)."
@@ -38,9 +39,11 @@ def generate_command(
     min_p, top_k, seed, verbose,
 ):  # fmt: skip
     """Generate text with a base model and (optionally) a trained adapter."""
+    check_sampling(temp, top_p, min_p, top_k, max_tokens, seed)  # before loading anything
+    text = read_prompt(prompt)
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     m, tok = load_for_inference(model, adapter_path, chat_template, log=log)
-    ids = prompt_ids(tok, read_prompt(prompt), system_prompt, chat, log)
+    ids = prompt_ids(tok, text, system_prompt, chat, log)
     mx.random.seed(seed)
     _, stats = generate(
         m, tok, ids, max_tokens, temp, top_p, min_p, top_k,

@@ -50,6 +50,9 @@ import click
     "-o", "--out", default="kto-compare", show_default=True, help="Folder for the report files."
 )
 @click.option("--dtype", default=None, help="Cast weights: float16, bfloat16 or float32.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the report files of an earlier compare in OUT."
+)
 def compare(
     model,
     adapters,
@@ -65,6 +68,7 @@ def compare(
     judge_model,
     out,
     dtype,
+    overwrite,
 ):
     """Compare the base model and adapters on held-out prompts.
 
@@ -88,6 +92,7 @@ def compare(
         judge_model=judge_model,
         out=out,
         dtype=dtype,
+        overwrite=overwrite,
     )
     run_compare(settings, log=lambda m: click.echo(m, err=True), echo=click.echo)
 
@@ -95,9 +100,13 @@ def compare(
 @click.command("plot", context_settings=HELP)
 @click.argument("run_dir")
 @click.option("-o", "--out", default=None, help="PNG path.  [default: RUN_DIR/training.png]")
-def plot(run_dir, out):
-    """Plot a training run (loss, rewards, margins, kl, eval, diversity) from its metrics.jsonl."""
-    path = plot_run(run_dir, out)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
+def plot(run_dir, out, overwrite):
+    """Plot a training run (loss, rewards, margins, kl, eval, diversity) from its metrics.jsonl.
+
+    The run's own training.png is redrawn in place; another --out path that exists is
+    replaced only with --overwrite."""
+    path = plot_run(run_dir, out, overwrite)
     if path is None:
         raise UserError("plot: matplotlib is not installed (pip install matplotlib)")
     click.echo(str(path))

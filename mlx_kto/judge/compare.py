@@ -21,10 +21,18 @@ from mlx_kto.judge import report
 from mlx_kto.judge.evaluate import evaluate_adapter
 from mlx_kto.judge.judges import ModelJudge, load_rule, win_rate
 from mlx_kto.judge.plot import plot_compare
-from mlx_kto.judge.sample import load_prompts, prompt_ids, sample_replies, summarize
+from mlx_kto.judge.sample import (
+    check_sampling,
+    load_prompts,
+    prompt_ids,
+    sample_replies,
+    summarize,
+)
 from mlx_kto.model.load import load_base, load_init_adapter
+from mlx_kto.runtime.outputs import check_out_files
 
 BASE = "base"
+OUTPUTS = ("compare.json", "report.html", "compare.png")
 
 
 @dataclass
@@ -43,6 +51,7 @@ class CompareSettings:
     judge_model: str | None = None  # a local model as pairwise judge
     out: str = "kto-compare"
     dtype: str | None = None
+    overwrite: bool = False  # replace the report files of an earlier compare in `out`
     batch_size: int = 4  # labelled-rows evaluation micro-batch
     max_length: int = 1024
 
@@ -94,7 +103,7 @@ def _load(settings: CompareSettings, adapter: str | None):
     cfg = KTOConfig(model=settings.model, dtype=settings.dtype)
     model, tokenizer, _, _ = load_base(cfg)
     if adapter is not None:
-        load_init_adapter(model, adapter)
+        load_init_adapter(model, adapter, what="--adapter-path")
     model.eval()
     return model, tokenizer
 
@@ -118,8 +127,9 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
     """Sample, measure and judge every model; write compare.json, compare.png and
     report.html into settings.out; print the table with `echo` (progress goes to `log`).
     Returns the JSON document."""
-    if settings.samples < 1 or settings.num_prompts < 1 or settings.max_tokens < 1:
-        raise UserError("samples, num-prompts and max-tokens: must be >= 1")
+    if settings.samples < 1 or settings.num_prompts < 1:
+        raise UserError("samples and num-prompts: must be >= 1")
+    check_sampling(settings.temp, max_tokens=settings.max_tokens, seed=settings.seed)
     if settings.judge and settings.judge_model:
         raise UserError("judge: give --judge or --judge-model, not both")
     if settings.data is None:
@@ -127,8 +137,7 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
     judge = load_rule(settings.judge) if settings.judge else None  # fail before sampling
     prompts, source = load_prompts(settings.data, settings.split, settings.num_prompts)
     label_data, split = _labelled(settings.data, settings.split)
-    out_dir = Path(settings.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_files(settings.out, OUTPUTS, settings.overwrite)
     log(
         f"{len(prompts)} held-out prompts from {source} x {settings.samples} samples "
         f"(temperature {settings.temp}, seed {settings.seed})"

@@ -12,6 +12,7 @@ towards 0.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from mlx_kto.data.rows import find_split_files, load_examples
 from mlx_kto.data.tokenize import _as_ids, chat_prompt_ids, has_chat_template
 from mlx_kto.errors import UserError
 from mlx_kto.judge.diversity import diversity_summary
+from mlx_kto.judge.files import read_text
 from mlx_kto.model.chat_template import FLAG_HINT
 
 import mlx.core as mx
@@ -92,6 +94,30 @@ def prompt_ids(
     except Exception as e:  # jinja errors in a template: the prompt, one line
         msg = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{where}: the chat template failed ({type(e).__name__}: {msg})") from None
+
+
+def check_sampling(
+    temp: float = 1.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    max_tokens: int = 1,
+    seed: int | None = 0,
+) -> None:
+    """Refuse sampling settings out of range, naming the flag, before anything is loaded
+    (a negative temperature would otherwise be recorded, NaN would sample garbage)."""
+    if not (math.isfinite(temp) and temp >= 0):
+        raise UserError(f"--temp: must be a finite number >= 0 (0 = greedy), got {temp}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p: must be in (0, 1] (1 = off), got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise UserError(f"--min-p: must be in [0, 1] (0 = off), got {min_p}")
+    if top_k < 0:
+        raise UserError(f"--top-k: must be >= 0 (0 = off), got {top_k}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens: must be >= 1, got {max_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise UserError(f"--seed: must be in [0, 2**64), got {seed}")
 
 
 def token_entropy(logits: mx.array) -> mx.array:
@@ -266,7 +292,7 @@ def load_prompts(
         if choice not in files:
             raise UserError(f"split: '{choice}' not found in {path}")
         return prompts_from_examples(load_examples(files[choice]), limit), f"{files[choice]}"
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     rows: list[tuple[object, str]] = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):
