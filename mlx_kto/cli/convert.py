@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from mlx_kto.cli.options import HELP
 from mlx_kto.export.fuse import DTYPES as FUSE_DTYPES
-from mlx_kto.export.gguf_lora import OUTTYPES
+from mlx_kto.export.fuse import fuse
+from mlx_kto.export.gguf_base import gguf_to_mlx
+from mlx_kto.export.gguf_lora import OUTTYPES, to_gguf
 from mlx_kto.export.hf import DTYPES as HF_DTYPES
-from mlx_kto.export.hf import Q_BITS, Q_GROUP_SIZES
+from mlx_kto.export.hf import Q_BITS, Q_GROUP_SIZES, hf_to_mlx
+from mlx_kto.export.peft import from_peft, to_peft
 
 import click
 
@@ -14,7 +18,7 @@ _overwrite = click.option(
 )
 
 
-@click.group("convert")
+@click.group("convert", context_settings=HELP)
 def convert():
     """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, fused checkpoints."""
 
@@ -37,8 +41,6 @@ def convert():
 )  # fmt: skip
 def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
     """Hugging Face checkpoint MODEL (folder or hub id) to an MLX folder OUT."""
-    from mlx_kto.export.hf import hf_to_mlx
-
     path = hf_to_mlx(model, out, quantize, int(q_bits), int(q_group_size), dtype)
     click.echo(f"wrote {path}")
 
@@ -61,8 +63,6 @@ def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
 @_overwrite
 def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
     """llama.cpp GGUF model FILE to an mlx-lm folder OUT (Q4_0/Q4_1/Q8_0 stay quantized)."""
-    from mlx_kto.export.gguf_base import gguf_to_mlx
-
     path = gguf_to_mlx(
         gguf_file, out, int(q_bits) if q_bits else None, int(q_group_size), dtype,
         overwrite=overwrite, log=lambda m: click.echo(m, err=True),
@@ -81,8 +81,6 @@ def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
 @_overwrite
 def to_peft_cmd(adapter, out, base, overwrite):
     """mlx-lm ADAPTER folder to a PEFT LoRA folder OUT."""
-    from mlx_kto.export.peft import to_peft
-
     click.echo(f"wrote {to_peft(adapter, out, base=base, overwrite=overwrite)}")
 
 
@@ -96,8 +94,6 @@ def to_peft_cmd(adapter, out, base, overwrite):
 @_overwrite
 def from_peft_cmd(peft_dir, out, base, overwrite):
     """PEFT LoRA folder (safetensors) to an mlx-lm adapter folder OUT."""
-    from mlx_kto.export.peft import from_peft
-
     click.echo(f"wrote {from_peft(peft_dir, out, base=base, overwrite=overwrite)}")
 
 
@@ -115,8 +111,6 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @_overwrite
 def to_gguf_cmd(adapter, out, base, outtype, overwrite):
     """mlx-lm ADAPTER to a llama.cpp LoRA GGUF file OUT (use with --lora)."""
-    from mlx_kto.export.gguf_lora import to_gguf
-
     path = to_gguf(adapter, out, base=base, outtype=outtype, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
@@ -141,8 +135,6 @@ def fuse_cmd(
     adapter, out, base, dequantize, dtype, gguf_path, llama_cpp_dir, gguf_outtype, overwrite
 ):
     """Fuse ADAPTER into its base; write a Hugging Face checkpoint OUT."""
-    from mlx_kto.export.fuse import fuse
-
     path = fuse(
         adapter, out, base=base, dequantize=dequantize, dtype=dtype, gguf=gguf_path,
         llama_cpp_dir=llama_cpp_dir, gguf_outtype=gguf_outtype, overwrite=overwrite,
