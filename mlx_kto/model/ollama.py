@@ -214,8 +214,24 @@ def resolve_ollama(ref: str, verify: bool = True) -> OllamaModel:
         check_sha256(blob, layer["hex"], name)
     if not is_gguf_file(blob):
         raise UserError(f"ollama:{name.short()}: model blob {blob} is not a GGUF file")
+    _check_architecture(blob, name)
     _LAST[ref] = OllamaModel(name, store, manifest, blob, digest, want)
     return _LAST[ref]
+
+
+def _check_architecture(blob: Path, name: OllamaName) -> None:
+    """Refuse up front, by the name the user typed, a GGUF architecture we cannot load."""
+    # imported on use: model.gguf loads MLX, which importers of this module (the
+    # reference fingerprint) do not otherwise need at import time
+    from mlx_kto.model.gguf import ARCHES
+    from mlx_kto.model.gguf_reader import meta, read_header
+
+    arch = meta(read_header(blob), "general.architecture")
+    if arch not in ARCHES:
+        raise UserError(
+            f"ollama:{name.short()}: GGUF architecture {arch!r} cannot be loaded "
+            f"(supported: {', '.join(ARCHES)}); blob {blob}"
+        )
 
 
 def _verified_marker(hex_digest: str) -> Path:
