@@ -16,8 +16,9 @@ TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end 
 PARAMS = {"stop": ["<|im_end|>"], "temperature": 0.2}
 
 
-def _blob(store: Path, data: bytes | None = None, src: Path | None = None) -> dict:
-    """Put bytes (or a file, hard-linked when it can be) under blobs/; its layer entry."""
+def _blob(store: Path, data: bytes | None = None, src: Path | None = None, link=True) -> dict:
+    """Put bytes (or a file, hard-linked when it can be and `link`) under blobs/; its
+    layer entry."""
     blobs = store / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
     if src is not None:
@@ -29,6 +30,8 @@ def _blob(store: Path, data: bytes | None = None, src: Path | None = None) -> di
         target = blobs / f"sha256-{digest}"
         if not target.exists():
             try:
+                if not link:
+                    raise OSError("copy asked for")
                 os.link(src, target)
             except OSError:
                 shutil.copyfile(src, target)
@@ -56,9 +59,11 @@ def write_manifest(store: Path, name: str, layers: list[dict], text: str | None 
     return target
 
 
-def add_model(store: Path, name: str, gguf: Path) -> Path:
-    """Add `gguf` as Ollama model `name` (with a template and params layer); its blob path."""
-    model = {"mediaType": "application/vnd.ollama.image.model", **_blob(store, src=gguf)}
+def add_model(store: Path, name: str, gguf: Path, link: bool = True) -> Path:
+    """Add `gguf` as Ollama model `name` (with a template and params layer); its blob path.
+    `link`: hard-link the file when it can (a test that damages the blob must copy)."""
+    model = {"mediaType": "application/vnd.ollama.image.model",
+             **_blob(store, src=gguf, link=link)}  # fmt: skip
     layers = [
         model,
         {"mediaType": "application/vnd.ollama.image.template", **_blob(store, TEMPLATE.encode())},
