@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from adapter_fixtures import logits
+from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
 from ollama_store import add_model, write_manifest
 from toy_gguf import write_toy_gguf
 
@@ -234,6 +235,8 @@ def test_every_command_takes_an_ollama_name(toy, store_env, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli(*warm, "--model", gguf, env=env)
     assert r.returncode == 0 and "cache warm: 0 sequences computed" in r.stderr, r.stderr
+    r = cli("cache", "clear", "--model", "ollama:toy", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("removed ") and " 0 entries" not in r.stdout
 
     r = cli("data", "check", data, "--model", "ollama:toy", env=env)
     assert r.returncode == 0 and "8 of 8 rows kept" in r.stdout, r.stdout + r.stderr
@@ -358,3 +361,55 @@ def test_lmstudio_names_pick_the_folders_gguf(toy, tmp_path, monkeypatch):
         resolve_model_path("lmstudio:pub/nope")
     with pytest.raises(UserError, match="not an LM Studio model"):
         resolve_model_path("lmstudio:../x/y")
+
+
+@pytest.mark.slow
+def test_the_round_trip_on_smollm2_from_an_ollama_store(smollm2_gguf, tmp_path):  # noqa: F811
+    """The README's round trip on the real SmolLM2 Q4_1 GGUF as an Ollama blob: `train
+    --model ollama:smollm2:135m` (2 steps, timed), `convert to-ollama`, and llama.cpp runs
+    the blob with adapter.gguf, moving the logits as MLX's adapter moves them."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    from mlx_kto.model.load import load_gguf_for_inference, reference_mode
+
+    from test_real_smollm2 import write_chat_feedback
+
+    store = tmp_path / "store"
+    blob = add_model(store, "smollm2:135m", smollm2_gguf)
+    before = snapshot(store)
+    env = {"OLLAMA_MODELS": str(store), "MLX_KTO_CACHE_DIR": str(tmp_path / "cache")}
+    data = write_chat_feedback(tmp_path / "feedback.jsonl")
+    t0 = time.perf_counter()
+    r = cli("train", "--model", "ollama:smollm2:135m", "--data", data, "--adapter-path",
+            tmp_path / "run", "--iters", "2", "--batch-size", "2", "--max-length", "48",
+            "--learning-rate", "3e-3", "--num-layers", "4", "--lora-rank", "4",
+            "--steps-per-eval", "0", env=env)  # fmt: skip
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert "Q4_1: 210 tensors kept quantized" in r.stderr, r.stderr
+    r = cli("convert", "to-ollama", tmp_path / "run", tmp_path / "out", env=env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert (out / "Modelfile").read_text() == "FROM smollm2:135m\nADAPTER ./adapter.gguf\n"
+    print(f"SmolLM2 via ollama:smollm2:135m: 2-step train {wall:.1f}s wall (subprocess)")
+
+    model, tok = load_gguf_for_inference(blob, str(tmp_path / "run"), log=lambda *_: 0)
+    chat = [{"role": "user", "content": "What do cows drink?"}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    tokens = tok.encode(text + "Happy to help! Water.", add_special_tokens=False)
+    want = logits(model, tokens)
+    with reference_mode(model):
+        want_base = logits(model, tokens)
+    kw = dict(n_ctx=128, n_batch=128, n_threads=2, logits_all=True, verbose=False, seed=0,
+              type_k=0, type_v=0)  # fmt: skip
+    scores = []
+    for extra in ({}, {"lora_path": str(out / "adapter.gguf")}):
+        llm = llama_cpp.Llama(model_path=str(blob), **kw, **extra)
+        llm.eval(tokens)
+        scores.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        llm.close()
+    effect_mlx, effect_cpp = want - want_base, scores[1] - scores[0]
+    assert np.abs(effect_cpp).max() > 0  # llama.cpp applied the LoRA
+    corr = np.corrcoef(effect_mlx.ravel(), effect_cpp.ravel())[0, 1]
+    print(f"LoRA effect: max |MLX| {np.abs(effect_mlx).max():.3f}, corr with llama.cpp {corr:.4f}")
+    assert corr > 0.9, corr
+    assert snapshot(store) == before

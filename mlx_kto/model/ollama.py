@@ -43,10 +43,12 @@ def is_gguf_file(path: str | Path) -> bool:
     p = Path(path)
     if p.suffix.lower() == ".gguf":
         return True
+    if not p.is_file():  # a folder, a missing path, a pipe (never read from)
+        return False
     try:
         with open(p, "rb") as f:
             return f.read(4) == GGUF_MAGIC
-    except OSError:  # a folder, a missing file: not a GGUF file
+    except OSError:  # unreadable: not something we can load as GGUF
         return False
 
 
