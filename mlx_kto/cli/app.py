@@ -117,7 +117,9 @@ def train_command(config_file, **flags):
 @cli.command("eval")
 @click.option("--adapter-path", required=True, help="Adapter (run) folder to score.")
 @click.option(
-    "--model", default=None, help="Base model folder, .gguf file or hub id [default: the run's]."
+    "--model",
+    default=None,
+    help="Base model folder, .gguf, ollama:NAME or hub id [default: the run's].",
 )
 @click.option("--data", default=None, help="Feedback file or folder [default: the run's].")
 @click.option(
@@ -150,7 +152,7 @@ def eval_command(adapter_path, split, **flags):
 
 
 @cli.command("generate")
-@click.option("--model", required=True, help="Base model folder, .gguf file or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf, ollama:NAME or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
 @click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads it from stdin).")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
@@ -179,6 +181,7 @@ def generate_command(
     """Generate text with a base model and (optionally) a trained adapter."""
     from mlx_kto.judge.generate import generate, prompt_ids, read_prompt
     from mlx_kto.model.load import resolve_model_path
+    from mlx_kto.model.ollama import is_gguf_file
 
     import mlx.core as mx
     from mlx_lm import load
@@ -187,7 +190,7 @@ def generate_command(
     if adapter_path and not (Path(adapter_path) / "adapters.safetensors").exists():
         raise UserError(f"--adapter-path: {adapter_path} has no adapters.safetensors")
     try:
-        if path.suffix.lower() == ".gguf":
+        if is_gguf_file(path):  # a .gguf file or an Ollama blob (no suffix)
             from mlx_kto.model.load import load_gguf_for_inference
 
             m, tok = load_gguf_for_inference(path, adapter_path)
@@ -247,11 +250,12 @@ def data_check(path, model, max_length, max_prompt_length, chat_template, data_s
 def _load_tokenizer(model: str, chat_template: str | None = None):
     """mlx-lm's tokenizer of `model`, with --chat-template applied."""
     from mlx_kto.model.load import resolve_model_path
+    from mlx_kto.model.ollama import is_gguf_file
 
     from mlx_lm.utils import load_tokenizer
 
     mpath = resolve_model_path(model)
-    if mpath.suffix.lower() == ".gguf":
+    if is_gguf_file(mpath):
         from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
 
         tok = load_gguf_tokenizer(mpath)

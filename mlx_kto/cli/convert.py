@@ -16,7 +16,7 @@ _overwrite = click.option(
 
 @click.group("convert")
 def convert():
-    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, fused checkpoints."""
+    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, Ollama, fused checkpoints."""
 
 
 @convert.command("hf-to-mlx")
@@ -106,7 +106,8 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @click.argument("out", type=click.Path())
 @click.option(
     "--base", required=True,
-    help="The base .gguf file, or the Hugging Face model (folder or cached id) it was made from.",
+    help="The base .gguf file (or ollama:NAME[:TAG]), or the Hugging Face model (folder or "
+    "cached id) it was made from.",
 )  # fmt: skip
 @click.option(
     "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
@@ -116,9 +117,35 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 def to_gguf_cmd(adapter, out, base, outtype, overwrite):
     """mlx-lm ADAPTER to a llama.cpp LoRA GGUF file OUT (use with --lora)."""
     from mlx_kto.export.gguf_lora import to_gguf
+    from mlx_kto.export.ollama import store_base
 
-    path = to_gguf(adapter, out, base=base, outtype=outtype, overwrite=overwrite)
+    with store_base(base) as base_file:  # ollama:NAME / lmstudio:...: its GGUF file
+        path = to_gguf(adapter, out, base=base_file, outtype=outtype, overwrite=overwrite)
     click.echo(f"wrote {path}")
+
+
+@convert.command("to-ollama")
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option(
+    "--base", default=None,
+    help="The GGUF the adapter was trained on: ollama:NAME[:TAG] or FILE.gguf "
+    "[default: the run's 'model'].",
+)  # fmt: skip
+@click.option(
+    "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
+    help="Type of the LoRA tensors.",
+)  # fmt: skip
+@_overwrite
+def to_ollama_cmd(run, out, base, outtype, overwrite):
+    """Adapter RUN to an Ollama model folder OUT: adapter.gguf + Modelfile (FROM the base,
+    ADAPTER ./adapter.gguf); prints the `ollama create` line to run."""
+    from mlx_kto.export.ollama import to_ollama
+
+    res = to_ollama(run, out, base=base, outtype=outtype, overwrite=overwrite)
+    click.echo(f"wrote {res.adapter} and {res.modelfile} (FROM {res.base_from})")
+    click.echo("make it an Ollama model with:")
+    click.echo(f"  {res.create_command()}")
 
 
 @convert.command("fuse")
