@@ -6,7 +6,6 @@ error (`--q-group-size (q_group_size): ...`). Types were checked before (config/
 
 from __future__ import annotations
 
-import math
 import os
 
 from mlx_kto.config.compat import validate_habits
@@ -40,22 +39,11 @@ _INT_HINTS = {
     "keep_checkpoints": " (0 = keep all)",
     "pad_multiple": " (1 = no padding beyond the longest row)",
 }
-_FLOAT_FIELDS = (
-    "beta",
-    "desirable_weight",
-    "undesirable_weight",
-    "learning_rate",
-    "weight_decay",
-    "max_grad_norm",
-    "lora_alpha",
-    "lora_scale",
-    "lora_dropout",
-    "distributed_timeout",
-)
 
 
 def check_values(cfg) -> None:
-    """Check the field values of `cfg` (a KTOConfig); raise UserError naming the flag and field."""
+    """Check the field values of `cfg` (a KTOConfig, types already checked); raise UserError
+    naming the flag and the field."""
     if cfg.loss_type not in LOSS_TYPES:
         raise bad("loss_type", f"'{cfg.loss_type}' is not one of {', '.join(LOSS_TYPES)}")
     if cfg.lr_schedule not in SCHEDULES:
@@ -76,20 +64,6 @@ def check_values(cfg) -> None:
         check_rows_per_step(cfg, world_size=1)
     if cfg.distributed_timeout < 0:
         raise bad("distributed_timeout", "must be >= 0 (0 = wait forever)")
-    if isinstance(cfg.desirable_weight, str):
-        if cfg.desirable_weight.strip().lower() != "auto":
-            try:
-                cfg.desirable_weight = float(cfg.desirable_weight)
-            except ValueError:
-                raise bad(
-                    "desirable_weight", f"'{cfg.desirable_weight}' is not a number or 'auto'"
-                ) from None
-        else:
-            cfg.desirable_weight = "auto"
-    for name in _FLOAT_FIELDS:  # NaN passes every `<= 0` test below: refuse it first
-        value = getattr(cfg, name)
-        if value is not None and value != "auto" and not math.isfinite(float(value)):
-            raise bad(name, f"{value} is not a finite number")
     positive = ("beta", "undesirable_weight", "learning_rate", "lora_alpha", "lora_scale")
     if cfg.desirable_weight != "auto":
         positive += ("desirable_weight",)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_kto.config.checks import KL_ESTIMATES, LOSS_TYPES, SCHEDULES, check_values
+from mlx_kto.config.types import check_types
 
 
 def _f(default, help: str, **kw):
@@ -191,7 +192,9 @@ class KTOConfig:
     )
 
     def validate(self) -> KTOConfig:
-        """Check field values; raise UserError naming the flag and the field (config/checks.py)."""
+        """Check every field's type (config/types.py), then its value (config/checks.py);
+        raise UserError naming the flag and the field."""
+        check_types(self)
         check_values(self)
         return self
 
