@@ -3,6 +3,10 @@
 Defaults follow the paper and TRL (beta 0.1, weights 1, max_length 1024) with a
 learning rate suited to LoRA. The CLI builds one flag per field from the `help`
 metadata, so `mlx-kto train --help` documents everything here.
+
+`KTOConfig(...)` also takes TRL's names (`KTOConfig(output_dir="out",
+per_device_train_batch_size=8, max_steps=100)`), translated as in a YAML file
+(config/compat.py), and answers TRL's attribute names (`args.output_dir`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_kto.config.checks import KL_ESTIMATES, LOSS_TYPES, SCHEDULES, check_values
+from mlx_kto.config.compat import translate_kwargs, trl_read
 from mlx_kto.config.types import check_types
 
 
@@ -19,7 +24,7 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(init=False)
 class KTOConfig:
     # what to train
     model: str | None = _f(
@@ -190,6 +195,32 @@ class KTOConfig:
     run_name: str | None = _f(
         None, "Run name for wandb / tensorboard (default: the adapter folder)."
     )
+
+    def __init__(self, output_dir: str | None = None, /, **kwargs):
+        """Fields by name, ours or TRL's (KTOConfig / TrainingArguments / script names):
+        TRL's are translated as a YAML file's are, and one without an equivalent is refused
+        by name. The one positional argument is TRL's `output_dir`."""
+        if output_dir is not None:
+            if "output_dir" in kwargs:
+                raise TypeError("KTOConfig: output_dir given twice")
+            kwargs = {"output_dir": output_dir, **kwargs}
+        values = translate_kwargs(kwargs, {f.name for f in dataclasses.fields(self)})
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.get(f.name, f.default))
+
+    def __getattr__(self, name: str):
+        # Only for names that are not attributes: TRL's (`output_dir` -> adapter_path).
+        field = trl_read(name)
+        if field is None:
+            raise AttributeError(f"'KTOConfig' object has no attribute '{name}'")
+        value = getattr(self, field)
+        return -1 if name == "max_steps" and value is None else value
+
+    def __setattr__(self, name: str, value) -> None:
+        field = trl_read(name)  # `args.output_dir = ...` sets adapter_path, never a stray name
+        if field == "iters" and isinstance(value, int) and value <= 0:
+            value = None  # TRL's max_steps -1: unset
+        object.__setattr__(self, field or name, value)
 
     def validate(self) -> KTOConfig:
         """Check every field's type (config/types.py), then its value (config/checks.py);
