@@ -206,7 +206,8 @@ class KTOConfig:
             kwargs = {"output_dir": output_dir, **kwargs}
         values = translate_kwargs(kwargs, {f.name for f in dataclasses.fields(self)})
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, values.get(f.name, f.default))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            object.__setattr__(self, f.name, values.get(f.name, default))
 
     def __getattr__(self, name: str):
         # Only for names that are not attributes: TRL's (`output_dir` -> adapter_path).

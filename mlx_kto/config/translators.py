@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from mlx_kto.config.types import shape
 from mlx_kto.errors import UserError
 
 Translator = Callable[[str, Any, str], tuple[dict, str | None]]
@@ -22,15 +23,6 @@ def suggest(name: str, candidates) -> str:
     """' (did you mean 'x'?)' for the closest candidate, or ''."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def shape(value: Any) -> str:
-    """How a value reads in an error: 'a list', 'a mapping', the string 'x', 3."""
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return f"the string {value!r}" if isinstance(value, str) else repr(value)
 
 
 def boolean(value: Any, key: str, where: str) -> bool:

@@ -50,7 +50,8 @@ def kind(f: dataclasses.Field) -> tuple[str, bool]:
     return base, "None" in parts
 
 
-def _shown(value: Any) -> str:
+def shape(value: Any) -> str:
+    """How a value reads in an error: 'a list', 'a mapping', the string 'x', 3."""
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, (list, tuple)):
@@ -63,11 +64,11 @@ def _shown(value: Any) -> str:
 def _number(value: Any, what: str) -> float:
     """A finite float from a number or a numeric string, else BadValue."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadValue(f"expected {what}, got {_shown(value)}")
+        raise BadValue(f"expected {what}, got {shape(value)}")
     try:
         number = float(value.strip()) if isinstance(value, str) else float(value)
     except (ValueError, OverflowError):
-        raise BadValue(f"expected {what}, got {_shown(value)}") from None
+        raise BadValue(f"expected {what}, got {shape(value)}") from None
     if not math.isfinite(number):
         raise BadValue(f"{value} is not a finite number")
     return number
@@ -84,7 +85,7 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool):
             return value
         hint = " (write true or false without quotes)" if isinstance(value, str) else ""
-        raise BadValue(f"expected true or false, got {_shown(value)}{hint}")
+        raise BadValue(f"expected true or false, got {shape(value)}{hint}")
     if base == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -99,13 +100,13 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
-        raise BadValue(f"expected text, got {_shown(value)}")
+        raise BadValue(f"expected text, got {shape(value)}")
     if base == "list":
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise BadValue(f"expected a list of names, got {_shown(value)}")
+        raise BadValue(f"expected a list of names, got {shape(value)}")
     if base == "any" and f.name == "desirable_weight":
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
