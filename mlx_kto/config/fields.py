@@ -28,7 +28,9 @@ def _f(default, help: str, **kw):
 class KTOConfig:
     # what to train
     model: str | None = _f(
-        None, "Base model: local folder, .gguf file or Hugging Face hub id (what mlx-lm loads)."
+        None,
+        "Base model: local folder, .gguf file, ollama:NAME[:TAG] (the Ollama store), "
+        "lmstudio:PUBLISHER/MODEL or Hugging Face hub id.",
     )
     data: str | None = _f(
         None,
