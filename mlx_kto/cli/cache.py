@@ -20,6 +20,7 @@ from pathlib import Path
 from mlx_kto.cli.options import HELP
 from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
+from mlx_kto.model.load import resolve_model_path
 from mlx_kto.reference.cache import cache_source
 from mlx_kto.reference.scorer import DB_NAME, RefCache, check_cache_root, default_cache_dir
 from mlx_kto.train.warm import warm_cache
@@ -83,10 +84,14 @@ def info_command(ref_cache, as_json):
 
 
 @cache.command("clear")
-@click.option("--model", default=None, help="Only this model's entries (folder or hub id).")
+@click.option(
+    "--model", default=None, help="Only this model's entries (folder, hub id or ollama:NAME)."
+)
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 def clear_command(model, ref_cache):
     """Delete cached reference log-probs (all, or one model's)."""
+    if model is not None and model.startswith(("ollama:", "lmstudio:")):
+        model = str(resolve_model_path(model))  # entries record the file it resolved to
     db = _db_path(ref_cache)
     if db is None:
         if model is not None:
@@ -109,7 +114,7 @@ def clear_command(model, ref_cache):
 @cache.command("warm")
 @click.option("-c", "--config", "config_file", type=click.Path(), default=None,
               help="YAML config (the same file as for `mlx-kto train`).")  # fmt: skip
-@click.option("--model", default=None, help="Base model: local folder, .gguf file or hub id.")
+@click.option("--model", default=None, help="Base model: folder, .gguf, ollama:NAME or hub id.")
 @click.option("--data", default=None, help="Feedback file or folder (train + valid are warmed).")
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 @click.option("--max-length", type=int, default=None, help="As for train.")

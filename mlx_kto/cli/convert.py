@@ -9,6 +9,7 @@ from mlx_kto.export.gguf_base import gguf_to_mlx
 from mlx_kto.export.gguf_lora import OUTTYPES, to_gguf
 from mlx_kto.export.hf import DTYPES as HF_DTYPES
 from mlx_kto.export.hf import Q_BITS, Q_GROUP_SIZES, hf_to_mlx
+from mlx_kto.export.ollama import store_base, to_ollama
 from mlx_kto.export.peft import from_peft, to_peft
 
 import click
@@ -20,7 +21,7 @@ _overwrite = click.option(
 
 @click.group("convert", context_settings=HELP)
 def convert():
-    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, fused checkpoints."""
+    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, Ollama, fused checkpoints."""
 
 
 @convert.command("hf-to-mlx")
@@ -102,7 +103,8 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @click.argument("out", type=click.Path())
 @click.option(
     "--base", required=True,
-    help="The base .gguf file, or the Hugging Face model (folder or cached id) it was made from.",
+    help="The base .gguf file (or ollama:NAME[:TAG]), or the Hugging Face model (folder or "
+    "cached id) it was made from.",
 )  # fmt: skip
 @click.option(
     "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
@@ -111,8 +113,31 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @_overwrite
 def to_gguf_cmd(adapter, out, base, outtype, overwrite):
     """mlx-lm ADAPTER to a llama.cpp LoRA GGUF file OUT (use with --lora)."""
-    path = to_gguf(adapter, out, base=base, outtype=outtype, overwrite=overwrite)
+    with store_base(base) as base_file:  # ollama:NAME / lmstudio:...: its GGUF file
+        path = to_gguf(adapter, out, base=base_file, outtype=outtype, overwrite=overwrite)
     click.echo(f"wrote {path}")
+
+
+@convert.command("to-ollama")
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option(
+    "--base", default=None,
+    help="The GGUF the adapter was trained on: ollama:NAME[:TAG] or FILE.gguf "
+    "[default: the run's 'model'].",
+)  # fmt: skip
+@click.option(
+    "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
+    help="Type of the LoRA tensors.",
+)  # fmt: skip
+@_overwrite
+def to_ollama_cmd(run, out, base, outtype, overwrite):
+    """Adapter RUN to an Ollama model folder OUT: adapter.gguf + Modelfile (FROM the base,
+    ADAPTER ./adapter.gguf); prints the `ollama create` line to run."""
+    res = to_ollama(run, out, base=base, outtype=outtype, overwrite=overwrite)
+    click.echo(f"wrote {res.adapter} and {res.modelfile} (FROM {res.base_from})")
+    click.echo("make it an Ollama model with:")
+    click.echo(f"  {res.create_command()}")
 
 
 @convert.command("fuse")

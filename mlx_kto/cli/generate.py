@@ -12,7 +12,7 @@ import mlx.core as mx
 
 
 @click.command("generate", context_settings=HELP)
-@click.option("--model", required=True, help="Base model folder, .gguf file or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf, ollama:NAME or hub id.")
 @click.option("--adapter-path", default=None, help="Adapter folder (adapters.safetensors).")
 @click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads it from stdin).")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")

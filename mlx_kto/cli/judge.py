@@ -11,7 +11,7 @@ import click
 
 
 @click.command("compare", context_settings=HELP)
-@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.option("--model", required=True, help="Base model folder, .gguf, ollama:NAME or hub id.")
 @click.option(
     "--adapter-path",
     "adapters",

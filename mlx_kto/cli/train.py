@@ -52,7 +52,9 @@ def train_command(config_file, **flags):
 @click.command("eval", context_settings=HELP)
 @click.option("--adapter-path", required=True, help="Adapter (run) folder to score.")
 @click.option(
-    "--model", default=None, help="Base model folder, .gguf file or hub id [default: the run's]."
+    "--model",
+    default=None,
+    help="Base model folder, .gguf, ollama:NAME or hub id [default: the run's].",
 )
 @click.option("--data", default=None, help="Feedback file or folder [default: the run's].")
 @click.option(

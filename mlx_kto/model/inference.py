@@ -1,5 +1,5 @@
 """Models and tokenizers for the commands that only run a model (`generate`, `data check`):
-a local folder, a hub id or a .gguf file, an optional adapter checked against the base
+a local folder, a hub id, a .gguf file or `ollama:NAME` (its GGUF blob), an optional adapter checked against the base
 (mlx_kto.model.adapter_fit), an optional --chat-template. Training loads through
 `load.load_base` instead (dtype, quantization and the reference fingerprint)."""
 
@@ -13,6 +13,7 @@ from mlx_kto.model.adapter_fit import adapter_base, apply_adapter
 from mlx_kto.model.chat_template import set_chat_template
 from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
 from mlx_kto.model.load import load_gguf_for_inference, resolve_model_path
+from mlx_kto.model.ollama import is_gguf_file
 
 import mlx.core as mx
 
@@ -43,7 +44,7 @@ def load_for_inference(
     if adapter_path:
         _check_adapter_folder(adapter_path)
     try:
-        if path.suffix.lower() == ".gguf":
+        if is_gguf_file(path):
             m, tok = load_gguf_for_inference(path, None, log=log)
         else:
             m, tok = load(str(path))
@@ -70,7 +71,7 @@ def load_tokenizer(model: str, chat_template: str | None = None):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer  # imports transformers
 
     path = resolve_model_path(model)
-    if path.suffix.lower() == ".gguf":
+    if is_gguf_file(path):
         tok = load_gguf_tokenizer(path)
     else:
         tok = mlx_load_tokenizer(path)
