@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
+from mlx_kto.model.adapter_fit import mismatch_error
 from mlx_kto.model.lmstudio import is_lmstudio_ref, resolve_lmstudio
 from mlx_kto.model.ollama import is_gguf_file, is_ollama_ref, provenance, resolve_ollama
 from mlx_kto.runtime.atomic import atomic_write_bytes, check_safetensors_size, write_errors
@@ -303,9 +304,7 @@ def load_init_adapter(
     try:
         load_adapters(model, str(adapter_dir))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"{what}: {adapter_dir}: adapter does not match the model ({type(e).__name__}: {e})"
-        ) from None
+        raise mismatch_error(what, adapter_dir, model, e) from None  # one line, both bases
     refuse_embedding_lora(model, f"init_adapter {conf}")
     return config
 
