@@ -1,5 +1,5 @@
-"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import`
-(attached by mlx_kto.cli.app). Parsing only; the work is in the sibling modules."""
+"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import` (attached to
+the data group by cli/data.py). Parsing only; the work is in mlx_kto.collect."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import os
 import sys
 from pathlib import Path
 
+from mlx_kto.cli.deps import require
+from mlx_kto.cli.options import HELP
+from mlx_kto.collect.chat import run_terminal_chat
+from mlx_kto.collect.importers import check_output, import_open_webui
+from mlx_kto.collect.session import Sampling, default_model, open_session
 from mlx_kto.data.feedback import read_ratings
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import check_sampling
+from mlx_kto.runtime.outputs import check_out_file
 
 import click
 
@@ -27,7 +34,7 @@ def _check_feedback_path(path: str) -> Path:
     return p
 
 
-@click.command("chat", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("chat", context_settings=HELP)
 @click.option(
     "--model", default=None, help="Model folder or hub id.  [default: the shipped demo model]"
 )
@@ -66,13 +73,10 @@ def chat(
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
-    from mlx_kto.collect.session import Sampling, default_model, open_session
-
-    if not 0 < top_p <= 1:
-        raise UserError("top-p: must be in (0, 1]")
-    if temp < 0:
-        raise UserError("temp: must be >= 0")
+    check_sampling(temp, top_p, max_tokens=max_tokens, seed=seed)
     fb = _check_feedback_path(feedback)
+    if web:
+        require("starlette", "uvicorn")  # before loading a model it could not serve
     try:
         read_ratings(fb)
     except UserError as e:  # ratings still append; training refuses the file until it is fixed
@@ -98,18 +102,16 @@ def chat(
         os._exit(130)
     try:
         if web:
-            from mlx_kto.collect.web.server import serve
+            from mlx_kto.collect.web.server import serve  # optional: starlette, uvicorn
 
             serve(session, host=host, port=port, echo=click.echo)
         else:
-            from mlx_kto.collect.chat import run_terminal_chat
-
             run_terminal_chat(session)
     finally:
         session.worker.finish()  # the reply in flight (if any) ends before the process
 
 
-@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("import", context_settings=HELP)
 @click.argument("source", type=click.Choice(["open-webui"]))
 @click.argument("export")
 @click.option(
@@ -128,12 +130,8 @@ def import_command(source, export, output, force):
     chat becomes one row; its prompt is the conversation before it. A message rated
     twice in the export (the same record id) keeps the later rating.
     """
-    from mlx_kto.collect.importers import check_output, import_open_webui
-
-    out = Path(output)
-    check_output(out)  # a folder or an unreadable name is refused, --force or not
-    if out.exists() and not force:
-        raise UserError(f"output: {out} exists (use --force to overwrite)")
+    check_output(output)  # a name `train` cannot read is refused, --force or not
+    out = check_out_file(output, force, "--force")
     n, counts = import_open_webui(export, out)
     if counts["replaced"]:
         click.echo(

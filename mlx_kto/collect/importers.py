@@ -289,7 +289,7 @@ def read_open_webui(path: str | Path) -> tuple[list[dict], int]:
 
 def check_output(path: str | Path) -> str:
     """The format an output name asks for ("jsonl" or "json"); folders and other
-    names are refused (before any input is read)."""
+    names are refused (before any input is read; the CLI then runs check_out_file)."""
     path = Path(path)
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if path.is_dir():
@@ -299,8 +299,6 @@ def check_output(path: str | Path) -> str:
             f"output: {path} should end in .jsonl (one row per line) or .json (a JSON list), "
             "the formats `mlx-kto train --data` reads"
         )
-    if not path.parent.is_dir():
-        raise UserError(f"output: folder {path.parent} does not exist")
     return fmt
 
 

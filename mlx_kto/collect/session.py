@@ -3,7 +3,6 @@ turning a rated reply into a feedback row. Shared by the terminal and web chats.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -37,15 +36,6 @@ def default_model() -> str:
     return str(DEMO_ASSETS / "model")
 
 
-def _trained_on(adapter_path: str) -> str | None:
-    """The base model an adapter's config names (mlx-lm and mlx-kto write "model")."""
-    try:
-        base = json.loads((Path(adapter_path) / "adapter_config.json").read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return base if isinstance(base, str) and base else None
-
-
 def load_chat_model(model: str, adapter_path: str | None):
     """(model, tokenizer) through the project's loaders (the same as training: local
     folder, .gguf or hub id; the adapter checked and applied as `--init-adapter` is);
@@ -60,17 +50,8 @@ def load_chat_model(model: str, adapter_path: str | None):
                 "(needs adapters.safetensors and adapter_config.json)"
             )
     m, tok, path, _ = load_base(KTOConfig(model=model))
-    if adapter_path is not None:
-        try:
-            load_init_adapter(m, adapter_path, "--adapter-path")
-        except UserError as e:
-            base = _trained_on(adapter_path)
-            if "does not match" not in str(e) or base is None:
-                raise
-            raise UserError(
-                f"--adapter-path: {adapter_path} does not fit {path}: it was trained on "
-                f"{base} (chat with --model {base})"
-            ) from None
+    if adapter_path is not None:  # checked as --init-adapter is; another base: one line
+        load_init_adapter(m, adapter_path, "--adapter-path")
     m.eval()
     mx.eval(m.parameters())
     if not getattr(tok, "chat_template", None):
