@@ -28,7 +28,13 @@ from typing import Any
 
 from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
+from mlx_kto.judge.probes import training_extras
+from mlx_kto.reference.scorer import make_scorer
 from mlx_kto.train.callbacks import Callback, FunctionCallback
+from mlx_kto.train.eval import evaluate
+from mlx_kto.train.prepare import prepare_data
+from mlx_kto.train.run import train_model
+from mlx_kto.train.setup import begin
 
 
 def _config(args: KTOConfig | dict | str | Path | None) -> KTOConfig:
@@ -119,32 +125,19 @@ class KTOTrainer:
 
     def train(self):
         """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics)."""
-        from mlx_kto.judge.probes import training_extras
-        from mlx_kto.train.callbacks import make_reporters
-        from mlx_kto.train.run import set_memory_limits, train_model
-
         if self._trained:
             raise UserError("train: this trainer already trained its model; make a new one")
-        cfg = self.args
-        if cfg.resume:
+        if self.args.resume:
             raise UserError("resume: use `mlx-kto train --resume` (it reloads the base model)")
-        set_memory_limits(cfg)
-        Path(cfg.adapter_path).mkdir(parents=True, exist_ok=True)
-        reporters = make_reporters(cfg, Path(cfg.adapter_path), self.log)
+        start = begin(self.args, self.log, self.callbacks, training_extras())
         self._trained = True
-        self.result = train_model(
-            cfg, self.model, self.tokenizer, self.model_path, splits=self.splits,
-            log=self.log, callbacks=reporters + self.callbacks, extras=training_extras(),
-        )  # fmt: skip
+        self._run_cfg = start.cfg
+        self.result = train_model(start, self.model, self.tokenizer, self.model_path, self.splits)
         return self.result
 
     def evaluate(self, eval_dataset: Any = None) -> dict:
         """KTO loss, rewards, margins, kl and reward accuracy of the current adapter on
         `eval_dataset` (default: the one given at construction). The reference is the base."""
-        from mlx_kto.reference.scorer import make_scorer
-        from mlx_kto.train.loop import evaluate
-        from mlx_kto.train.run import prepare_data
-
         if not self._trained:
             raise UserError("evaluate: call train() first (the model has no adapter yet)")
         rows = rows_to_examples(eval_dataset, "eval_dataset", self.args.seed)
@@ -155,9 +148,9 @@ class KTOTrainer:
         quiet = lambda *_: None  # noqa: E731
         # As `mlx-kto eval`: the reference is the base model (adapter bypassed).
         cfg = dataclasses.replace(
-            self.args,
+            self._run_cfg,
             init_adapter=None,
-            no_ref_cache=self.args.no_ref_cache or self.model_path is None,
+            no_ref_cache=self._run_cfg.no_ref_cache or self.model_path is None,
         )
         tok_rows, _, dw = prepare_data(cfg, self.tokenizer, quiet, {"train": rows})
         scorer = make_scorer(cfg, self.model, None, self.model_path, quiet)

@@ -1,5 +1,6 @@
 """The Python API (KTOTrainer, callbacks), TRL log keys, loggers, progress output."""
 
+import copy
 import json
 import sys
 import types
@@ -87,8 +88,11 @@ def test_trainer_takes_a_datasets_dataset(tiny_llama, tmp_path):
     model, tok = load(str(tiny_llama))
     ds = datasets.Dataset.from_list(rows(8))
     args = {**ARGS, "iters": 2, "steps_per_eval": 0, "adapter_path": str(tmp_path / "ds")}
-    res = KTOTrainer(model, tok, train_dataset=ds, args=args, log=lambda *_: None).train()
+    trainer = KTOTrainer(model, tok, train_dataset=ds, args=args, log=lambda *_: None)
+    before = copy.deepcopy(trainer.args)
+    res = trainer.train()  # no model_path: the reference cache is off for this run only
     assert res.steps == 2 and (tmp_path / "ds" / "adapters.safetensors").exists()
+    assert trainer.args == before and not trainer.args.no_ref_cache
     with pytest.raises(UserError, match=r"train_dataset\[1\]: label"):
         KTOTrainer(
             model,
@@ -126,10 +130,9 @@ def test_metrics_records_trl_keys_per_step_ref_counts_and_plain_progress(tiny_ll
 
 
 def test_mid_run_eval_is_written_above_the_bar(tiny_llama, tmp_path, monkeypatch, capsys):
-    import mlx_kto.train.callbacks
     from mlx_kto.train.run import train
 
-    monkeypatch.setattr(mlx_kto.train.callbacks, "show_bar", lambda: True)
+    monkeypatch.setattr("mlx_kto.train.loop.show_bar", lambda: True)  # as on a terminal
     d = tmp_path / "data"
     d.mkdir()
     _write(d / "train.jsonl", rows(8))

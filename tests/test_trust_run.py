@@ -270,13 +270,13 @@ def _full(*a, **k):
 @pytest.mark.parametrize("where", ["metrics", "checkpoint", "adapter"])
 def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monkeypatch, where):
     import mlx_kto.model.load as model_mod
+    import mlx_kto.runtime.atomic as atomic_mod
     import mlx_kto.train.checkpoint as ckpt_mod
-    import mlx_kto.train.run_dir as run_dir_mod
 
     out = tmp_path / "run"
     cfg = cfg_for(tiny_llama, data, out, iters=4, steps_per_save=2)
     if where == "metrics":
-        real = run_dir_mod.append_line
+        real = atomic_mod.append_line
 
         class HalfFull:  # the disk fills up halfway through step 3's line
             def __init__(self, f):

@@ -21,10 +21,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_kto.config.core import KTOConfig  # noqa: E402
-from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify  # noqa: E402
-from mlx_kto.errors import UserError  # noqa: E402
-from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS  # noqa: E402
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.demo.plot import plot_metrics
+from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
+from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify
+from mlx_kto.errors import UserError
+from mlx_kto.judge.diversity import distinct_n, mean_self_bleu
+from mlx_kto.judge.probes import training_extras
+from mlx_kto.model.load import load_base
+from mlx_kto.runtime.atomic import atomic_write_bytes
+from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS
+from mlx_kto.train.run import train
 
 DEFAULT_OUT = "kto-demo"
 # Settings for the shipped model; a field the user set (different from KTOConfig's
@@ -81,22 +88,18 @@ def demo_config(
     """The training config of the demo: the shipped model and data, demo defaults
     for every field `cfg` left at KTOConfig's default, then out/steps/seed."""
     base = KTOConfig()
-    cfg = dataclasses.replace(cfg) if cfg is not None else KTOConfig()
-    for name, value in DEMO_DEFAULTS.items():
-        if getattr(cfg, name) == getattr(base, name):
-            setattr(cfg, name, value)
-    if quick:
-        for name in ("iters", "learning_rate"):
-            if getattr(cfg, name) == DEMO_DEFAULTS[name]:
-                setattr(cfg, name, QUICK[name])
-    cfg.model = cfg.model or str(ASSETS / "model")
-    cfg.data = cfg.data or str(ASSETS / "data")
-    if out is not None:
-        cfg.adapter_path = str(out)
-    if steps is not None:
-        cfg.iters = steps
-    if seed is not None:
-        cfg.seed = seed
+    cfg = cfg if cfg is not None else base
+    # Demo defaults for the fields the user left at KTOConfig's default.
+    changes = {k: v for k, v in DEMO_DEFAULTS.items() if getattr(cfg, k) == getattr(base, k)}
+    if quick:  # the shortened run, unless the user chose these
+        for k in ("iters", "learning_rate"):
+            if changes.get(k, getattr(cfg, k)) == DEMO_DEFAULTS[k]:
+                changes[k] = QUICK[k]
+    changes["model"] = cfg.model or str(ASSETS / "model")
+    changes["data"] = cfg.data or str(ASSETS / "data")
+    given = {"adapter_path": None if out is None else str(out), "iters": steps, "seed": seed}
+    changes.update({k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **changes)
     if not (Path(cfg.model) / "model.safetensors").exists():
         raise UserError(
             f"{cfg.model}: the demo model is missing; rebuild it with "
@@ -112,11 +115,9 @@ def heldout_prompts() -> list[str]:
 def load_policy(cfg: KTOConfig, adapter_dir: str | Path | None = None):
     """The base model (cfg.dtype applied), with an mlx-lm adapter folder loaded
     through mlx-lm's own `load_adapters` when given."""
-    from mlx_kto.model.load import load_base
-
     model, tokenizer, _, _ = load_base(cfg)
     if adapter_dir is not None:
-        from mlx_lm.tuner.utils import load_adapters
+        from mlx_lm.tuner.utils import load_adapters  # imports torch (~5 s): only here
 
         model = load_adapters(model, str(adapter_dir))
     model.eval()
@@ -135,11 +136,6 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo end to end and print the before/after table (`echo`, stdout);
     training progress goes to `log` (stderr)."""
-    from mlx_kto.demo.plot import plot_metrics
-    from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
-    from mlx_kto.judge.probes import training_extras
-    from mlx_kto.train.run import train
-
     echo = echo or (lambda msg="": print(msg, flush=True))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -244,8 +240,6 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
 
 def _diversity(samples: list[list[str]]) -> dict:
     """distinct-2 over every answer and self-BLEU within each question's answers."""
-    from mlx_kto.judge.diversity import distinct_n, mean_self_bleu
-
     return {
         "distinct_2": distinct_n([c for per in samples for c in per], 2),
         "self_bleu": mean_self_bleu(samples),
@@ -284,8 +278,6 @@ def _feedback_summary(data: str) -> str:
 
 
 def _write_results(res: DemoResult, path: Path, cfg: KTOConfig) -> None:
-    from mlx_kto.runtime.atomic import atomic_write_bytes
-
     data = {
         "before": res.before,
         "after": res.after,

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 from mlx_kto.errors import UserError
 from mlx_kto.model.load import all_finite  # noqa: F401  (re-exported: train.guard.all_finite)
+from mlx_kto.train.checkpoint import list_checkpoints
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
 class Diverged(UserError):
@@ -141,8 +142,6 @@ class StepSnapshot:
         )
 
     def restore(self, model: nn.Module, optimizer: optim.Optimizer, state) -> None:
-        from mlx.utils import tree_unflatten
-
         model.update(tree_unflatten(list(self.params.items())))
         optimizer.state = self.opt_state
         state.step, state.epoch, state.batch, state.trained_tokens = self.position
@@ -193,8 +192,6 @@ class RunGuard:
         loss_f, norm_f = float(loss), float(norm)
         last = None
         if self.run_dir is not None and not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-            from mlx_kto.train.checkpoint import list_checkpoints
-
             found = list_checkpoints(self.run_dir)
             last = found[-1] if found else None
         return self.divergence.check(step, loss_f, norm_f, last_saved=last)
