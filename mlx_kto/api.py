@@ -16,7 +16,8 @@ Rows are any shape `mlx-kto train` reads from a file (data formats in the README
 list of dicts or a `datasets.Dataset`. `args` is a KTOConfig, a dict of its fields, or a
 YAML path (mlx-lm and TRL names accepted there). The model is changed in place (LoRA layers
 inserted), as PEFT's get_peft_model does; `model_path` (the base folder) turns on the
-reference-log-prob cache. The CLI's `train` runs the same `train_model`.
+reference-log-prob cache. The CLI's `train` runs the same `train_model`; `train(resume=RUN)`
+continues a run from its newest checkpoint, as `mlx-kto train --resume RUN` does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mlx_kto.reference.scorer import make_scorer
 from mlx_kto.train.callbacks import Callback, FunctionCallback
 from mlx_kto.train.eval import evaluate
 from mlx_kto.train.prepare import prepare_data
+from mlx_kto.train.resume import config_changes, resume_config
 from mlx_kto.train.run import train_model
 from mlx_kto.train.setup import begin
 
@@ -123,13 +125,27 @@ class KTOTrainer:
         self.result = None
         self._trained = False
 
-    def train(self):
-        """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics)."""
+    def train(
+        self,
+        resume: str | Path | None = None,
+        resume_from_checkpoint: str | Path | bool | None = None,
+    ):
+        """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics).
+
+        `resume` (a run folder: its newest checkpoint; or a checkpoint folder) continues that
+        run as `mlx-kto train --resume` does: the checkpoint's settings, over which the
+        fields of `args` that differ from KTOConfig's defaults win. The model given must be
+        the run's base (the checkpoint's adapter is loaded onto it). `resume_from_checkpoint`
+        is TRL's name for it (True: the newest checkpoint in `args.adapter_path`)."""
         if self._trained:
             raise UserError("train: this trainer already trained its model; make a new one")
-        if self.args.resume:
-            raise UserError("resume: use `mlx-kto train --resume` (it reloads the base model)")
-        start = begin(self.args, self.log, self.callbacks, training_extras())
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.args.adapter_path
+        resume = resume or resume_from_checkpoint or self.args.resume
+        cfg = self.args
+        if resume:
+            cfg = resume_config(resume, config_changes(self.args))
+        start = begin(cfg, self.log, self.callbacks, training_extras())
         self._trained = True
         self._run_cfg = start.cfg
         self.result = train_model(start, self.model, self.tokenizer, self.model_path, self.splits)
