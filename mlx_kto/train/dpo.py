@@ -22,9 +22,11 @@ def is_paired(cfg) -> bool:
     return cfg.loss_type in PAIRED_LOSS_TYPES
 
 
-def check_pairs(rows, name: str, log=print) -> list[tuple[int, int]]:
-    """The pairs of a tokenized split; a one-line UserError when it has none or an
-    unpaired row (find_pairs names it)."""
+def check_pairs(rows, name: str, loss_type: str = "dpo", log=print) -> list[tuple[int, int]]:
+    """The pairs of a tokenized split; a one-line UserError when it has none, an unpaired row
+    (find_pairs names it), or only pairs whose chosen equals its rejected: the paired losses
+    learn from the difference of the two sides, so such a split would train nothing (and
+    exit as if it had)."""
     pairs, broken = find_pairs(rows)
     if broken:
         log(
@@ -35,6 +37,18 @@ def check_pairs(rows, name: str, log=print) -> list[tuple[int, int]]:
         raise UserError(
             f"--data (data): {name} split has no complete (chosen, rejected) pair; "
             "--loss-type dpo/ipo needs prompt/chosen/rejected rows"
+        )
+    same = [c for c, r in pairs if rows[c].tokens == rows[r].tokens]
+    if len(same) == len(pairs):
+        raise UserError(
+            f"--data (data): in every pair of the {name} split chosen equals rejected (e.g. "
+            f"{rows[same[0]].where}); --loss-type {loss_type} learns from their difference, "
+            "so nothing would be trained: check which columns hold chosen and rejected"
+        )
+    if same:
+        log(
+            f"warning: {name}: {len(same)} of {len(pairs)} pairs have chosen equal to rejected "
+            f"(first: {rows[same[0]].where}); they teach nothing"
         )
     return pairs
 

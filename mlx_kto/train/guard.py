@@ -116,6 +116,18 @@ class DivergenceGuard:
             )
         return True
 
+    def check_trained(self, first: int, last: int) -> None:
+        """After a run's steps `first`..`last`: `Diverged` when every one was skipped (too
+        few steps to reach max_bad in a row): nothing was trained, and saving the unchanged
+        adapter would report it as trained."""
+        if last >= first and self.total == last - first + 1:
+            where = f"step {first}" if first == last else f"steps {first}-{last}"
+            raise Diverged(
+                f"training diverged: every step of this run ({where}) had a non-finite loss "
+                f"or gradient and was skipped; nothing was trained and no adapter was saved; "
+                f"lower --learning-rate (now {self.cfg.learning_rate:g}){self._dtype_hint()}"
+            )
+
     def _dtype_hint(self) -> str:
         if self.cfg.dtype == "float16":
             return " or train in --dtype bfloat16 / float32 (float16 overflows)"

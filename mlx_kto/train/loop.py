@@ -84,7 +84,7 @@ def _loop(run: Run, progress: bool) -> dict:
     dist.hint = f"resume from the last checkpoint with --resume {run.run_dir}"
     out = Progress(run, progress)
     run.model.train()
-    last = {}
+    last, first = {}, state.step + 1
     mx.reset_peak_memory()
     while state.step < run.n_steps:
         record, data = _one_step(run, fns, steps, out)
@@ -98,6 +98,8 @@ def _loop(run: Run, progress: bool) -> dict:
         if run.guard.stop_requested:  # SIGINT / SIGTERM: the final checkpoint below, then exit
             break
     out.close_bar()
+    if not run.guard.stop_requested:  # every step skipped: no checkpoint, no adapter
+        run.guard.divergence.check_trained(first, state.step)
     if dist.is_main:  # the final state, always: `--resume` can extend a finished run
         save_run_checkpoint(run)
         run.callbacks.on_save(state.step, run.run_dir)

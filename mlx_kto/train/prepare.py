@@ -15,7 +15,7 @@ from mlx_kto.data.tokenize import (
     tokenize_examples,
 )
 from mlx_kto.errors import UserError
-from mlx_kto.train.dpo import check_pairs
+from mlx_kto.train.dpo import check_pairs, is_paired
 
 
 def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = None):
@@ -69,6 +69,6 @@ def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
         )
     if cfg.loss_type == "kto":
         assign_kl_partners(rows, seed=cfg.seed, max_length=cfg.max_length)
-    if cfg.loss_type in ("dpo", "ipo"):
-        check_pairs(rows, name, log)  # unpaired data: one line naming the row
+    if is_paired(cfg):
+        check_pairs(rows, name, cfg.loss_type, log)  # unpaired data: one line naming the row
     return rows

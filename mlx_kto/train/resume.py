@@ -129,6 +129,13 @@ def rows_hash(rows) -> str:
     return h.hexdigest()
 
 
+def setup_hash(cfg: KTOConfig) -> str:
+    """blake2b of the SETUP_FIELDS that are not paths (a model may sit at another path on
+    each host of a distributed run): equal on ranks that train the same way."""
+    values = [(k, getattr(cfg, k)) for k in SETUP_FIELDS if k not in PATH_FIELDS]
+    return hashlib.blake2b(repr(values).encode(), digest_size=16).hexdigest()
+
+
 def _same(name: str, old, new) -> bool:
     if name in PATH_FIELDS and old and new:
         old_p, new_p = Path(old).expanduser(), Path(new).expanduser()

@@ -31,6 +31,7 @@ from mlx_kto.train.checkpoint import find_checkpoint, load_checkpoint, read_stat
 from mlx_kto.train.distributed import (
     Dist,
     broadcast_from_main,
+    check_same_inputs,
     check_same_step,
     collective,
     init_distributed,
@@ -44,6 +45,7 @@ from mlx_kto.train.resume import (
     from_checkpoint,
     rows_hash,
     run_dir_of,
+    setup_hash,
 )
 from mlx_kto.train.run_dir import clear_run, prepare_run_dir
 from mlx_kto.train.schedule import make_schedule, total_steps
@@ -143,9 +145,11 @@ def setup(
     n_layers = cfg.num_layers if cfg.num_layers >= 0 else len(model.layers)
     a_config = adapter_config(cfg, cfg.model, n_layers)
     train_rows, valid_rows, dw = prepare_data(cfg, tokenizer, log, splits)
+    data_hash = rows_hash(train_rows)
+    check_same_inputs(data_hash, len(train_rows), setup_hash(cfg), dist)
     n_steps = total_steps(cfg, len(train_rows), dist.size, rows=train_rows)
     optimizer = make_optimizer(cfg, model, n_steps, log)
-    state = TrainState(meta={"data_hash": rows_hash(train_rows)})
+    state = TrainState(meta={"data_hash": data_hash})
     if start.checkpoint is not None:
         state = restore(start, cfg, model, optimizer, state)
         if state.step >= n_steps:
