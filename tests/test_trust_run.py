@@ -625,3 +625,27 @@ def test_mlx_writer_on_a_full_disk_is_one_line_and_leaves_no_half_file(
         assert not (out / "checkpoints").exists() or list((out / "checkpoints").iterdir()) == []
     else:
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000004"]
+
+
+@pytest.mark.parametrize("inside", ["run", "checkpoint"])
+def test_cli_overwrite_never_deletes_its_own_starting_adapter(tiny_llama, data, tmp_path, inside):
+    """`train --init-adapter X --adapter-path X --overwrite` deleted X, then failed on the
+    adapter it had just deleted: refused before anything is touched."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(cfg_for(tiny_llama, data, run, iters=2, steps_per_save=1), **QUIET)
+    init = run if inside == "run" else run / "checkpoints" / "step_0000001"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = ["--model", str(tiny_llama), "--data", str(data), "--max-length", "64", "--quiet"]
+    args += ["--init-adapter", str(init), "--adapter-path", str(run), "--overwrite"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", "train", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"would delete the starting adapter {init}" in err[0] and "--adapter-path" in err[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -32,6 +32,7 @@ from mlx_kto.model.load import load_base
 from mlx_kto.runtime.atomic import atomic_write_bytes
 from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS
 from mlx_kto.train.run import train
+from mlx_kto.train.run_dir import existing_run_files
 
 DEFAULT_OUT = "kto-demo"
 # Settings for the shipped model; a field the user set (different from KTOConfig's
@@ -56,7 +57,6 @@ DEMO_DEFAULTS = dict(
     steps_per_report=20,
     steps_per_save=0,
     keep_checkpoints=1,
-    overwrite=True,  # running the demo again replaces its previous run (only the run's files)
 )
 # The shortened run (`--quick`, the test): fewer steps at a higher rate, fewer samples.
 QUICK = dict(iters=40, learning_rate=1e-3, samples=6)
@@ -108,6 +108,33 @@ def demo_config(
     return cfg.validate()
 
 
+def check_out_folder(cfg: KTOConfig, log=print) -> KTOConfig:
+    """The demo's run folder, checked before any work: empty, or a previous demo run (on the
+    shipped model: replaced, as running the demo again should, said in a line), or, with
+    cfg.overwrite, any run. Another run there is refused: the demo never replaces work it
+    was not asked to. Returns cfg, with overwrite set where a demo run is replaced."""
+    out = Path(cfg.adapter_path)
+    found = existing_run_files(out) if out.is_dir() else []
+    if not found or cfg.overwrite:
+        return cfg
+    if not is_demo_run(out):
+        raise UserError(
+            f"adapter_path: {out} already holds a run ({', '.join(found)}) that the demo "
+            "would replace; pass --overwrite to replace it, or give the demo another folder"
+        )
+    log(f"replacing the previous demo run in {out}")
+    return dataclasses.replace(cfg, overwrite=True)
+
+
+def is_demo_run(run_dir: Path) -> bool:
+    """A run folder written by the demo: trained on the shipped model."""
+    try:
+        model = json.loads((run_dir / "kto_config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model, str) and Path(model).resolve() == (ASSETS / "model").resolve()
+
+
 def heldout_prompts() -> list[str]:
     return json.loads((ASSETS / "heldout_prompts.json").read_text())
 
@@ -139,7 +166,7 @@ def run_demo(
     echo = echo or (lambda msg="": print(msg, flush=True))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    cfg = demo_config(cfg, out, steps, seed, quick)
+    cfg = check_out_folder(demo_config(cfg, out, steps, seed, quick), log)
     n = samples_per_prompt or (QUICK["samples"] if quick else SAMPLES_PER_PROMPT)
     prompts = heldout_prompts()
     sample_kw = dict(n=n, max_tokens=MAX_NEW_TOKENS, temp=1.0, seed=cfg.seed)

@@ -102,6 +102,7 @@ def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None, is_main: bool = True) -> 
     if not is_main:
         return run_dir
     if ckpt is None:
+        check_overwrite_spares_inputs(cfg, run_dir)
         return prepare_run_dir(run_dir, cfg.overwrite)
     same = run_dir.exists() and run_dir.resolve() == run_dir_of(ckpt).resolve()
     if same and cfg.overwrite:
@@ -113,6 +114,20 @@ def resolve_run_dir(cfg: KTOConfig, ckpt: Path | None, is_main: bool = True) -> 
     if same:
         check_no_newer(ckpt, run_dir)
     return run_dir
+
+
+def check_overwrite_spares_inputs(cfg: KTOConfig, run_dir: Path) -> None:
+    """--overwrite removes run_dir's run files (run_dir.RUN_FILES) once the inputs have
+    loaded; a starting adapter among them (the run's own adapter, or one of its checkpoints)
+    would be deleted and then missed: refuse before anything is touched."""
+    if not (cfg.overwrite and cfg.init_adapter and run_dir.is_dir()):
+        return
+    init, run = Path(cfg.init_adapter).expanduser().resolve(), run_dir.resolve()
+    if init == run or run / "checkpoints" in init.parents:
+        raise UserError(
+            f"overwrite: --overwrite would delete the starting adapter {cfg.init_adapter} (it is "
+            f"in {run_dir}, the run being replaced); give --adapter-path NEW_FOLDER"
+        )
 
 
 def set_memory_limits(cfg: KTOConfig) -> None:
