@@ -41,8 +41,11 @@ def prepare_data(cfg: KTOConfig, tokenizer, log=print, splits: dict | None = Non
 
 
 def tokenize_split(cfg: KTOConfig, name: str, examples, tokenizer, log=print):
-    """Tokenize one split as training does (truncation, KL partners); report what was cut."""
-    rows, stats = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    """Tokenize one split as training does (truncation; KL partners for kto; pairs split as
+    TRL's DPO splits them for dpo/ipo); report what was cut."""
+    rows, stats = tokenize_examples(
+        examples, tokenizer, cfg.max_length, cfg.max_prompt_length, pairs=is_paired(cfg)
+    )
     if stats.n_dropped_long_prompt:
         log(
             f"warning: {name}: dropped {stats.n_dropped_long_prompt} rows whose prompt alone "
