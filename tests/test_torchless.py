@@ -72,10 +72,10 @@ print(json.dumps({"kept": kept, "hidden": hidden, "after": _torchless.kept_out()
 @pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed here: nothing to keep out")
 def test_the_train_command_keeps_torch_out(tmp_path):
     code = """
-import json, sys
-import mlx_kto.train.run
+import json, runpy, sys
+sys.argv = ["mlx_kto.train", "--help"]  # what `python -m mlx_kto.train --help` runs
 try:
-    mlx_kto.train.run.main(["--help"])
+    runpy.run_module("mlx_kto.train", run_name="__main__")
 except SystemExit:
     pass
 print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))

@@ -1,12 +1,19 @@
-"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import`
-(attached by mlx_kto.cli.app). Parsing only; the work is in the sibling modules."""
+"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import` (attached to
+the data group by cli/data.py). Parsing only; the work is in mlx_kto.collect."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from mlx_kto.cli.deps import require
+from mlx_kto.cli.options import HELP
+from mlx_kto.collect.chat import run_terminal_chat
+from mlx_kto.collect.importers import import_open_webui
+from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import check_sampling
+from mlx_kto.runtime.outputs import check_out_file
 
 import click
 
@@ -25,7 +32,7 @@ def _check_feedback_path(path: str) -> Path:
     return p
 
 
-@click.command("chat", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("chat", context_settings=HELP)
 @click.option(
     "--model", default=None, help="Model folder or hub id.  [default: the shipped demo model]"
 )
@@ -61,13 +68,10 @@ def chat(
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
-    from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
-
-    if not 0 < top_p <= 1:
-        raise UserError("top-p: must be in (0, 1]")
-    if temp < 0:
-        raise UserError("temp: must be >= 0")
+    check_sampling(temp, top_p, max_tokens=max_tokens, seed=seed)
     fb = _check_feedback_path(feedback)
+    if web:
+        require("starlette", "uvicorn")  # before loading a model it could not serve
     model = model or default_model()
     click.echo(
         f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True
@@ -83,16 +87,14 @@ def chat(
         sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
     )
     if web:
-        from mlx_kto.collect.web.server import serve
+        from mlx_kto.collect.web.server import serve  # optional dependencies: starlette, uvicorn
 
         serve(session, host=host, port=port, echo=click.echo)
         return
-    from mlx_kto.collect.chat import run_terminal_chat
-
     run_terminal_chat(session)
 
 
-@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("import", context_settings=HELP)
 @click.argument("source", type=click.Choice(["open-webui"]))
 @click.argument("export")
 @click.option("-o", "--output", required=True, help="Feedback file to write (.jsonl).")
@@ -105,11 +107,7 @@ def import_command(source, export, output, force):
     Export, messages with annotation.rating). Every rated assistant message of a
     chat becomes one row; its prompt is the conversation before it.
     """
-    from mlx_kto.collect.importers import import_open_webui
-
-    out = Path(output)
-    if out.exists() and not force:
-        raise UserError(f"output: {out} exists (use --force to overwrite)")
+    out = check_out_file(output, force, "--force")
     n, counts = import_open_webui(export, out)
     click.echo(
         f"wrote {n} rows to {out} ({counts['up']} thumbs up, {counts['down']} thumbs down"
