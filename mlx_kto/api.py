@@ -24,7 +24,8 @@ Rows are any shape `mlx-kto train` reads from a file (data formats in the README
 list of dicts or a `datasets.Dataset`. `args` is a KTOConfig, a dict of its fields, or a
 YAML path (mlx-lm and TRL names accepted there). The model is changed in place (LoRA layers
 inserted), as PEFT's get_peft_model does; `model_path` (the base folder) turns on the
-reference-log-prob cache. The CLI's `train` runs the same `train_model`.
+reference-log-prob cache. The CLI's `train` runs the same `train_model`; `train(resume=RUN)`
+continues a run from its newest checkpoint, as `mlx-kto train --resume RUN` does.
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ from mlx_kto.config.peft import lora_fields
 from mlx_kto.data.load import records_rows
 from mlx_kto.data.rows import examples_from_rows
 from mlx_kto.errors import UserError
+from mlx_kto.judge.probes import training_extras
 from mlx_kto.model.chat_template import set_chat_template
 from mlx_kto.model.load import load_base, save_adapter
+from mlx_kto.reference.scorer import make_scorer
 from mlx_kto.train.callbacks import Callback, FunctionCallback
+from mlx_kto.train.eval import evaluate
+from mlx_kto.train.prepare import prepare_data
+from mlx_kto.train.resume import config_changes, resume_config
+from mlx_kto.train.run import train_model
+from mlx_kto.train.setup import begin
 
 import mlx.nn as nn
 
@@ -303,34 +311,35 @@ class KTOTrainer:
             save_adapter(self.model, dst, config)
         return dst
 
-    def train(self):
-        """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics)."""
-        from mlx_kto.judge.probes import training_extras
-        from mlx_kto.train.callbacks import make_reporters
-        from mlx_kto.train.run import set_memory_limits, train_model
+    def train(
+        self,
+        resume: str | Path | None = None,
+        resume_from_checkpoint: str | Path | bool | None = None,
+    ):
+        """Train; returns the TrainResult (adapter_path, steps, final_metrics, eval_metrics).
 
+        `resume` (a run folder: its newest checkpoint; or a checkpoint folder) continues that
+        run as `mlx-kto train --resume` does: the checkpoint's settings, over which the
+        fields of `args` that differ from KTOConfig's defaults win. The model given must be
+        the run's base (the checkpoint's adapter is loaded onto it). `resume_from_checkpoint`
+        is TRL's name for it (True: the newest checkpoint in `args.adapter_path`)."""
         if self._trained:
             raise UserError("train: this trainer already trained its model; make a new one")
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.args.adapter_path
+        resume = resume or resume_from_checkpoint or self.args.resume
         cfg = self.args
-        if cfg.resume:
-            raise UserError("resume: use `mlx-kto train --resume` (it reloads the base model)")
-        set_memory_limits(cfg)
-        Path(cfg.adapter_path).mkdir(parents=True, exist_ok=True)
-        reporters = make_reporters(cfg, Path(cfg.adapter_path), self.log)
+        if resume:
+            cfg = resume_config(resume, config_changes(self.args))
+        start = begin(cfg, self.log, self.callbacks, training_extras())
         self._trained = True
-        self.result = train_model(
-            cfg, self.model, self.tokenizer, self.model_path, splits=self.splits,
-            log=self.log, callbacks=reporters + self.callbacks, extras=training_extras(),
-        )  # fmt: skip
+        self._run_cfg = start.cfg
+        self.result = train_model(start, self.model, self.tokenizer, self.model_path, self.splits)
         return self.result
 
     def evaluate(self, eval_dataset: Any = None) -> dict:
         """KTO loss, rewards, margins, kl and reward accuracy of the current adapter on
         `eval_dataset` (default: the one given at construction). The reference is the base."""
-        from mlx_kto.reference.scorer import make_scorer
-        from mlx_kto.train.loop import evaluate
-        from mlx_kto.train.run import prepare_data
-
         if not self._trained:
             raise UserError("evaluate: call train() first (the model has no adapter yet)")
         rows = rows_to_examples(eval_dataset, "eval_dataset", self.args.seed)
@@ -341,9 +350,9 @@ class KTOTrainer:
         quiet = lambda *_: None  # noqa: E731
         # As `mlx-kto eval`: the reference is the base model (adapter bypassed).
         cfg = dataclasses.replace(
-            self.args,
+            self._run_cfg,
             init_adapter=None,
-            no_ref_cache=self.args.no_ref_cache or self.model_path is None,
+            no_ref_cache=self._run_cfg.no_ref_cache or self.model_path is None,
         )
         tok_rows, _, dw = prepare_data(cfg, self.tokenizer, quiet, {"train": rows})
         scorer = make_scorer(cfg, self.model, None, self.model_path, quiet)

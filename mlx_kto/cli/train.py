@@ -9,30 +9,22 @@ from mlx_kto.cli.options import HELP, config_options
 from mlx_kto.config.core import KTOConfig, load_yaml, make_config
 from mlx_kto.judge.evaluate import eval_config, evaluate_adapter
 from mlx_kto.judge.probes import training_extras
-from mlx_kto.train.checkpoint import find_checkpoint, read_state
+from mlx_kto.train.resume import resume_config
 from mlx_kto.train.run import train
 
 import click
 
 
 def build_config(config_file: str | None, flags: dict) -> KTOConfig:
-    """defaults < saved run config (on --resume) < YAML < flags."""
+    """defaults < saved run config (on --resume: train.resume.resume_config) < YAML < flags."""
     if flags.get("lora_keys") is not None:
         flags["lora_keys"] = [k.strip() for k in flags["lora_keys"].split(",") if k.strip()]
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     yaml_values = load_yaml(config_file, log=log) if config_file else {}
-    resume = flags.get("resume")
-    if resume is None:
-        resume = yaml_values.get("resume")
-    base = {}
-    if resume:
-        base = read_state(find_checkpoint(resume))["config"]
-        # Not inherited: where to write (the folder resumed, see train.resolve_run_dir) and
-        # one-off permissions.
-        for key in ("resume", "adapter_path", "overwrite", "resume_changed"):
-            base.pop(key, None)
-    merged = {**base, **yaml_values, **{k: v for k, v in flags.items() if v is not None}}
-    return make_config(None, **merged)
+    given = {**yaml_values, **{k: v for k, v in flags.items() if v is not None}}
+    if given.get("resume"):
+        return resume_config(given["resume"], given)
+    return make_config(None, **given)
 
 
 @click.command("train", context_settings=HELP)

@@ -4,21 +4,23 @@ reference log-probs before training: the later `train` then only reads them."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import iterate_batches
 from mlx_kto.errors import UserError
 from mlx_kto.model.load import load_base, load_init_adapter, trainable_lora
 from mlx_kto.reference.scorer import make_scorer
-from mlx_kto.train.loop import fast_paths
-from mlx_kto.train.run import prepare_data
+from mlx_kto.train.fast_paths import fast_paths
+from mlx_kto.train.prepare import prepare_data
 
 import mlx.core as mx
 
 
 def warm_cache(cfg: KTOConfig, log=print) -> dict:
-    """Fill the reference cache for cfg's train and valid splits; returns the scorer stats."""
-    cfg.validate()
+    """Fill the reference cache for cfg's train and valid splits; returns the scorer stats.
+    `cfg` is not changed (the model loader sets the dtype on a copy)."""
+    cfg = replace(cfg).validate()
     if cfg.no_ref_cache:
         raise UserError("--no-ref-cache: warming the cache needs the cache switched on")
     model, tokenizer, model_path, _ = load_base(cfg)
