@@ -117,7 +117,6 @@ def main() -> None:
         sys.exit("rss_probe: Linux only (reads /proc and glibc's mallinfo2)")
     from mlx_kto.cli.app import run as run_cli
     from mlx_kto.cli.train import train_command
-    from mlx_kto.runtime import torchless
 
     mallinfo = _mallinfo()
     with tempfile.TemporaryDirectory(prefix="mlx_kto_rss_") as tmp:
@@ -136,8 +135,7 @@ def main() -> None:
         th = threading.Thread(target=run, daemon=True)
         th.start()
         try:
-            torchless.keep_out()  # as `python -m mlx_kto.train` does
-        run_cli(train_command, train_args, "python -m mlx_kto.train")
+            run_cli(train_command, train_args, "python -m mlx_kto.train")
         except SystemExit as e:
             if e.code:
                 raise
