@@ -4,6 +4,9 @@ KTO on conversational rows through its ChatML template, the adapter loaded by
 `convert to-gguf --base the.gguf` and applied by llama.cpp over the same file."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 from mlx_kto.config.core import KTOConfig
@@ -175,3 +178,71 @@ def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, tmp_path):  
     got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()
     np.testing.assert_allclose(got, logits(model, tokens), atol=1e-3, rtol=0)
+
+
+# Hides torch from this interpreter as if it were not installed: the path finder no longer
+# finds `torch` (importlib.util.find_spec gives None, `import torch` raises
+# ModuleNotFoundError), whatever mlx_kto does itself (the test also turns its own
+# keep-out off with MLX_KTO_ALLOW_TORCH=1).
+NO_TORCH = """
+import sys
+from importlib.machinery import PathFinder
+
+
+class HideTorch(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [HideTorch if f is PathFinder else f for f in sys.meta_path]
+"""
+
+
+def no_torch_env(tmp_path) -> dict:
+    """Environment of a process that cannot import torch (sitecustomize on PYTHONPATH),
+    with a fresh cache (the GGUF tokenizer is built there, not read from ours)."""
+    site = tmp_path / "no_torch"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TORCH)
+    env = dict(os.environ, MLX_KTO_ALLOW_TORCH="1", MLX_KTO_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def mlx_kto(*args, env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mlx_kto.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_train_and_export_without_torch(smollm2_gguf, tmp_path):  # noqa: F811
+    """README's round trip on a base install (no torch): `mlx-kto train --model FILE.gguf`
+    (2 steps) and `mlx-kto convert to-gguf RUN OUT --base FILE.gguf`, as subprocesses."""
+    env = no_torch_env(tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, json, transformers;"
+         "print(json.dumps([importlib.util.find_spec('torch') is None,"
+         " transformers.utils.is_torch_available()]))"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert probe.returncode == 0 and json.loads(probe.stdout) == [True, False], probe.stderr
+    data = write_chat_feedback(tmp_path / "feedback.jsonl")
+    run = tmp_path / "run"
+    r = mlx_kto("train", "--model", smollm2_gguf, "--data", data, "--adapter-path", run,
+                "--iters", 2, "--batch-size", 2, "--max-length", 48, "--num-layers", 2,
+                "--lora-rank", 4, "--steps-per-eval", 0, "--no-ref-cache", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch" not in r.stderr.lower(), r.stderr[-3000:]
+    assert (run / "adapters.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+    assert any((tmp_path / "cache" / "gguf_tokenizers").iterdir())  # built in that process
+    out = tmp_path / "lora.gguf"
+    r = mlx_kto("convert", "to-gguf", run, out, "--base", smollm2_gguf, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mlx_kto.export import read_lora_file
+
+    lora = read_lora_file(out)
+    assert lora.kv["general.type"][1] == "adapter"
+    assert sum(n.endswith(".lora_a") for n in lora.tensors) == 2 * 7  # 2 layers x 7 linears
