@@ -36,7 +36,7 @@ def describe(path: str | Path):
     )
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
     arch = meta(reader, "general.architecture")
-    return info, tensors, arch, ARCHES[arch][1]
+    return info, tensors, arch, ARCHES[arch].permute_qk
 
 
 def gguf_to_mlx(
