@@ -55,9 +55,11 @@ class GGUFBase:
     weights: dict[str, mx.array]  # mlx-lm parameter names (quantized: weight/scales/biases)
     types: dict[str, str]  # GGUF tensor name -> GGML type name
     dequantized: list[str] = field(default_factory=list)  # mlx module paths made float
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (file, loaded) B
 
     def report(self) -> list[str]:
-        """One line per GGML type: how many tensors, and what happened to them."""
+        """One line per GGML type: how many tensors, what happened to them, and for the
+        dequantized ones the memory that costs (bytes in the file -> as floats)."""
         lines = []
         for typ, n in sorted(Counter(self.types.values()).items()):
             if typ in NATIVE_BITS:
@@ -65,9 +67,23 @@ class GGUFBase:
             elif typ in ("F32", "F16", "BF16"):
                 what = "loaded as floats"
             else:
-                what = "dequantized to floats (gguf-py)"
+                names = [k for k, t in self.types.items() if t == typ]
+                file_b = sum(self.sizes[k][0] for k in names if k in self.sizes)
+                mem_b = sum(self.sizes[k][1] for k in names if k in self.sizes)
+                what = (
+                    f"dequantized to floats (gguf-py): {mib(file_b)} in the file, "
+                    f"{mib(mem_b)} in memory (--quantize 4 re-quantizes them)"
+                )
             lines.append(f"{typ}: {n} tensors {what}")
         return lines
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def params_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def read_config(path: Path, reader=None) -> dict:
@@ -175,7 +191,7 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
         loaded = None
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
-    weights, quant, dequantized = {}, {}, []
+    weights, quant, dequantized, sizes = {}, {}, [], {}
     for t in tensors:
         typ, target = types[t.name], names[t.name]
         module = target.rpartition(".")[0]
@@ -204,6 +220,7 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
             got = got[:-1] + (got[-1] * 32 // NATIVE_BITS[typ],)
         if got != want:
             raise UserError(f"{path}: tensor '{t.name}' has shape {got}, mlx-lm expects {want}")
+        sizes[t.name] = (int(t.data.nbytes), sum(int(p.nbytes) for p in parts))
         weights[target] = parts[0]
         if len(parts) == 3:
             weights[f"{module}.scales"], weights[f"{module}.biases"] = parts[1], parts[2]
@@ -216,7 +233,7 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
         qconf.update({m: {**q, "mode": "affine"} for m, q in quant.items() if q["bits"] != bits})
         config["quantization"] = qconf
         config["quantization_config"] = qconf
-    return GGUFBase(path, arch, config, weights, types, dequantized)
+    return GGUFBase(path, arch, config, weights, types, dequantized, sizes)
 
 
 def build_model(base: GGUFBase) -> nn.Module:
@@ -254,6 +271,16 @@ def requantize(model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> 
     return done
 
 
+def requantize_line(path, model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> str:
+    """`requantize`, and the log line saying what it did to the model's memory."""
+    before = params_bytes(model)
+    done = requantize(model, base, bits, group_size)
+    return (
+        f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {bits}-bit "
+        f"(group size {group_size}): weights {mib(before)} -> {mib(params_bytes(model))}"
+    )
+
+
 def load_gguf(
     path: str | Path,
     quantize: int | None = None,
@@ -268,8 +295,7 @@ def load_gguf(
     for line in base.report():
         log(f"{Path(path).name}: {line}")
     if quantize:
-        done = requantize(model, base, quantize, q_group_size)
-        log(f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
+        log(requantize_line(path, model, base, quantize, q_group_size))
     tokenizer = load_gguf_tokenizer(base.path, base.config.get("eos_token_id"))
     mx.eval(model.parameters())
     return model, tokenizer, base.config
