@@ -4,7 +4,6 @@ KTO on conversational rows through its ChatML template, the adapter loaded by
 `convert to-gguf --base the.gguf` and applied by llama.cpp over the same file."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from adapter_fixtures import logits
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
 from llama_ref import f32_copy, llama_cpp, llama_logits, random_adapter
 from mlx.utils import tree_map
+from no_torch import mlx_kto, no_torch_env
 
 pytestmark = pytest.mark.slow
 
@@ -165,43 +165,6 @@ def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, smollm2_f32)
     np.testing.assert_allclose(
         llama_logits(smollm2_f32, tokens), logits(model, tokens), atol=1e-3, rtol=0
     )
-
-
-# Hides torch from this interpreter as if it were not installed: the path finder no longer
-# finds `torch` (importlib.util.find_spec gives None, `import torch` raises
-# ModuleNotFoundError), whatever mlx_kto does itself (the test also turns its own
-# keep-out off with MLX_KTO_ALLOW_TORCH=1).
-NO_TORCH = """
-import sys
-from importlib.machinery import PathFinder
-
-
-class HideTorch(PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] == "torch":
-            return None
-        return super().find_spec(name, path, target)
-
-
-sys.meta_path[:] = [HideTorch if f is PathFinder else f for f in sys.meta_path]
-"""
-
-
-def no_torch_env(tmp_path) -> dict:
-    """Environment of a process that cannot import torch (sitecustomize on PYTHONPATH),
-    with a fresh cache (the GGUF tokenizer is built there, not read from ours)."""
-    site = tmp_path / "no_torch"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(NO_TORCH)
-    env = dict(os.environ, MLX_KTO_ALLOW_TORCH="1", MLX_KTO_CACHE_DIR=str(tmp_path / "cache"))
-    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-def mlx_kto(*args, env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mlx_kto.cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
 def test_train_and_export_without_torch(smollm2_gguf, tmp_path):  # noqa: F811
