@@ -88,9 +88,16 @@ def _arch_metadata(w, cfg: dict, arch: str) -> list:
         if cfg.get("sliding_window_pattern") != 1:
             w.add_sliding_window(cfg["sliding_window"])
     elif arch == "phi3":
-        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+        orig = cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
         w.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * head_dim))
         w.add_sliding_window(cfg.get("sliding_window") or 0)
+        rs = cfg.get("rope_scaling") or {}
+        if rs.get("type") == "longrope":  # as conversion/phi.py writes LongRoPE
+            scale = cfg["max_position_embeddings"] / orig
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)))
+            extra.append(("rope_factors_long.weight", np.array(rs["long_factor"], np.float32)))
+            extra.append(("rope_factors_short.weight", np.array(rs["short_factor"], np.float32)))
     else:
         w.add_rope_dimension_count(head_dim)
         if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
@@ -161,8 +168,8 @@ def write_toy_gguf(base: Path, out: Path, types: dict[str, str] | None = None, e
 def toy_arch_model(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
     """A random-weight HF folder (toy BPE tokenizer, float32 safetensors) of `family`:
     "gemma3" (Gemma 3 270M's layout: q/k norms, 4 norms a layer, sliding and global layers,
-    tied embeddings), "phi3" (fused qkv / gate_up) or "llama32" (Llama 3.2's llama3 rope
-    scaling, tied embeddings). Every norm weight is random too, so a norm stored or mapped
+    tied embeddings), "phi3" (fused qkv / gate_up), "phi4mini" (also partial rotary, LongRoPE
+    factors, tied embeddings) or "llama32" (Llama 3.2's llama3 rope scaling, tied embeddings). Every norm weight is random too, so a norm stored or mapped
     wrongly changes the logits."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -181,6 +188,12 @@ def toy_arch_model(out_dir: Path, family: str, seed: int = 0, **overrides) -> Pa
                "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None}  # fmt: skip
     elif family == "phi3":
         cfg = model_config("phi3", vocab_size=len(tok), tie_word_embeddings=False)
+    elif family == "phi4mini":  # Phi-4-mini's layout: partial rotary, LongRoPE, tied
+        cfg = {**model_config("phi3", vocab_size=len(tok), tie_word_embeddings=True),
+               "partial_rotary_factor": 0.75, "max_position_embeddings": 131072,
+               "original_max_position_embeddings": 4096,
+               "rope_scaling": {"type": "longrope", "long_factor": [1.0, 1.5, 3.0, 9.0, 20.0, 40.0],
+                                "short_factor": [1.0, 1.2, 1.9, 2.5, 4.0, 8.0]}}  # fmt: skip
     elif family == "llama32":  # rope factors that matter within a few tokens: orig 64
         cfg = {**model_config("llama", vocab_size=len(tok), tie_word_embeddings=True),
                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

@@ -2,9 +2,9 @@
 
 What comes from where:
 - config: the GGUF metadata (`{arch}.block_count`, ...), read by `gguf_reader.read_header`
-  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse);
-- tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
-  turns the GGUF vocabulary into a fast tokenizer with its chat template;
+  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse) and
+  mapped per architecture by `gguf_arch` (llama, qwen2, qwen3, gemma3, phi3);
+- tokenizer: built from the file's own vocabulary metadata (`gguf_tokenizer`, no torch);
 - weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
   MLX affine quantization with group size 32 (`w = scale * q + bias`: Q4_1 is exactly that,
   Q4_0 is `d * (q - 8)` so bias = -8 d, Q8_0 is `d * q` with signed q so bias = -128 d).
@@ -16,9 +16,10 @@ What comes from where:
   ...) are read from the memory-mapped file instead; their Q4_0 / Q4_1 / Q8_0 tensors are
   repacked into the same MLX layout (`pack_native`, checked against `mx.load` bit for bit).
 - tensor names: gguf-py's HF <-> GGUF name map, inverted over the mlx-lm model's parameters;
-  llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone.
-Anything that cannot be mapped is refused by name: architectures, tensors (e.g. Llama 3's
-`rope_freqs`), rope scaling, types gguf-py cannot dequantize.
+  llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone,
+  and Gemma's norms as 1 + w, which is shifted back; rope factor tensors are config.
+Anything that cannot be mapped is refused by name: architectures, tensors, rope scaling,
+types gguf-py cannot dequantize.
 """
 
 from __future__ import annotations
