@@ -187,7 +187,9 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
             + more
         )
     try:
-        loaded = mx.load(str(path))  # MLX's loader: Q4_0/Q4_1/Q8_0 stay packed
+        loaded = mx.load(
+            str(path), format="gguf"
+        )  # packed Q4_0/Q4_1/Q8_0; format: an Ollama blob has no suffix
     except Exception:  # a type MLX cannot read (Q5_0, Q3_K, ...): gguf-py for all tensors
         loaded = None
     n_head = config["num_attention_heads"]
