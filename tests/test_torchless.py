@@ -83,3 +83,20 @@ except SystemExit:
 print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))
 """
     assert run_py(code, tmp_path)["torch"] == "None"
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed here: nothing to keep out")
+def test_the_mlx_kto_entry_point_keeps_torch_out(tmp_path):
+    # The console script does `from mlx_kto.cli import main; main()`: importing the package
+    # must not reach transformers before main marks torch absent.
+    code = """
+import json, sys
+sys.argv = ["mlx-kto", "train", "--help"]
+from mlx_kto.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))
+"""
+    assert run_py(code, tmp_path)["torch"] == "None"
