@@ -95,7 +95,10 @@ def test_train_export_and_run_in_llama_cpp(smollm2_gguf, smollm2_f32, tmp_path):
     res = train(cfg, log=lines.append)
     assert res.steps == 3
     assert any("Q4_1: 210 tensors kept quantized" in m for m in lines), lines
-    assert cfg.dtype == "float32"  # the CPU rule: Q4_1 scales are float16
+    # The CPU rule (Q4_1 scales are float16): the run trained in float32, the caller's config
+    # untouched (train works on its own copy).
+    assert json.loads((res.adapter_path / "kto_config.json").read_text())["dtype"] == "float32"
+    assert cfg.dtype is None
     losses = [json.loads(x)["loss"] for x in res.metrics_path.read_text().splitlines()[-3:]]
     assert all(np.isfinite(losses))
     t_train = time.time() - t0
