@@ -270,6 +270,7 @@ def _attach_optional_commands() -> None:
         ("mlx_kto.cli.convert", "convert"),
         ("mlx_kto.cli.cache", "cache"),
         ("mlx_kto.cli.demo", "demo"),
+        ("mlx_kto.cli.rounds", "rounds"),
         ("mlx_kto.cli.judge", "compare"),
         ("mlx_kto.cli.judge", "plot"),
         ("mlx_kto.cli.collect", "chat"),
