@@ -69,7 +69,9 @@ class RoundsConfig:
         None, "The yes/no question the judge model answers about each (prompt, reply)."
     )
     min_gain: float = _f(
-        0.0, "Stop when a round raises the held-out desirable share by this many points or less."
+        0.0,
+        "Stop when a round raises the held-out desirable share by this many points or less "
+        "(-100: never stop for that).",
     )
     train: KTOConfig = field(
         default_factory=KTOConfig, metadata={"help": "Training settings of every round."}
