@@ -56,26 +56,48 @@ def stamps(out: Path) -> dict:
     return {str(f.relative_to(out)): (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_round_resumes_to_the_same_adapter(tmp_path):
-    straight = tmp_path / "straight"
-    r = mlx_kto(*tiny_args(tmp_path, straight))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("straight")
+    r = mlx_kto(*tiny_args(tmp, tmp / "out"))
     assert r.returncode == 0, r.stderr
+    return tmp / "out"
 
-    out = tmp_path / "killed"
+
+def interrupt(args: list[str], after: str, at: str, signum: int) -> list[str]:
+    """Run the command; once a line starting with `after` was printed, send `signum` at the
+    first line starting with `at`. Returns the lines printed before."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "mlx_kto.cli", *tiny_args(tmp_path, out)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines, in_round_2 = [], False
+        [sys.executable, "-m", "mlx_kto.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    lines, armed = [], False
     for line in p.stderr:
         lines.append(line)
-        in_round_2 = in_round_2 or line.startswith("round 2: training")
-        if in_round_2 and line.startswith("step 3/"):  # after the step-2 checkpoint
-            os.kill(p.pid, signal.SIGKILL)
+        armed = armed or line.startswith(after)
+        if armed and line.startswith(at):
+            os.kill(p.pid, signum)
             break
-    p.wait(timeout=120)
-    assert p.returncode == -signal.SIGKILL, "".join(lines)
+    rest = p.communicate(timeout=120)[1]
+    return lines + rest.splitlines(keepends=True), p.returncode
+
+
+def assert_same_adapters(a_run: Path, b_run: Path) -> None:
+    for name in ("round-1", "round-2"):
+        a, b = adapter(a_run / name), adapter(b_run / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_resumes_to_the_same_adapter(tmp_path, straight):
+    out = tmp_path / "killed"
+    # Round 2's training, after its step-2 checkpoint.
+    lines, code = interrupt(
+        tiny_args(tmp_path, out), "round 2: training", "step 3/", signal.SIGKILL
+    )
+    assert code == -signal.SIGKILL, "".join(lines)
     assert not (out / "round-2" / "train.json").exists()  # really mid-round
     before = stamps(out)
     assert "round-2/feedback.jsonl" in before and "round-1/train.json" in before
@@ -86,11 +108,7 @@ def test_sigkill_mid_round_resumes_to_the_same_adapter(tmp_path):
     assert "sampling" not in r.stderr.split("resuming")[1].split("round 2: held")[0]
     after = stamps(out)
     assert {k: after[k] for k in before} == before  # nothing on disk written again
-    for name in ("round-1", "round-2"):
-        a, b = adapter(straight / name), adapter(out / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+    assert_same_adapters(straight, out)
     for name in ("round-1/feedback.jsonl", "round-2/feedback.jsonl"):
         labels = [
             [(json.loads(x)["completion"][0]["content"], json.loads(x)["label"])
@@ -102,3 +120,22 @@ def test_sigkill_mid_round_resumes_to_the_same_adapter(tmp_path):
     assert [x["round"] for x in recs[1]] == [0, 1, 2]
     for a, b in zip(*recs):
         assert a["heldout_share"] == b["heldout_share"] and a["rows"] == b["rows"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_resumes_to_the_same_adapter(tmp_path, straight):
+    """Ctrl-C while round 1 trains (checkpointed by train, exit 130) and, after a resume,
+    while round 2 samples (that step is simply done again): each time one line names the
+    command to continue; the end result is the uninterrupted run's."""
+    out = tmp_path / "ctrl-c"
+    again = f"resume with: mlx-kto rounds --resume {out}"
+    lines, code = interrupt(tiny_args(tmp_path, out), "round 1: training", "step 3/", signal.SIGINT)
+    assert code == 130 and lines[-1].strip().endswith(again), "".join(lines[-5:])
+    assert "Traceback" not in "".join(lines)
+    args = ["rounds", "--resume", str(out)]
+    lines, code = interrupt(args, "round 2: sampling", "round 2: sampling", signal.SIGINT)
+    assert code == 130 and lines[-1].strip().endswith(again), "".join(lines[-5:])
+    assert "Traceback" not in "".join(lines)
+    r = mlx_kto(*args)
+    assert r.returncode == 0, r.stderr
+    assert_same_adapters(straight, out)

@@ -74,7 +74,8 @@ class RoundsConfig:
         "(-100: never stop for that).",
     )
     train: KTOConfig = field(
-        default_factory=KTOConfig, metadata={"help": "Training settings of every round."}
+        default_factory=lambda: KTOConfig(**TRAIN_DEFAULTS),
+        metadata={"help": "Training settings of every round (KTOConfig)."},
     )
 
     def validate(self, python_judge: bool = False) -> RoundsConfig:
