@@ -134,7 +134,8 @@ def _claim(cfg: RoundsConfig, extra: dict, resume: bool, log) -> None:
     if stored.get("judge_sha256") != extra["judge_sha256"]:
         log(f"warning: {cfg.judge} changed since the run started; rounds already labelled keep "
             "their labels, the rest are labelled by the file as it is now")  # fmt: skip
-    if stored.get("judge_name") != extra["judge_name"]:
+    python_judge = not (cfg.judge or cfg.judge_model)  # (the others are settings, checked)
+    if python_judge and stored.get("judge_name") != extra["judge_name"]:
         log(f"warning: the judge is now {extra['judge_name']} (the run started with "
             f"{stored.get('judge_name')})")  # fmt: skip
     log(f"resuming the rounds in {out}")
