@@ -154,6 +154,8 @@ def test_python_api_with_a_function_judge_and_resume_labels_nothing_twice(tmp_pa
         run_rounds(cfg, judge=polite, log=lambda m: None, echo=lambda m: None)
     again = run_rounds(cfg, judge=polite, resume=True, log=lambda m: None, echo=lambda m: None)
     assert len(calls) == n_first and again == recs  # all on disk: nothing labelled again
+    line = one_line_error(mlx_kto("rounds", "--resume", tmp_path / "o"))
+    assert "labelled by a Python function" in line and "polite" in line
 
 
 # -- the parts, in process ------------------------------------------------------------------

@@ -183,6 +183,12 @@ def resume_config(out: str | Path, settings: dict, train: dict) -> RoundsConfig:
     if doc is None:
         what = "no such folder" if not Path(out).exists() else f"no {CONFIG_FILE} in it"
         raise UserError(f"resume: {out}: not a rounds run folder ({what})")
+    if not (doc.get("judge") or doc.get("judge_model") or settings.get("judge")):
+        raise UserError(
+            f"resume: the run in {out} was labelled by a Python function "
+            f"({doc.get('judge_name')}); continue it from Python: "
+            "run_rounds(config, judge=that_function, resume=True)"
+        )
     names = {f.name for f in dataclasses.fields(RoundsConfig)} - {"train", "out"}
     values = {k: doc[k] for k in names if k in doc}
     values.update({k: v for k, v in settings.items() if v is not None and k in names})
