@@ -66,7 +66,9 @@ def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
 
 
 def train(train_args: list[str]) -> dict:
-    import mlx_kto.train.run as mlx_train
+    from mlx_kto.cli.app import run as run_cli
+    from mlx_kto.cli.train import train_command
+    from mlx_kto.runtime import torchless
     from mlx_kto.train import loop as trainer
 
     rec: dict = {"t_start": T_START, "t_imported": time.time()}
@@ -80,7 +82,8 @@ def train(train_args: list[str]) -> dict:
     trainer.MetricsLog.write = stamped_write
     code = 0
     try:
-        mlx_train.main(train_args)
+        torchless.keep_out()  # as `python -m mlx_kto.train` does
+        run_cli(train_command, train_args, "python -m mlx_kto.train")
     except SystemExit as e:  # the CLI exits on a user error
         code = e.code if isinstance(e.code, int) else 1
     rec.update(step_end_times=stamps, exit_code=code, rss_end_mb=maxrss_mb(), t_end=time.time())

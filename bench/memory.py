@@ -34,7 +34,7 @@ from mlx_kto.data.batches import make_batch  # noqa: E402
 from mlx_kto.model.load import adapter_config, apply_lora, load_base  # noqa: E402
 from mlx_kto.model.logprobs import hidden_states, sequence_logps  # noqa: E402
 from mlx_kto.reference.scorer import ReferenceScorer  # noqa: E402
-from mlx_kto.train.loop import TrainState, make_schedule, train_loop  # noqa: E402
+from mlx_kto.train.loop import Run, make_schedule, train_loop  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -113,11 +113,9 @@ def kto_step(model_path: Path, rows, args, limit_mb: float, weights_mb: float) -
     with tempfile.TemporaryDirectory(prefix="mlx_kto_mem_") as tmp:
         mx.clear_cache()
         mx.reset_peak_memory()
-        train_loop(
-            model, cfg, rows, None, scorer, optimizer, TrainState(), Path(tmp),
-            adapter_config(cfg, str(model_path), len(model.layers)), 1.0, n,
-            log=lambda *_: None, progress=False,
-        )  # fmt: skip
+        a_config = adapter_config(cfg, str(model_path), len(model.layers))
+        run = Run(cfg, model, optimizer, rows, scorer, Path(tmp), a_config, n, log=lambda *_: None)
+        train_loop(run, progress=False)
         peak = mx.get_peak_memory()
     mx.clear_cache()
     resident = mx.get_active_memory()

@@ -29,7 +29,7 @@ from mlx_kto.data.batches import num_batches  # noqa: E402
 from mlx_kto.model.load import adapter_config, apply_lora, load_base  # noqa: E402
 from mlx_kto.reference.fingerprint import reference_fingerprint  # noqa: E402
 from mlx_kto.reference.scorer import RefCache, ReferenceScorer  # noqa: E402
-from mlx_kto.train.loop import TrainState, make_schedule, train_loop  # noqa: E402
+from mlx_kto.train.loop import Run, make_schedule, train_loop  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
@@ -81,11 +81,11 @@ def main() -> None:
         scorer = PhasedScorer(model, cache=cache, fingerprint=fp, per_epoch=per_epoch)
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
-        train_loop(
-            model, cfg, rows, None, scorer, optimizer, TrainState(), run_dir,
-            adapter_config(cfg, str(path), len(model.layers)), 1.0, n_steps,
-            log=lambda *_: None, progress=False,
-        )  # fmt: skip
+        a_config = adapter_config(cfg, str(path), len(model.layers))
+        run = Run(
+            cfg, model, optimizer, rows, scorer, run_dir, a_config, n_steps, log=lambda *_: None
+        )
+        train_loop(run, progress=False)
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         entries = cache.info()["entries"]
 

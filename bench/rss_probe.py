@@ -115,7 +115,8 @@ def main() -> None:
     a = p.parse_args(argv)
     if not sys.platform.startswith("linux"):
         sys.exit("rss_probe: Linux only (reads /proc and glibc's mallinfo2)")
-    import mlx_kto.train.run as mlx_train
+    from mlx_kto.cli.app import run as run_cli
+    from mlx_kto.cli.train import train_command
 
     mallinfo = _mallinfo()
     with tempfile.TemporaryDirectory(prefix="mlx_kto_rss_") as tmp:
@@ -134,7 +135,7 @@ def main() -> None:
         th = threading.Thread(target=run, daemon=True)
         th.start()
         try:
-            mlx_train.main(train_args)
+            run_cli(train_command, train_args, "python -m mlx_kto.train")
         except SystemExit as e:
             if e.code:
                 raise

@@ -59,7 +59,8 @@ from mlx_kto.reference.fingerprint import reference_fingerprint  # noqa: E402
 from mlx_kto.reference.scorer import RefCache, ReferenceScorer  # noqa: E402
 from mlx_kto.runtime import fastops  # noqa: E402
 from mlx_kto.train import loop as trainer
-from mlx_kto.train.loss import metrics_to_floats  # noqa: E402
+from mlx_kto.train.loss import kto_loss, metrics_to_floats  # noqa: E402
+from mlx_kto.train.stepfns import loss_kwargs  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
@@ -175,11 +176,11 @@ def use_baseline() -> None:
 def baseline_train_step(model, optimizer, cfg):
     """`train_loop`'s per-micro-batch work as before issue 6 (commit e9b3326): eager KL
     forward over every position, left lazy and evaluated together with the compiled step."""
-    loss_kw = trainer._loss_kwargs(cfg, 1.0)
+    loss_kw = loss_kwargs(cfg, 1.0)
 
     def loss_fn(model, tokens, mask, labels, ref, kl_pol, kl_ref):
         pol = logprobs.sequence_logps(model, tokens, mask)
-        return trainer.kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
+        return kto_loss(pol, ref, kl_pol, kl_ref, labels, **loss_kw)
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     cstate = [model.state, optimizer.state, mx.random.state]

@@ -1,5 +1,7 @@
 """The Python API (KTOTrainer, callbacks), TRL log keys, loggers, progress output."""
 
+import copy
+import dataclasses
 import json
 import sys
 import types
@@ -78,6 +80,47 @@ def test_trainer_api_callbacks_and_same_adapter_as_the_cli(tiny_llama, tmp_path)
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
 
 
+def test_trainer_resumes_a_cli_run_from_python(tiny_llama, tmp_path):
+    """KTOTrainer.train(resume=CHECKPOINT) continues a run the CLI's train() wrote: the
+    checkpoint's settings (args sets none of them), its adapter and data position, the same
+    rows given in memory: the adapter of the uninterrupted run. A changed setting in args
+    wins over the checkpoint's, and the resume check then refuses it in one line."""
+    from mlx_kto.api import KTOTrainer
+    from mlx_kto.train.run import train
+
+    from mlx_lm import load
+
+    data = _write(tmp_path / "train.jsonl", rows(16))
+    args = {**ARGS, "steps_per_eval": 0}
+    cfg = make_config(None, **args, model=str(tiny_llama), data=str(data))
+    cfg = dataclasses.replace(cfg, adapter_path=str(tmp_path / "cli"))
+    straight = train(cfg, log=lambda *_: None)
+    ckpt = tmp_path / "cli" / "checkpoints" / "step_0000003"
+
+    model, tok = load(str(tiny_llama))
+    trainer = KTOTrainer(
+        model, tok, train_dataset=rows(16), args={"adapter_path": str(tmp_path / "py")},
+        log=lambda *_: None,
+    )  # fmt: skip
+    res = trainer.train(resume=str(ckpt))
+    assert res.steps == 6 and res.adapter_path == tmp_path / "py"
+    steps = [json.loads(x)["step"] for x in res.metrics_path.read_text().splitlines()]
+    assert steps == [4, 5, 6]
+    a = mx.load(str(straight.adapter_path / "adapters.safetensors"))
+    b = mx.load(str(res.adapter_path / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), atol=1e-5, rtol=1e-4)
+
+    model, tok = load(str(tiny_llama))
+    changed = KTOTrainer(
+        model, tok, train_dataset=rows(16), args={"beta": 0.3, "adapter_path": str(tmp_path / "b")},
+        log=lambda *_: None,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=r"trained with another setup: beta 0.1 -> 0.3"):
+        changed.train(resume_from_checkpoint=str(ckpt))
+
+
 def test_trainer_takes_a_datasets_dataset(tiny_llama, tmp_path):
     datasets = pytest.importorskip("datasets", reason="datasets is in the test extra")
     from mlx_kto.api import KTOTrainer
@@ -87,8 +130,11 @@ def test_trainer_takes_a_datasets_dataset(tiny_llama, tmp_path):
     model, tok = load(str(tiny_llama))
     ds = datasets.Dataset.from_list(rows(8))
     args = {**ARGS, "iters": 2, "steps_per_eval": 0, "adapter_path": str(tmp_path / "ds")}
-    res = KTOTrainer(model, tok, train_dataset=ds, args=args, log=lambda *_: None).train()
+    trainer = KTOTrainer(model, tok, train_dataset=ds, args=args, log=lambda *_: None)
+    before = copy.deepcopy(trainer.args)
+    res = trainer.train()  # no model_path: the reference cache is off for this run only
     assert res.steps == 2 and (tmp_path / "ds" / "adapters.safetensors").exists()
+    assert trainer.args == before and not trainer.args.no_ref_cache
     with pytest.raises(UserError, match=r"train_dataset\[1\]: label"):
         KTOTrainer(
             model,
@@ -126,10 +172,9 @@ def test_metrics_records_trl_keys_per_step_ref_counts_and_plain_progress(tiny_ll
 
 
 def test_mid_run_eval_is_written_above_the_bar(tiny_llama, tmp_path, monkeypatch, capsys):
-    import mlx_kto.train.callbacks
     from mlx_kto.train.run import train
 
-    monkeypatch.setattr(mlx_kto.train.callbacks, "show_bar", lambda: True)
+    monkeypatch.setattr("mlx_kto.train.loop.show_bar", lambda: True)  # as on a terminal
     d = tmp_path / "data"
     d.mkdir()
     _write(d / "train.jsonl", rows(8))

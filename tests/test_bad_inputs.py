@@ -49,8 +49,19 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 # -- the user's folder ---------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Another base: the tiny Llama's family and depth, hidden size 96 instead of 64."""
+    from toy import build_model
+
+    return build_model(
+        tmp_path_factory.mktemp("wide"), family="llama", seed=2, hidden_size=96,
+        intermediate_size=192,
+    )  # fmt: skip
+
+
 @pytest.fixture
-def world(tmp_path, tiny_llama, tiny_qwen2, adapter):
+def world(tmp_path, tiny_llama, tiny_qwen2, adapter, wide):
     """A folder with what a user has: data, a model copy, adapters, earlier outputs."""
     w = tmp_path
     _jsonl(w / "data.jsonl", ROWS)
@@ -65,6 +76,7 @@ def world(tmp_path, tiny_llama, tiny_qwen2, adapter):
         "w": w,
         "model": tiny_llama,
         "qwen": tiny_qwen2,
+        "wide": wide,
     }
 
 
@@ -190,6 +202,29 @@ def _enospc_mlx_save(world, monkeypatch):
 
     monkeypatch.setattr(mx, "save_safetensors", full)
 
+
+def _run_folder(world):
+    """A training run's folder with two metrics records (what `plot` reads)."""
+    run = world["w"] / "run"
+    run.mkdir()
+    _jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}])
+
+
+def _empty_stdin(world, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+
+def _earlier_compare(world):
+    (world["w"] / "report").mkdir()
+    (world["w"] / "report" / "compare.json").write_text("{}\n")
+
+
+COMPARE = ["compare", "--model", "{model}", "--data", "{w}/data.jsonl", "--samples", "1",
+           "--max-tokens", "2", "-o", "{w}/cmp"]  # fmt: skip
+GENERATE = ["generate", "--model", "{model}", "-p", "hi", "-m", "2"]
 
 TRAIN = ["train", "--model", "{model}", "--data", "{w}/data.jsonl", "--adapter-path", "{w}/run",
          "--iters", "2", "--quiet", "--max-length", "32"]  # fmt: skip
@@ -376,11 +411,58 @@ CASES = [
     ("hf-to-mlx-out-under-file", ["convert", "hf-to-mlx", "{model}", "{w}/a_file/mlx"],
      ["a_file/mlx", "is a file"]),
     ("hf-to-mlx-out-exists", ["convert", "hf-to-mlx", "{model}", "{w}/folder"], ["folder"]),
+    # -- outputs: one check before any work; nothing existing replaced ----------------
+    ("compare-out-existing-file", [*COMPARE, "-o", "{w}/a_file"], ["a_file", "not a folder"]),
+    ("compare-out-earlier-report", [*COMPARE, "-o", "{w}/report"],
+     ["report", "compare.json", "--overwrite"], _earlier_compare),
+    ("compare-out-under-file", [*COMPARE, "-o", "{w}/a_file/cmp"], ["a_file", "is a file"]),
+    ("plot-out-under-file", ["plot", "{w}/run", "-o", "{w}/a_file/p.png"],
+     ["a_file/p.png", "is a file"], _run_folder),
+    ("plot-out-existing-file", ["plot", "{w}/run", "-o", "{w}/a_file"],
+     ["a_file", "--overwrite"], _run_folder),
+    ("plot-out-folder", ["plot", "{w}/run", "-o", "{w}/folder"], ["folder", "is a folder"],
+     _run_folder),
+    ("plot-metrics-not-utf8", ["plot", "{w}/run"], ["run/metrics.jsonl:2", "UTF-8"],
+     _write("run/metrics.jsonl", b'{"step": 1, "loss": 0.5}\n\xff\xfe\n{"step": 2}\n')),
+    ("plot-metrics-not-records", ["plot", "{w}/run"], ["run/metrics.jsonl:1", "JSON object"],
+     _write("run/metrics.jsonl", b'[1, 2]\n{"step": 1, "loss": 0.5}\n')),
+    ("compare-prompts-not-utf8", [*COMPARE[:4], "{w}/p.txt", *COMPARE[5:]], ["p.txt:2", "UTF-8"],
+     _write("p.txt", b"Hello\n\xff\xfe\n")),
+    ("import-out-folder-force", ["data", "import", "open-webui", "{w}/data.jsonl", "-o",
+                                 "{w}/folder", "--force"], ["folder", "is a folder"]),
+    ("import-out-under-file", ["data", "import", "open-webui", "{w}/data.jsonl", "-o",
+                               "{w}/a_file/r.jsonl"], ["a_file", "is a file"]),
+    # -- an adapter of another base: which base it was trained on, what this one is ------
+    ("generate-adapter-other-base", [*GENERATE[:2], "{wide}", *GENERATE[3:], "--adapter-path",
+                                     "{w}/adapter"],
+     ["--adapter-path", "trained on {model}", "this base is {wide} (llama, 2 layers, hidden "
+      "size 96)", "adapter tensors do not fit"]),
+    ("eval-adapter-other-base", ["eval", "--adapter-path", "{w}/adapter", "--model", "{wide}",
+                                 "--data", "{w}/data.jsonl"],
+     ["--adapter-path", "trained on {model}", "hidden size 96"]),
+    ("compare-adapter-other-base", [*COMPARE[:2], "{wide}", *COMPARE[3:], "--adapter-path",
+                                    "{w}/adapter"], ["--adapter-path", "trained on {model}"]),
+    # -- sampling settings out of range: refused, never recorded -------------------------
+    ("compare-temp-neg", [*COMPARE, "--temp", "-1"], ["--temp", ">= 0"]),
+    ("compare-temp-nan", [*COMPARE, "--temp", "nan"], ["--temp"]),
+    ("compare-seed-neg", [*COMPARE, "--seed", "-1"], ["--seed"]),
+    ("generate-temp-neg", [*GENERATE, "--temp", "-0.5"], ["--temp"]),
+    ("generate-top-p-0", [*GENERATE, "--top-p", "0"], ["--top-p", "(0, 1]"]),
+    ("generate-top-p-2", [*GENERATE, "--top-p", "2"], ["--top-p"]),
+    ("generate-min-p-neg", [*GENERATE, "--min-p", "-0.1"], ["--min-p"]),
+    ("generate-top-k-neg", [*GENERATE, "--top-k", "-3"], ["--top-k"]),
+    ("generate-max-tokens-0", [*GENERATE, "-m", "0"], ["--max-tokens"]),
+    ("generate-seed-neg", [*GENERATE, "--seed", "-1"], ["--seed"]),
+    ("chat-temp-nan", ["chat", "--temp", "nan", "--feedback", "{w}/fb.jsonl"], ["--temp"]),
+    # -- generating from nothing ---------------------------------------------------------
+    ("generate-empty-stdin", [*GENERATE[:4], "-"], ["--prompt -", "stdin was empty"],
+     _empty_stdin),
+    ("generate-empty-prompt", [*GENERATE[:4], "  "], ["--prompt", "empty"]),
 ]  # fmt: skip
 
 
 def _fill(x: str, world) -> str:
-    return x.format(w=world["w"], model=world["model"], qwen=world["qwen"])
+    return x.format(w=world["w"], model=world["model"], qwen=world["qwen"], wide=world["wide"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -443,3 +525,34 @@ def test_real_process_prints_exactly_one_line(args, env, needle, world):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
     assert _snapshot(world["w"]) == before
+
+
+@pytest.mark.parametrize(
+    "args, stdin, needle",
+    [
+        (["generate", "--model", "{model}", "-p", "-"], "", "stdin was empty"),
+        (["generate", "--model", "{wide}", "--adapter-path", "{w}/adapter", "-p", "hi"], None,
+         "trained on {model}"),
+        (["compare", "--model", "{model}", "--data", "{w}/data.jsonl", "-o", "{w}/a_file"], None,
+         "a_file"),
+    ],
+    ids=["generate-empty-stdin", "generate-other-base", "compare-out-file"],
+)  # fmt: skip
+def test_real_process_outputs_and_inputs_one_line(args, stdin, needle, world):
+    """The Outputs / silently-wrong classes as a user's shell sees them: one line, exit 2,
+    nothing written (mlx-lm's 30-line tensor list stays out of the way)."""
+    import os
+    import subprocess
+    import sys
+
+    before = _snapshot(world["w"])
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", *[_fill(a, world) for a in args]],
+        input=stdin, capture_output=True, text=True, timeout=300, cwd=world["w"],
+        env=dict(os.environ), stdin=None if stdin is not None else subprocess.DEVNULL,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert _fill(needle, world) in lines[0], p.stderr
+    assert p.stdout == "" and _snapshot(world["w"]) == before

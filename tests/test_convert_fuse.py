@@ -133,6 +133,30 @@ def test_fuse_reports_llama_cpp_failure(tiny_llama, tmp_path):
     assert (tmp_path / "o" / "config.json").is_file()  # the HF checkpoint was still written
 
 
+def test_fuse_gguf_output_is_checked_first_and_written_whole(tiny_llama, tmp_path):
+    """An existing --gguf file is refused before the fuse (without --overwrite); a
+    converter that dies half-way leaves no partial GGUF; a good run publishes the file."""
+    src, _ = make_adapter(tiny_llama, tmp_path / "mlx", num_layers=1)
+    lc = tmp_path / "llama.cpp"
+    lc.mkdir()
+    script = lc / "convert_hf_to_gguf.py"
+    script.write_text(
+        "import sys\nout = sys.argv[sys.argv.index('--outfile') + 1]\n"
+        "open(out, 'wb').write(b'GGUF half')\nsys.exit(int(sys.argv[-1] == 'q8_0'))\n"
+    )
+    old = tmp_path / "old.gguf"
+    old.write_bytes(b"an earlier export")
+    with pytest.raises(UserError, match="old.gguf: file exists .*--overwrite"):
+        fuse(src, tmp_path / "o", gguf=old, llama_cpp_dir=lc)
+    assert not (tmp_path / "o").exists() and old.read_bytes() == b"an earlier export"
+    new = tmp_path / "new.gguf"
+    with pytest.raises(UserError, match="exit 1"):
+        fuse(src, tmp_path / "o", gguf=new, llama_cpp_dir=lc, gguf_outtype="q8_0")
+    assert not new.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    fuse(src, tmp_path / "o2", gguf=new, llama_cpp_dir=lc)
+    assert new.read_bytes() == b"GGUF half"
+
+
 def test_hf_to_mlx(tiny_llama, tmp_path):
     out = hf_to_mlx(str(tiny_llama), tmp_path / "mlx")
     a, _ = load(str(out))

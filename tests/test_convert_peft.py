@@ -308,3 +308,23 @@ def test_read_adapter_refuses_foreign_tensors(tiny_llama, tmp_path):
         read_adapter(src)
     with pytest.raises(UserError, match="not found"):
         read_adapter(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"[1, 2]", "adapter_config.json: expected a JSON object"),
+        (b'{"r": 4,\n oops}', "adapter_config.json: invalid JSON at line 2"),
+        (b"\xff\xfe{}", "adapter_config.json: not UTF-8"),
+    ],
+)
+def test_config_files_are_json_objects_or_one_line(peft_dir, tiny_llama, tmp_path, content, match):
+    """Every converter reads its config files through export._io.read_json_object."""
+    (peft_dir / "adapter_config.json").write_bytes(content)
+    with pytest.raises(UserError, match=match):
+        from_peft(peft_dir, tmp_path / "out")
+    src, _ = make_adapter(tiny_llama, tmp_path / "mlx", num_layers=2)
+    (src / "adapter_config.json").write_bytes(content)
+    with pytest.raises(UserError, match=match):
+        to_peft(src, tmp_path / "out2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -143,6 +143,53 @@ def test_train_without_model_or_data_runs_the_demo(monkeypatch):
     assert seen["cfg"].iters == 7 and seen["cfg"].beta == 0.3 and seen["cfg"].model is None
 
 
+def _a_run(folder: Path, model: str) -> dict:
+    """A run folder as training leaves it (the files `existing_run_files` looks for)."""
+    folder.mkdir(parents=True)
+    files = {
+        "adapters.safetensors": b"weights",
+        "kto_config.json": json.dumps({"model": model}).encode(),
+        "metrics.jsonl": b'{"step": 1}\n',
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_demo_and_bare_train_refuse_to_replace_another_run(tmp_path):
+    """`demo --out RUN` and `train --adapter-path RUN` (no --model/--data: the demo) replaced
+    a run of the user's without a word; they stop before any work, naming the way out."""
+    import subprocess
+
+    run = tmp_path / "mine"
+    files = _a_run(run, "/models/my-own-model")
+    for args in (["demo", "--quick", "--out", str(run)], ["train", "--adapter-path", str(run)]):
+        p = subprocess.run(
+            [sys.executable, "-m", "mlx_kto.cli", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 2, p.stderr
+        err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+        assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"{run} already holds a run" in err[0] and "--overwrite" in err[0]
+        assert "sampling" not in p.stdout  # refused before the demo started its work
+        assert {f.name: f.read_bytes() for f in run.iterdir()} == files
+
+
+def test_demo_replaces_only_its_own_previous_run_or_with_overwrite(tmp_path):
+    from mlx_kto.demo.run import check_out_folder, demo_config
+
+    logs = []
+    _a_run(tmp_path / "demo_run", str(ASSETS / "model"))  # an earlier `mlx-kto demo`
+    cfg = check_out_folder(demo_config(out=str(tmp_path / "demo_run")), logs.append)
+    assert cfg.overwrite and logs == [f"replacing the previous demo run in {tmp_path / 'demo_run'}"]
+    _a_run(tmp_path / "other", "/models/my-own-model")
+    asked = demo_config(KTOConfig(overwrite=True), out=str(tmp_path / "other"))
+    assert check_out_folder(asked, logs.append).overwrite and len(logs) == 1
+    fresh = demo_config(out=str(tmp_path / "new"))
+    assert check_out_folder(fresh, logs.append) == fresh and not fresh.overwrite
+
+
 def test_demo_command_is_attached():
     from mlx_kto.cli.app import cli
 

@@ -121,9 +121,10 @@ def test_two_ranks_with_mlx_launch_equal_one_process(tiny_llama, data, tmp_path)
     assert ckpt["world_size"] == 2 and ckpt["global_batch"] == 4
 
 
-def _start_ranks(args: dict, log_dir: Path, tag: str):
+def _start_ranks(args: dict, log_dir: Path, tag: str, rank1: dict | None = None):
     """Both ranks as mlx.launch starts local ones (MLX_RANK + an MLX_HOSTFILE), by hand, so
-    the test holds each rank's pid."""
+    the test holds each rank's pid. `rank1`: flags that rank 1 alone gets (another host's
+    copy of the data, say)."""
     base = _free_base_port()
     hostfile = log_dir / f"hosts_{tag}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
@@ -131,7 +132,8 @@ def _start_ranks(args: dict, log_dir: Path, tag: str):
     for rank in range(2):
         env = _env() | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
         out = open(log_dir / f"{tag}_{rank}.log", "w")
-        cmd = [sys.executable, "-m", "mlx_kto.train", *_flags(args)]
+        flags = {**args, **(rank1 or {})} if rank == 1 else args
+        cmd = [sys.executable, "-m", "mlx_kto.train", *_flags(flags)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
@@ -191,3 +193,32 @@ def test_killed_rank_ends_run_checkpoint_resumes_hung_rank_times_out(tiny_llama,
     assert "rank 0 waited more than 4s for the other ranks" in log_b.strip().splitlines()[-1]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > k
+
+
+def test_ranks_given_other_data_or_settings_stop_with_one_line(tiny_llama, data, tmp_path):
+    """Each rank reads its shard of one data order: another copy of the data on one host
+    (other rows, even as many) or other flags would train on a mix without a word. Both
+    ranks stop before the first step with the same line."""
+    from test_step import _write_feedback
+
+    other = tmp_path / "other.jsonl"
+    _write_feedback(other, n=48, seed=7)  # as many rows, other content
+    assert other.read_text() != data.read_text()
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))
+    cases = [
+        ({"data": str(other)}, "different training data (rank 0: 48 rows, rank 1: 48 rows"),
+        ({"data": str(fewer)}, "different training data (rank 0: 48 rows, rank 1: 40 rows"),
+        ({"beta": 0.3}, "rank 1 was started with other training settings than rank 0"),
+    ]
+    for i, (rank1, needle) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        procs = _start_ranks(_args(str(tiny_llama), str(data), str(run)), tmp_path, f"c{i}", rank1)
+        for p in procs:
+            assert _finish(p, timeout=180) == 2
+        for rank in range(2):
+            lines = (tmp_path / f"c{i}_{rank}.log").read_text().strip().splitlines()
+            errors = [x for x in lines if x.startswith("error:")]
+            assert len(errors) == 1 and needle in errors[0], lines[-5:]
+            assert "Traceback" not in "\n".join(lines)
+        assert not (run / "adapters.safetensors").exists() and not (run / "checkpoints").exists()

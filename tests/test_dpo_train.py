@@ -205,3 +205,59 @@ def test_split_pairs_keeps_each_micro_batch_chosen_then_rejected():
     # a global batch of 5 pairs (c_i = i, r_i = 10 + i) over 2 ranks, micro-batches of 2 pairs
     shards = split_pairs([0, 1, 2, 3, 4, 10, 11, 12, 13, 14], world=2, micro=2)
     assert shards == [[[0, 1, 10, 11], [2, 12]], [[3, 4, 13, 14]]]
+
+
+def _cli_error(args: list[str]) -> str:
+    """`mlx-kto ARGS` as a user runs it: exit 2 and exactly one `error:` line, returned."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stderr
+    err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    return err[0]
+
+
+def test_cli_dpo_refuses_pairs_that_teach_nothing_or_mix_prompts(tiny_llama, tmp_path):
+    """Silently wrong before: chosen == rejected in every pair trained nothing and exited 0;
+    per-message labels paired replies to different prompts (both rated in one chat)."""
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}?", "chosen": GOOD[i % 2], "rejected": GOOD[i % 2]}) + "\n"
+            for i in range(6)
+        )
+    )
+    chat = tmp_path / "chat.jsonl"
+    msgs = [
+        {"role": "user", "content": "Tell me about the sky."},
+        {"role": "assistant", "content": "Sure, it is blue.", "label": True},
+        {"role": "user", "content": "And the sea?"},
+        {"role": "assistant", "content": "Go away.", "label": False},
+    ]
+    chat.write_text(json.dumps({"messages": msgs}) + "\n")
+    base = ["train", "--model", str(tiny_llama), "--loss-type", "dpo", "--max-length", "64"]
+    err = _cli_error([*base, "--data", str(same), "--adapter-path", str(tmp_path / "a")])
+    assert "chosen equals rejected" in err and "same.jsonl:1" in err
+    assert not (tmp_path / "a" / "adapters.safetensors").exists()
+    err = _cli_error([*base, "--data", str(chat), "--adapter-path", str(tmp_path / "b")])
+    assert "chat.jsonl:1: loss_type dpo/ipo needs paired rows" in err
+
+
+def test_some_identical_pairs_are_named_in_a_warning(tokenizer):
+    from mlx_kto.data.rows import parse_row
+    from mlx_kto.data.tokenize import tokenize_examples
+    from mlx_kto.train.dpo import check_pairs
+
+    examples = []
+    for i, rejected in enumerate([BAD[0], GOOD[1], BAD[1]]):
+        row = {"prompt": f"Q{i}?", "chosen": GOOD[i % 2], "rejected": rejected}
+        examples += parse_row(row, f"mem:{i + 1}")[0]
+    rows, _ = tokenize_examples(examples, tokenizer, 64, None)
+    logs = []
+    assert len(check_pairs(rows, "train", "dpo", logs.append)) == 3
+    assert logs == ["warning: train: 1 of 3 pairs have chosen equal to rejected (first: mem:2); "
+                    "they teach nothing"]  # fmt: skip

@@ -345,9 +345,9 @@ def test_terminal_chat_new_conversation_and_regenerate_in_process(tmp_path):
     session = ChatSession(
         None, None, model_name="fake", feedback=tmp_path / "fb.jsonl", system_prompt="S"
     )
-    session.stream = lambda prompt: iter([next(replies)])
+    session.generate = lambda prompt: iter([next(replies)])  # runs on the MLX thread
     lines = iter(["Q1", "/new", "Q2"])
-    keys = iter(["u", "\n", "r", "d", "q"])
+    keys = iter(["u", "r", "d"])  # a rating is the decision: the chat goes on
 
     def read_line(_):
         try:

@@ -342,3 +342,49 @@ def test_plot_reads_a_run_in_progress_and_needs_metrics(tmp_path):
     path.write_text('{"step": 1, "loss": 0.5}\nnot json\n{"step": 2, "loss": 0.4}\n')
     with pytest.raises(UserError, match="metrics.jsonl:2"):
         read_metrics(path)
+
+
+def test_compare_never_replaces_an_earlier_report_unasked(tiny_llama, tmp_path, capsys):
+    """Report files of an earlier compare are replaced only with --overwrite; other files in
+    the folder are left alone; the refusal comes before any sampling."""
+    from mlx_kto.cli.app import cli
+    from mlx_kto.cli.app import run as run_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\nWhat color is the sky?\n")
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    args = ["compare", "--model", str(tiny_llama), "--data", str(prompts), "--samples", "2"]
+    args += ["--max-tokens", "4", "-o", str(out)]
+    run_cli(cli, args)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(first) == {"notes.txt", "compare.json", "report.html", "compare.png"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(cli, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--overwrite" in err and "compare.json" in err
+    assert "sampling" not in err  # refused before any work
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    run_cli(cli, [*args, "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine\n"
+    again = json.loads((out / "compare.json").read_text())
+    assert again["samples"] == json.loads(first["compare.json"])["samples"]  # same seed
+
+
+def test_plot_replaces_another_file_only_with_overwrite(run, tmp_path, capsys):
+    from mlx_kto.cli.app import cli
+    from mlx_kto.cli.app import run as run_cli
+
+    _, _, adapter, _ = run
+    out = tmp_path / "p.png"
+    out.write_bytes(b"my picture")
+    with pytest.raises(SystemExit) as e:
+        run_cli(cli, ["plot", str(adapter), "-o", str(out)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"my picture"
+    run_cli(cli, ["plot", str(adapter), "-o", str(out), "--overwrite"])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    run_cli(cli, ["plot", str(adapter)])  # the run's own training.png is redrawn in place
+    assert (adapter / "training.png").read_bytes()[:4] == b"\x89PNG"

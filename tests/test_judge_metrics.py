@@ -173,12 +173,12 @@ def test_sampler_entropy_and_lengths():
 
 def test_sampler_is_seeded_and_restores_mode(tiny_llama, tokenizer):
     from mlx_kto.config.core import KTOConfig
-    from mlx_kto.judge.sample import Prompt, encode_prompt, sample_replies
+    from mlx_kto.judge.sample import prompt_ids, sample_replies
     from mlx_kto.model.load import load_base
 
     model, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)))
     model.train()
-    ids = [encode_prompt(tokenizer, Prompt(p)) for p in ("What color is the sky?", "Hello")]
+    ids = [prompt_ids(tokenizer, p) for p in ("What color is the sky?", "Hello")]
     a = sample_replies(model, tokenizer, ids, n=3, max_tokens=8, seed=1)
     b = sample_replies(model, tokenizer, ids, n=3, max_tokens=8, seed=1)
     c = sample_replies(model, tokenizer, ids, n=3, max_tokens=8, seed=2)
@@ -186,3 +186,71 @@ def test_sampler_is_seeded_and_restores_mode(tiny_llama, tokenizer):
     assert [[s.tokens for s in p] for p in a] != [[s.tokens for s in p] for p in c]
     assert model.training  # restored
     assert all(s.text == tokenizer.decode(s.tokens) for p in a for s in p)
+
+
+def test_left_padded_batches_sample_what_per_length_batches_sample(tiny_llama, tokenizer):
+    """Greedy: prompts of three lengths in one left-padded batch give the replies and the
+    entropies of one batch per length (the padding is masked, positions start at 0)."""
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.judge.sample import prompt_ids, sample_replies
+    from mlx_kto.model.load import load_base
+
+    model, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)))
+    prompts = ["What color is the sky?", "Hello", "Tell me a long story about the sea."]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    assert len({len(i) for i in ids}) == 3
+    kw = dict(n=2, max_tokens=6, temp=0.0)
+    apart = sample_replies(model, tokenizer, ids, **kw)
+    together = sample_replies(model, tokenizer, ids, **kw, left_pad=True)
+    assert [[s.tokens for s in p] for p in together] == [[s.tokens for s in p] for p in apart]
+    for p, q in zip(together, apart):
+        for s, t in zip(p, q):
+            assert s.entropy_sum == pytest.approx(t.entropy_sum, rel=1e-3)
+
+
+def test_one_prompt_helper_for_demo_judge_and_generate(tokenizer):
+    """The chat prompt is rendered as training renders prompts; raw text is encoded as is;
+    a system prompt or a message list needs a template."""
+    from mlx_kto.data.tokenize import chat_prompt_ids
+    from mlx_kto.errors import UserError
+    from mlx_kto.judge import generate
+    from mlx_kto.judge.sample import prompt_ids
+
+    user = {"role": "user", "content": "Hi there"}
+    assert generate.prompt_ids is prompt_ids
+    assert prompt_ids(tokenizer, "Hi there") == chat_prompt_ids(tokenizer, [user])
+    assert prompt_ids(tokenizer, [user]) == chat_prompt_ids(tokenizer, [user])
+    system = {"role": "system", "content": "Be brief."}
+    assert prompt_ids(tokenizer, "Hi there", "Be brief.") == chat_prompt_ids(
+        tokenizer, [system, user]
+    )
+    assert prompt_ids(tokenizer, "Hi there", raw=True) == list(tokenizer.encode("Hi there"))
+    assert prompt_ids(tokenizer, "Hi there", chat=False) == list(tokenizer.encode("Hi there"))
+
+    class Plain:
+        chat_template = None
+
+        def encode(self, text):
+            return [len(text)]
+
+    notes = []
+    assert prompt_ids(Plain(), "abc", log=notes.append) == [3] and "--chat-template" in notes[0]
+    with pytest.raises(UserError, match="rows.jsonl:3: a chat prompt"):
+        prompt_ids(Plain(), [user], where="rows.jsonl:3")
+    with pytest.raises(UserError, match="system-prompt"):
+        prompt_ids(Plain(), "abc", "Be brief.")
+
+
+def test_demo_samples_with_the_judges_sampler(tiny_llama, tokenizer):
+    """`demo.sample.sample_completions` is the judge's sampler: same seed, same replies."""
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.demo.sample import sample_completions
+    from mlx_kto.judge.sample import prompt_ids, sample_replies
+    from mlx_kto.model.load import load_base
+
+    model, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)))
+    prompts = ["What color is the sky?", "Hello"]
+    texts = sample_completions(model, tokenizer, prompts, n=3, max_tokens=6, seed=4, max_rows=64)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    samples = sample_replies(model, tokenizer, ids, n=3, max_tokens=6, temp=1.0, seed=4)
+    assert texts == [[s.text for s in per] for per in samples]

@@ -364,3 +364,75 @@ def test_balance_report_single_class():
     assert lines[0] == "class balance: 0 desirable / 50 undesirable (0% desirable)"
     assert "only undesirable rows" in lines[1] and "only pushes one direction" in lines[1]
     assert "only desirable rows" in balance_report(50, 0, 1.0, 1.0)[1]
+
+
+# ---------------------------------------------------------------------------
+# DPO pairs: one split point per pair, as TRL 1.16's DPO
+
+
+def _dpo_rule(hf, prompt: str, chosen: str, rejected: str):
+    """dpo-spec's rule, with the transformers tokenizer as TRL calls it: encode the prompt and
+    prompt + each side (+ EOS), split both at k = the shorter of the two common prefixes."""
+
+    def ids(text):
+        return list(hf(text=text)["input_ids"])
+
+    def prefix(a, b):
+        return next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+
+    p = ids(prompt)
+    c, r = ids(prompt + chosen + hf.eos_token), ids(prompt + rejected + hf.eos_token)
+    k = min(prefix(p, c), prefix(p, r))
+    return p[:k], c[k:], r[k:]
+
+
+MERGED_PAIRS = [
+    ("Hello", " world", "world"),  # "Helloworld" re-tokenizes from the first letter
+    ("Hello", "s", " world"),
+    ("The answer is ", "yes", "no way"),  # the prompt's trailing space joins each reply
+]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3_1", "gemma3", "llama2"])
+def test_dpo_pairs_split_once_as_trl_on_merged_boundaries(name):
+    from mlx_kto.config.core import KTOConfig
+    from mlx_kto.data.rows import parse_row
+    from mlx_kto.train.prepare import tokenize_split
+
+    from assets_tokenizers import tokenizer_dir
+    from mlx_lm.utils import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir(name))
+    hf = tok._tokenizer
+    examples = []
+    for i, (prompt, chosen, rejected) in enumerate(MERGED_PAIRS):
+        examples += parse_row({"prompt": prompt, "chosen": chosen, "rejected": rejected}, f"m:{i}")[
+            0
+        ]
+    dpo = tokenize_split(KTOConfig(loss_type="dpo", max_length=64), "train", examples, tok)
+    kto, _ = tokenize_examples(examples, tok, 64, None)  # KTO: each row its own split
+    moved = 0
+    for i, (prompt, chosen, rejected) in enumerate(MERGED_PAIRS):
+        c, r = [row for row in dpo if row.where == f"m:{i}"]
+        assert c.label and not r.label
+        want_prompt, want_c, want_r = _dpo_rule(hf, prompt, chosen, rejected)
+        assert (c.prompt_ids, c.completion_ids) == (want_prompt, want_c)
+        assert (r.prompt_ids, r.completion_ids) == (want_prompt, want_r)
+        kc, kr = [row for row in kto if row.where == f"m:{i}"]
+        moved += kc.completion_ids != c.completion_ids or kr.completion_ids != r.completion_ids
+        assert kc.tokens == c.tokens and kr.tokens == r.tokens  # the same ids, split elsewhere
+    # "Hello" + " world" / "world": the clean side is scored from "Hello" on under DPO.
+    c = next(row for row in dpo if row.where == "m:0" and row.label)
+    assert hf.convert_ids_to_tokens(c.completion_ids)[0] in ("Hello", "▁Hello")
+    assert moved >= 2  # the per-pair split changed what is scored on merged pairs
+
+
+def test_pairs_that_do_not_share_their_prompt_tokens_are_refused():
+    from mlx_kto.data.pairs import find_pairs
+
+    rows = [
+        Row([BOS, 5], [7, EOS], True, where="f:1", paired=True),
+        Row([BOS], [5, 8, EOS], False, where="f:1", paired=True),  # split apart
+    ]
+    with pytest.raises(UserError, match="f:1: the chosen and rejected replies of this pair"):
+        find_pairs(rows)

@@ -207,21 +207,41 @@ def test_thinking_switch_is_the_templates_default_as_in_trl(loaded, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sampling_prompt_is_the_training_prompt(loaded, name):
-    """`generate` and the demo's sampler render prompts with `chat_prompt_ids`: the same
-    ids training uses as the prompt of a conversational row."""
+    """`generate`, the demo, the probes and `compare` render prompts with
+    `judge.sample.prompt_ids` (through `chat_prompt_ids`): the same ids training uses as the
+    prompt of a conversational row."""
     from mlx_kto.data.tokenize import chat_prompt_ids
+    from mlx_kto.judge.sample import prompt_ids
 
     _, tok, _ = loaded(name)
     (row,), _ = _ours(tok, [Example([USER], [BLUE], True)])
     assert chat_prompt_ids(tok, [USER]) == row.prompt_ids
+    assert prompt_ids(tok, USER["content"]) == row.prompt_ids
+    assert prompt_ids(tok, [USER]) == row.prompt_ids
 
 
-def test_generate_command_uses_the_chat_prompt(tiny_llama):
+def test_generate_command_uses_the_chat_prompt(tiny_llama, tokenizer, monkeypatch):
+    """The ids that reach mlx-lm's generator are the chat prompt (as training renders it),
+    and with --no-chat the raw text's."""
     from mlx_kto.cli.app import cli
+    from mlx_kto.data.tokenize import chat_prompt_ids
 
+    import mlx_lm
     from click.testing import CliRunner
 
-    res = CliRunner().invoke(
-        cli, ["generate", "--model", str(tiny_llama), "--prompt", "Hello", "--max-tokens", "3"]
-    )
-    assert res.exit_code == 0, res.output  # the ids from chat_prompt_ids reach mlx-lm's generate
+    seen = []
+    real = mlx_lm.stream_generate
+
+    def recording(model, tok, prompt, **kw):
+        seen.append(list(prompt))
+        yield from real(model, tok, prompt, **kw)
+
+    monkeypatch.setattr(mlx_lm, "stream_generate", recording)
+    args = ["generate", "--model", str(tiny_llama), "--prompt", "Hello", "--max-tokens", "3"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    chat_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hello"}])
+    assert seen == [chat_ids] and f"prompt: {len(chat_ids)} tokens" in res.output
+    res = CliRunner().invoke(cli, [*args, "--no-chat"])
+    assert res.exit_code == 0, res.output
+    assert seen[1] == list(tokenizer.encode("Hello")) != chat_ids

@@ -201,6 +201,38 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
     assert abs(res.final_metrics["loss"] - 0.5) < 1e-4
 
 
+def test_train_leaves_the_callers_config_unchanged(
+    tiny_llama, data_dir, trained, tmp_path, monkeypatch
+):
+    """train() works on its own copy: a starting adapter (its LoRA settings), relative paths
+    (made absolute), resuming (model, data and run folder from the checkpoint) change the
+    run's config, as kto_config.json shows, never the object the caller passed."""
+    import copy
+    import dataclasses
+    import os
+
+    _, first = trained  # a rank-4 adapter
+    monkeypatch.chdir(tmp_path)
+    rel_data = os.path.relpath(data_dir, tmp_path)
+    cfg = quick_cfg(
+        tiny_llama, rel_data, "run", iters=2, lora_rank=8, init_adapter=str(first.adapter_path)
+    )
+    before = copy.deepcopy(cfg)
+    train(cfg, log=lambda *_: None)
+    assert cfg == before
+    saved = json.loads((tmp_path / "run" / "kto_config.json").read_text())
+    assert saved["lora_rank"] == 4 and saved["data"] == str(data_dir.resolve())
+
+    resume = dataclasses.replace(
+        cfg, model=None, data=None, adapter_path=KTOConfig().adapter_path, iters=3,
+        resume=str(tmp_path / "run"),
+    )  # fmt: skip
+    before = copy.deepcopy(resume)
+    res = train(resume, log=lambda *_: None)
+    assert resume == before and res.steps == 3
+    assert res.adapter_path == tmp_path / "run"  # continued in the folder resumed
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

@@ -270,13 +270,13 @@ def _full(*a, **k):
 @pytest.mark.parametrize("where", ["metrics", "checkpoint", "adapter"])
 def test_disk_full_is_one_line_naming_the_path(tiny_llama, data, tmp_path, monkeypatch, where):
     import mlx_kto.model.load as model_mod
+    import mlx_kto.runtime.atomic as atomic_mod
     import mlx_kto.train.checkpoint as ckpt_mod
-    import mlx_kto.train.run_dir as run_dir_mod
 
     out = tmp_path / "run"
     cfg = cfg_for(tiny_llama, data, out, iters=4, steps_per_save=2)
     if where == "metrics":
-        real = run_dir_mod.append_line
+        real = atomic_mod.append_line
 
         class HalfFull:  # the disk fills up halfway through step 3's line
             def __init__(self, f):
@@ -564,3 +564,88 @@ def test_nan_starting_adapter_is_refused(tiny_llama, data, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(adapter_config(lcfg, str(tiny_llama), 2)))
     with pytest.raises(UserError, match=f"init_adapter: {bad} holds non-finite"):
         train(cfg_for(tiny_llama, data, tmp_path / "run", init_adapter=str(bad)), **QUIET)
+
+
+def test_cli_run_whose_every_step_was_skipped_fails_without_an_adapter(tiny_llama, data, tmp_path):
+    """Fewer steps than --max-bad-steps, all non-finite (a desirable weight beyond float32):
+    before, it exited 0 saying "adapter saved" with the untrained adapter."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = ["--model", str(tiny_llama), "--data", str(data), "--adapter-path", str(run)]
+    args += ["--max-length", "64", "--quiet", "--iters", "2", "--desirable-weight", "1e39"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", "train", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "every step of this run (steps 1-2)" in err[0] and "no adapter was saved" in err[0]
+    assert "adapter saved" not in p.stderr
+    assert not (run / "adapters.safetensors").exists() and not (run / "checkpoints").exists()
+
+
+def _mlx_disk_full(monkeypatch, when):
+    """mx.save_safetensors as MLX behaves on a full disk: part of the file, then RuntimeError."""
+    real = mx.save_safetensors
+
+    def save(path, arrays, *a, **k):
+        real(path, arrays, *a, **k)
+        if when(str(path)):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 3)
+            raise RuntimeError("[write] Unable to write 4096 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_mlx_writer_on_a_full_disk_is_one_line_and_leaves_no_half_file(
+    tiny_llama, data, tmp_path, monkeypatch, where
+):
+    out = tmp_path / "run"
+    cfg = cfg_for(tiny_llama, data, out, iters=4, steps_per_save=2)
+    if where == "checkpoint":  # the step-2 checkpoint
+        _mlx_disk_full(monkeypatch, lambda p: "checkpoints" in p)
+        needle = f"{out / 'checkpoints' / 'step_0000002'}: disk full"
+    else:  # the adapter saved after the last step (its checkpoints were written)
+        _mlx_disk_full(monkeypatch, lambda p: os.path.basename(p).startswith(".adapters."))
+        cfg = cfg_for(tiny_llama, data, out, iters=4, steps_per_save=0)
+        needle = f"{out / 'adapters.safetensors'}: cannot write"
+    with pytest.raises(UserError) as e:
+        train(cfg, **QUIET)
+    msg = str(e.value)
+    assert needle in msg and "Unable to write" in msg and "\n" not in msg
+    leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+    assert not (out / "adapters.safetensors").exists()
+    if where == "checkpoint":
+        assert not (out / "checkpoints").exists() or list((out / "checkpoints").iterdir()) == []
+    else:
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000004"]
+
+
+@pytest.mark.parametrize("inside", ["run", "checkpoint"])
+def test_cli_overwrite_never_deletes_its_own_starting_adapter(tiny_llama, data, tmp_path, inside):
+    """`train --init-adapter X --adapter-path X --overwrite` deleted X, then failed on the
+    adapter it had just deleted: refused before anything is touched."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    train(cfg_for(tiny_llama, data, run, iters=2, steps_per_save=1), **QUIET)
+    init = run if inside == "run" else run / "checkpoints" / "step_0000001"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    args = ["--model", str(tiny_llama), "--data", str(data), "--max-length", "64", "--quiet"]
+    args += ["--init-adapter", str(init), "--adapter-path", str(run), "--overwrite"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_kto.cli", "train", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    err = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"would delete the starting adapter {init}" in err[0] and "--adapter-path" in err[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -22,4 +22,4 @@ COMMON=(--model "$MODEL" --data "$OUT/data" --dtype float32 --max-length 64 --be
 "$PY" -m mlx_kto.cli compare --model "$MODEL" --dtype float32 \
     --adapter-path "kto=$OUT/kto" --adapter-path "dpo=$OUT/dpo" \
     --data "$ROOT/mlx_kto/demo/assets/heldout_prompts.json" --num-prompts 16 --samples 4 \
-    --max-tokens 32 --judge "$ROOT/examples/judge_polite.py:score" -o "$OUT/compare"
+    --max-tokens 32 --judge "$ROOT/examples/judge_polite.py:score" -o "$OUT/compare" --overwrite

@@ -15,67 +15,27 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 
-from mlx_kto.config.core import KTOConfig, make_config
+from mlx_kto.cli.options import HELP
+from mlx_kto.config.core import make_config
 from mlx_kto.errors import UserError
+from mlx_kto.model.load import resolve_model_path
 from mlx_kto.reference.cache import cache_source
+from mlx_kto.reference.scorer import DB_NAME, RefCache, check_cache_root, default_cache_dir
+from mlx_kto.train.warm import warm_cache
 
 import click
 
 _REF_CACHE_HELP = "Cache folder (default: $MLX_KTO_CACHE_DIR or ~/.cache/mlx_kto/reference)."
 
 
-def warm_cache(cfg: KTOConfig, log=print) -> dict:
-    """Fill the reference cache for cfg's train and valid splits; returns the scorer stats."""
-    from mlx_kto.data.batches import iterate_batches
-    from mlx_kto.model.load import load_base, load_init_adapter, trainable_lora
-    from mlx_kto.reference.scorer import make_scorer
-    from mlx_kto.train.loop import fast_paths
-    from mlx_kto.train.run import prepare_data
-
-    import mlx.core as mx
-
-    cfg.validate()
-    if cfg.no_ref_cache:
-        raise UserError("--no-ref-cache: warming the cache needs the cache switched on")
-    model, tokenizer, model_path, _ = load_base(cfg)
-    frozen = None
-    if cfg.init_adapter:
-        load_init_adapter(model, cfg.init_adapter)
-        frozen = {k: mx.array(v) for k, v in trainable_lora(model).items()}
-    train_rows, valid_rows, _ = prepare_data(cfg, tokenizer, log)
-    scorer = make_scorer(cfg, model, frozen, model_path, log)
-    if scorer.cache is None:
-        raise UserError("--ref-cache: the reference cache could not be opened (see the warning)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with_kl = cfg.loss_type == "kto"
-    t0 = time.perf_counter()
-    for name, rows in (("train", train_rows), ("valid", valid_rows)):
-        if not rows:
-            continue
-        with fast_paths(model):  # computed as training computes them
-            for _, _, batch in iterate_batches(
-                rows, cfg.batch_size, shuffle=False, pad_id=pad_id, with_kl=with_kl,
-                min_size=2 if with_kl else 1, loop=False,
-            ):  # fmt: skip
-                scorer(batch)
-        log(f"{name}: {len(rows)} rows scored ({scorer.hits} hits, {scorer.misses} misses so far)")
-    stats = scorer.stats()
-    log(
-        f"cache warm: {stats['ref_misses']} sequences computed in {stats['ref_forwards']} "
-        f"forwards, {stats['ref_hits']} already cached ({time.perf_counter() - t0:.1f}s)"
-    )
-    return stats
-
-
-@click.group("cache")
+@click.group("cache", context_settings=HELP)
 def cache():
     """Reference log-prob cache: info, clear, warm."""
 
 
 def _open(ref_cache: str | None):
-    from mlx_kto.reference.scorer import RefCache, check_cache_root
-
     check_cache_root(ref_cache)
     try:
         return RefCache(ref_cache)
@@ -85,10 +45,6 @@ def _open(ref_cache: str | None):
 
 def _db_path(ref_cache: str | None):
     """The cache database file, or None when there is none yet (info/clear create nothing)."""
-    from pathlib import Path
-
-    from mlx_kto.reference.scorer import DB_NAME, check_cache_root, default_cache_dir
-
     check_cache_root(ref_cache)
     path = (Path(ref_cache).expanduser() if ref_cache else default_cache_dir()) / DB_NAME
     return path if path.exists() else None
@@ -108,8 +64,6 @@ def _fmt_bytes(n: int) -> str:
 def info_command(ref_cache, as_json):
     """Entries, size on disk and the fingerprints (model, quantization, adapter) cached."""
     if _db_path(ref_cache) is None:
-        from mlx_kto.reference.scorer import DB_NAME, default_cache_dir
-
         root = ref_cache or str(default_cache_dir())
         info = {"path": f"{root}/{DB_NAME}", "bytes": 0, "entries": 0, "fingerprints": []}
     else:
@@ -130,10 +84,14 @@ def info_command(ref_cache, as_json):
 
 
 @cache.command("clear")
-@click.option("--model", default=None, help="Only this model's entries (folder or hub id).")
+@click.option(
+    "--model", default=None, help="Only this model's entries (folder, hub id or ollama:NAME)."
+)
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 def clear_command(model, ref_cache):
     """Delete cached reference log-probs (all, or one model's)."""
+    if model is not None and model.startswith(("ollama:", "lmstudio:")):
+        model = str(resolve_model_path(model))  # entries record the file it resolved to
     db = _db_path(ref_cache)
     if db is None:
         if model is not None:
@@ -156,7 +114,7 @@ def clear_command(model, ref_cache):
 @cache.command("warm")
 @click.option("-c", "--config", "config_file", type=click.Path(), default=None,
               help="YAML config (the same file as for `mlx-kto train`).")  # fmt: skip
-@click.option("--model", default=None, help="Base model: local folder, .gguf file or hub id.")
+@click.option("--model", default=None, help="Base model: folder, .gguf, ollama:NAME or hub id.")
 @click.option("--data", default=None, help="Feedback file or folder (train + valid are warmed).")
 @click.option("--ref-cache", default=None, help=_REF_CACHE_HELP)
 @click.option("--max-length", type=int, default=None, help="As for train.")

@@ -1,12 +1,21 @@
-"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import`
-(attached by mlx_kto.cli.app). Parsing only; the work is in the sibling modules."""
+"""CLI commands of the collect stage: `mlx-kto chat` and `mlx-kto data import` (attached to
+the data group by cli/data.py). Parsing only; the work is in mlx_kto.collect."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+from mlx_kto.cli.deps import require
+from mlx_kto.cli.options import HELP
+from mlx_kto.collect.chat import run_terminal_chat
+from mlx_kto.collect.importers import check_output, import_open_webui
+from mlx_kto.collect.session import Sampling, default_model, open_session
+from mlx_kto.data.feedback import read_ratings
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import check_sampling
+from mlx_kto.runtime.outputs import check_out_file
 
 import click
 
@@ -25,7 +34,7 @@ def _check_feedback_path(path: str) -> Path:
     return p
 
 
-@click.command("chat", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("chat", context_settings=HELP)
 @click.option(
     "--model", default=None, help="Model folder or hub id.  [default: the shipped demo model]"
 )
@@ -55,62 +64,81 @@ def chat(
 ):
     """Chat with a model and rate its replies; the ratings train the next adapter.
 
-    In the terminal, after each reply press u (thumbs up), d (thumbs down),
-    r (regenerate), Enter (go on) or q (quit). With --web, open the printed URL:
-    thumbs buttons under each reply, the ratings so far, undo. Then train:
+    In the terminal, after each reply press one key: u (thumbs up) or d (thumbs
+    down), which saves the rating and goes on, r (regenerate), Enter (go on
+    unrated) or q (quit); at the message prompt everything typed is the message,
+    except /undo (retract your last rating and rate again), /new and /quit. Ctrl-C
+    stops a streaming reply. With --web, open the printed URL: thumbs buttons
+    under each reply, the ratings so far, undo. Then train:
     `mlx-kto train --model M --data feedback.jsonl --adapter-path run1`, and chat
     again with `--adapter-path run1`.
     """
-    from mlx_kto.collect.session import ChatSession, Sampling, default_model, load_chat_model
-
-    if not 0 < top_p <= 1:
-        raise UserError("top-p: must be in (0, 1]")
-    if temp < 0:
-        raise UserError("temp: must be >= 0")
+    check_sampling(temp, top_p, max_tokens=max_tokens, seed=seed)
     fb = _check_feedback_path(feedback)
+    if web:
+        require("starlette", "uvicorn")  # before loading a model it could not serve
+    try:
+        read_ratings(fb)
+    except UserError as e:  # ratings still append; training refuses the file until it is fixed
+        click.echo(f"warning: {e} (training on {fb} fails until that line is fixed)", err=True)
     model = model or default_model()
     click.echo(
         f"loading {model}" + (f" with adapter {adapter_path}" if adapter_path else ""), err=True
     )
-    m, tok = load_chat_model(model, adapter_path)
-    session = ChatSession(
-        m,
-        tok,
-        model_name=model,
-        adapter_path=adapter_path,
-        feedback=fb,
-        system_prompt=system_prompt,
-        sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
-    )
-    if web:
-        from mlx_kto.collect.web.server import serve
+    try:
+        session = open_session(
+            model,
+            adapter_path,
+            feedback=fb,
+            system_prompt=system_prompt,
+            sampling=Sampling(temp=temp, top_p=top_p, max_tokens=max_tokens, seed=seed),
+        )
+    except KeyboardInterrupt:
+        # The MLX thread is still loading and cannot be stopped; a normal exit would run
+        # MLX's teardown under it (the process aborts). Nothing is unsaved at this point.
+        click.echo("\ninterrupted while loading the model", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    try:
+        if web:
+            from mlx_kto.collect.web.server import serve  # optional: starlette, uvicorn
 
-        serve(session, host=host, port=port, echo=click.echo)
-        return
-    from mlx_kto.collect.chat import run_terminal_chat
+            serve(session, host=host, port=port, echo=click.echo)
+        else:
+            run_terminal_chat(session)
+    finally:
+        session.worker.finish()  # the reply in flight (if any) ends before the process
 
-    run_terminal_chat(session)
 
-
-@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("import", context_settings=HELP)
 @click.argument("source", type=click.Choice(["open-webui"]))
 @click.argument("export")
-@click.option("-o", "--output", required=True, help="Feedback file to write (.jsonl).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Feedback file to write: .jsonl (one row per line) or .json (a JSON list).",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is a file that exists.")
 def import_command(source, export, output, force):
     """Convert ratings made elsewhere into a feedback file `mlx-kto train` reads.
 
     open-webui: its feedback export (Admin > Evaluations > Export, records with
     data.rating 1/-1 and snapshot.chat) or its chat export (Settings > Chats >
     Export, messages with annotation.rating). Every rated assistant message of a
-    chat becomes one row; its prompt is the conversation before it.
+    chat becomes one row; its prompt is the conversation before it. A message rated
+    twice in the export (the same record id) keeps the later rating.
     """
-    from mlx_kto.collect.importers import import_open_webui
-
-    out = Path(output)
-    if out.exists() and not force:
-        raise UserError(f"output: {out} exists (use --force to overwrite)")
+    check_output(output)  # a name `train` cannot read is refused, --force or not
+    out = check_out_file(output, force, "--force")
     n, counts = import_open_webui(export, out)
+    if counts["replaced"]:
+        click.echo(
+            f"note: {counts['replaced']} record(s) rate a message rated earlier in the export "
+            f"(same id); kept the later rating of each ({counts['changed']} changed the label)",
+            err=True,
+        )
     click.echo(
         f"wrote {n} rows to {out} ({counts['up']} thumbs up, {counts['down']} thumbs down"
         + (

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from mlx_kto.cli.options import HELP
 from mlx_kto.export.fuse import DTYPES as FUSE_DTYPES
-from mlx_kto.export.gguf_lora import OUTTYPES
+from mlx_kto.export.fuse import fuse
+from mlx_kto.export.gguf_base import gguf_to_mlx
+from mlx_kto.export.gguf_lora import OUTTYPES, to_gguf
 from mlx_kto.export.hf import DTYPES as HF_DTYPES
-from mlx_kto.export.hf import Q_BITS, Q_GROUP_SIZES
+from mlx_kto.export.hf import Q_BITS, Q_GROUP_SIZES, hf_to_mlx
+from mlx_kto.export.ollama import store_base, to_ollama
+from mlx_kto.export.peft import from_peft, to_peft
 
 import click
 
@@ -14,9 +19,9 @@ _overwrite = click.option(
 )
 
 
-@click.group("convert")
+@click.group("convert", context_settings=HELP)
 def convert():
-    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, fused checkpoints."""
+    """Convert models and adapters: Hugging Face, PEFT, llama.cpp GGUF, Ollama, fused checkpoints."""
 
 
 @convert.command("hf-to-mlx")
@@ -37,8 +42,6 @@ def convert():
 )  # fmt: skip
 def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
     """Hugging Face checkpoint MODEL (folder or hub id) to an MLX folder OUT."""
-    from mlx_kto.export.hf import hf_to_mlx
-
     path = hf_to_mlx(model, out, quantize, int(q_bits), int(q_group_size), dtype)
     click.echo(f"wrote {path}")
 
@@ -61,8 +64,6 @@ def hf_to_mlx_cmd(model, out, quantize, q_bits, q_group_size, dtype):
 @_overwrite
 def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
     """llama.cpp GGUF model FILE to an mlx-lm folder OUT (Q4_0/Q4_1/Q8_0 stay quantized)."""
-    from mlx_kto.export.gguf_base import gguf_to_mlx
-
     path = gguf_to_mlx(
         gguf_file, out, int(q_bits) if q_bits else None, int(q_group_size), dtype,
         overwrite=overwrite, log=lambda m: click.echo(m, err=True),
@@ -81,8 +82,6 @@ def gguf_to_mlx_cmd(gguf_file, out, q_bits, q_group_size, dtype, overwrite):
 @_overwrite
 def to_peft_cmd(adapter, out, base, overwrite):
     """mlx-lm ADAPTER folder to a PEFT LoRA folder OUT."""
-    from mlx_kto.export.peft import to_peft
-
     click.echo(f"wrote {to_peft(adapter, out, base=base, overwrite=overwrite)}")
 
 
@@ -96,8 +95,6 @@ def to_peft_cmd(adapter, out, base, overwrite):
 @_overwrite
 def from_peft_cmd(peft_dir, out, base, overwrite):
     """PEFT LoRA folder (safetensors) to an mlx-lm adapter folder OUT."""
-    from mlx_kto.export.peft import from_peft
-
     click.echo(f"wrote {from_peft(peft_dir, out, base=base, overwrite=overwrite)}")
 
 
@@ -106,7 +103,8 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @click.argument("out", type=click.Path())
 @click.option(
     "--base", required=True,
-    help="The base .gguf file, or the Hugging Face model (folder or cached id) it was made from.",
+    help="The base .gguf file (or ollama:NAME[:TAG]), or the Hugging Face model (folder or "
+    "cached id) it was made from.",
 )  # fmt: skip
 @click.option(
     "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
@@ -115,10 +113,31 @@ def from_peft_cmd(peft_dir, out, base, overwrite):
 @_overwrite
 def to_gguf_cmd(adapter, out, base, outtype, overwrite):
     """mlx-lm ADAPTER to a llama.cpp LoRA GGUF file OUT (use with --lora)."""
-    from mlx_kto.export.gguf_lora import to_gguf
-
-    path = to_gguf(adapter, out, base=base, outtype=outtype, overwrite=overwrite)
+    with store_base(base) as base_file:  # ollama:NAME / lmstudio:...: its GGUF file
+        path = to_gguf(adapter, out, base=base_file, outtype=outtype, overwrite=overwrite)
     click.echo(f"wrote {path}")
+
+
+@convert.command("to-ollama")
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option(
+    "--base", default=None,
+    help="The GGUF the adapter was trained on: ollama:NAME[:TAG] or FILE.gguf "
+    "[default: the run's 'model'].",
+)  # fmt: skip
+@click.option(
+    "--outtype", type=click.Choice(OUTTYPES), default="f32", show_default=True,
+    help="Type of the LoRA tensors.",
+)  # fmt: skip
+@_overwrite
+def to_ollama_cmd(run, out, base, outtype, overwrite):
+    """Adapter RUN to an Ollama model folder OUT: adapter.gguf + Modelfile (FROM the base,
+    ADAPTER ./adapter.gguf); prints the `ollama create` line to run."""
+    res = to_ollama(run, out, base=base, outtype=outtype, overwrite=overwrite)
+    click.echo(f"wrote {res.adapter} and {res.modelfile} (FROM {res.base_from})")
+    click.echo("make it an Ollama model with:")
+    click.echo(f"  {res.create_command()}")
 
 
 @convert.command("fuse")
@@ -141,8 +160,6 @@ def fuse_cmd(
     adapter, out, base, dequantize, dtype, gguf_path, llama_cpp_dir, gguf_outtype, overwrite
 ):
     """Fuse ADAPTER into its base; write a Hugging Face checkpoint OUT."""
-    from mlx_kto.export.fuse import fuse
-
     path = fuse(
         adapter, out, base=base, dequantize=dequantize, dtype=dtype, gguf=gguf_path,
         llama_cpp_dir=llama_cpp_dir, gguf_outtype=gguf_outtype, overwrite=overwrite,

@@ -1,11 +1,16 @@
-"""`mlx-kto demo`: the one-command demo (attached to the CLI by mlx_kto.cli.app)."""
+"""`mlx-kto demo`: the one-command demo."""
 
 from __future__ import annotations
+
+from mlx_kto.cli.options import HELP
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.demo.real import RealDemoSizes, run_real_demo
+from mlx_kto.demo.run import run_demo
 
 import click
 
 
-@click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("demo", context_settings=HELP)
 @click.option(
     "--out", default=None, help="Run folder for the adapter, metrics and plot.  [default: kto-demo]"
 )
@@ -31,12 +36,17 @@ import click
     help="Samples per held-out question.  [default: 16; 6 with --quick; 8 with --real]",
 )
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run already in the --out folder (a previous demo run is replaced anyway).",
+)
+@click.option(
     "--real",
     is_flag=True,
     help="KTO on SmolLM2-135M-Instruct's own replies (its GGUF): it learns to open replies "
     'with "The" (~3 min on a 2-core CPU).',
 )
-def demo(out, steps, seed, quick, samples, real):
+def demo(out, steps, seed, quick, samples, overwrite, real):
     """Train the shipped tiny model on shipped feedback and show what changed.
 
     No download, no data of your own: a tiny Llama that answers politely, tersely
@@ -48,16 +58,13 @@ def demo(out, steps, seed, quick, samples, real):
     (SmolLM2-135M-Instruct's GGUF, fetched by `bash .ci/fetch_smollm2.sh`).
     """
     if real:
-        from mlx_kto.demo.real import RealDemoSizes, run_real_demo
-
         sizes = RealDemoSizes()
         sizes.steps = steps or sizes.steps
         sizes.heldout_samples = samples or sizes.heldout_samples
         run_real_demo(out or "kto-demo-real", sizes, seed or 0, echo=click.echo)
         return
-    from mlx_kto.demo.run import run_demo
-
     run_demo(
+        KTOConfig(overwrite=True) if overwrite else None,
         out=out,
         steps=steps,
         seed=seed,

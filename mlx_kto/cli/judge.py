@@ -1,12 +1,17 @@
-"""`mlx-kto compare` and `mlx-kto plot` (attached to the CLI by mlx_kto.cli.app)."""
+"""`mlx-kto compare` and `mlx-kto plot`."""
 
 from __future__ import annotations
+
+from mlx_kto.cli.options import HELP
+from mlx_kto.errors import UserError
+from mlx_kto.judge.compare import CompareSettings, parse_adapter_specs, run_compare
+from mlx_kto.judge.plot import plot_run
 
 import click
 
 
-@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", required=True, help="Base model folder or hub id.")
+@click.command("compare", context_settings=HELP)
+@click.option("--model", required=True, help="Base model folder, .gguf, ollama:NAME or hub id.")
 @click.option(
     "--adapter-path",
     "adapters",
@@ -45,6 +50,9 @@ import click
     "-o", "--out", default="kto-compare", show_default=True, help="Folder for the report files."
 )
 @click.option("--dtype", default=None, help="Cast weights: float16, bfloat16 or float32.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the report files of an earlier compare in OUT."
+)
 def compare(
     model,
     adapters,
@@ -60,6 +68,7 @@ def compare(
     judge_model,
     out,
     dtype,
+    overwrite,
 ):
     """Compare the base model and adapters on held-out prompts.
 
@@ -68,8 +77,6 @@ def compare(
     --judge-model) the win rate against the base. Writes OUT/compare.json, OUT/report.html
     (samples side by side, plots) and OUT/compare.png.
     """
-    from mlx_kto.judge.compare import CompareSettings, parse_adapter_specs, run_compare
-
     settings = CompareSettings(
         model=model,
         adapters=parse_adapter_specs(list(adapters)),
@@ -85,19 +92,21 @@ def compare(
         judge_model=judge_model,
         out=out,
         dtype=dtype,
+        overwrite=overwrite,
     )
     run_compare(settings, log=lambda m: click.echo(m, err=True), echo=click.echo)
 
 
-@click.command("plot", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("plot", context_settings=HELP)
 @click.argument("run_dir")
 @click.option("-o", "--out", default=None, help="PNG path.  [default: RUN_DIR/training.png]")
-def plot(run_dir, out):
-    """Plot a training run (loss, rewards, margins, kl, eval, diversity) from its metrics.jsonl."""
-    from mlx_kto.errors import UserError
-    from mlx_kto.judge.plot import plot_run
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
+def plot(run_dir, out, overwrite):
+    """Plot a training run (loss, rewards, margins, kl, eval, diversity) from its metrics.jsonl.
 
-    path = plot_run(run_dir, out)
+    The run's own training.png is redrawn in place; another --out path that exists is
+    replaced only with --overwrite."""
+    path = plot_run(run_dir, out, overwrite)
     if path is None:
         raise UserError("plot: matplotlib is not installed (pip install matplotlib)")
     click.echo(str(path))

@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mlx_kto.cli.app import _option_for
+from mlx_kto.cli.options import HELP, _option_for
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
 from mlx_kto.rounds.config import TRAIN_DEFAULTS, RoundsConfig, resume_config, rounds_config
@@ -54,7 +54,7 @@ def _options(func):
     return func
 
 
-@click.command("rounds", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("rounds", context_settings=HELP)
 @click.option("--model", default=None, help="Base model: folder, .gguf file or hub id.")
 @click.option(
     "--adapter-path", "out", default=None,

@@ -3,15 +3,22 @@ turning a rated reply into a feedback row. Shared by the terminal and web chats.
 
 from __future__ import annotations
 
-import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mlx_kto.collect.worker import Emit, MLXThread
+from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.feedback import append_row, rating_row, retraction_row
 from mlx_kto.errors import UserError
+from mlx_kto.model.load import load_base, load_init_adapter
 from mlx_kto.runtime.paths import DEMO_ASSETS
+
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 
 @dataclass
@@ -30,12 +37,11 @@ def default_model() -> str:
 
 
 def load_chat_model(model: str, adapter_path: str | None):
-    """(model, tokenizer) through the project's loader (the same as training: local
-    folder or hub id, and whatever formats `load_base` supports), adapter applied the
-    way `mlx_lm.load(..., adapter_path=...)` does; one-line errors."""
-    from mlx_kto.config.core import KTOConfig
-    from mlx_kto.model.load import load_base
-
+    """(model, tokenizer) through the project's loaders (the same as training: local
+    folder, .gguf or hub id; the adapter checked and applied as `--init-adapter` is);
+    one-line errors, naming the base an adapter was trained on when it does not fit.
+    Every weight is evaluated before this returns: nothing lazy is left tied to the
+    loading thread."""
     if adapter_path is not None:
         a = Path(adapter_path)
         if not (a / "adapters.safetensors").exists() or not (a / "adapter_config.json").exists():
@@ -44,14 +50,10 @@ def load_chat_model(model: str, adapter_path: str | None):
                 "(needs adapters.safetensors and adapter_config.json)"
             )
     m, tok, path, _ = load_base(KTOConfig(model=model))
-    if adapter_path is not None:
-        from mlx_lm.tuner.utils import load_adapters
-
-        try:
-            load_adapters(m, adapter_path)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise UserError(f"adapter-path: {adapter_path} does not fit {path} ({e})") from None
+    if adapter_path is not None:  # checked as --init-adapter is; another base: one line
+        load_init_adapter(m, adapter_path, "--adapter-path")
     m.eval()
+    mx.eval(m.parameters())
     if not getattr(tok, "chat_template", None):
         raise UserError(f"{path}: the tokenizer has no chat template; chat needs one")
     return m, tok
@@ -70,7 +72,8 @@ class Reply:
 
 class ChatSession:
     """Conversation state + generation + rating. `messages` holds the accepted turns;
-    the latest reply is pending until the user goes on (kept) or regenerates (dropped)."""
+    the latest reply is pending until the user goes on (kept) or regenerates (dropped).
+    All MLX work runs on `worker` (the thread the model was loaded on: `open_session`)."""
 
     def __init__(
         self,
@@ -82,11 +85,13 @@ class ChatSession:
         feedback: str | Path = "feedback.jsonl",
         system_prompt: str | None = None,
         sampling: Sampling | None = None,
+        worker: MLXThread | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.model_name, self.adapter_path = model_name, adapter_path
         self.feedback = Path(feedback)
         self.sampling = sampling or Sampling()
+        self.worker = worker or MLXThread()
         self.session_id = uuid.uuid4().hex
         self.messages: list[dict] = []
         if system_prompt:
@@ -95,13 +100,10 @@ class ChatSession:
         self._n_generated = 0
 
     # -- generation -------------------------------------------------------
-    def stream(self, prompt: list[dict]) -> Iterator[str]:
+    def generate(self, prompt: list[dict]) -> Iterator[str]:
         """Text pieces of a sampled reply to `prompt` (a message list ending with the
-        user's turn), through the model's chat template and mlx-lm's sampler."""
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
+        user's turn), through the model's chat template and mlx-lm's sampler. Runs on
+        the MLX thread (`stream` / `start_stream` put it there)."""
         s = self.sampling
         if s.seed is not None:  # reproducible, yet each reply its own draw
             mx.random.seed(s.seed + self._n_generated)
@@ -116,6 +118,15 @@ class ChatSession:
         ):
             if r.text:
                 yield r.text
+
+    def stream(self, prompt: list[dict], stop: threading.Event | None = None) -> Iterator[str]:
+        """The reply's pieces on the calling thread, generated on the MLX thread; ends
+        early once `stop` is set."""
+        return self.worker.stream(lambda: self.generate(prompt), stop or threading.Event())
+
+    def start_stream(self, prompt: list[dict], stop: threading.Event, emit: Emit):
+        """Generate on the MLX thread, handing events to `emit` (see MLXThread)."""
+        return self.worker.start_stream(lambda: self.generate(prompt), stop, emit)
 
     def new_reply(self, prompt: list[dict], text: str) -> Reply:
         reply = Reply(uuid.uuid4().hex, [dict(m) for m in prompt], text.strip())
@@ -151,3 +162,21 @@ class ChatSession:
             return
         append_row(self.feedback, retraction_row(reply.rating_id))
         reply.rating_id, reply.label = None, None
+
+
+def open_session(
+    model: str,
+    adapter_path: str | None = None,
+    *,
+    feedback: str | Path = "feedback.jsonl",
+    system_prompt: str | None = None,
+    sampling: Sampling | None = None,
+) -> ChatSession:
+    """A chat session whose model and adapter were loaded on its own MLX thread, the
+    thread that then generates every reply."""
+    worker = MLXThread()
+    m, tok = worker.call(load_chat_model, model, adapter_path)
+    return ChatSession(
+        m, tok, model_name=model, adapter_path=adapter_path, feedback=feedback,
+        system_prompt=system_prompt, sampling=sampling, worker=worker,
+    )  # fmt: skip

@@ -124,17 +124,29 @@ def drop_retracted(rows: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
     """Rows minus retraction lines and the ratings they retract (by "id").
 
     `rows` are (raw row, "path:line") pairs; a retraction of an id that is not in the
-    file is reported and ignored (nothing to remove)."""
+    file is reported and ignored (nothing to remove). Ids are strings: a retraction
+    naming anything else, or (in a file with retractions) a rating whose "id" is a
+    list or object, is an error naming its line."""
     retracted: dict[str, str] = {}
     for row, where in rows:
         if isinstance(row, dict) and "retract" in row:
             rid = row["retract"]
             if not isinstance(rid, str) or not rid:
-                raise UserError(f"{where}: 'retract' must be the id (a string) of a rating")
+                raise UserError(
+                    f"{where}: 'retract' must be the id (a string) of a rating, not {describe_value(rid)}"
+                )
             retracted[rid] = where
     if not retracted:
         return rows
-    ids = {r.get("id") for r, _ in rows if isinstance(r, dict)}
+    ids: set[str] = set()
+    for r, where in rows:
+        rid = r.get("id") if isinstance(r, dict) and "retract" not in r else None
+        if isinstance(rid, str):
+            ids.add(rid)
+        elif isinstance(rid, (list, dict)):  # a number or null just cannot be retracted
+            raise UserError(
+                f"{where}: 'id' must be the rating's id (a string), not {describe_value(rid)}"
+            )
     for rid, where in retracted.items():
         if rid not in ids:
             log.warning(
@@ -143,8 +155,23 @@ def drop_retracted(rows: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
     return [
         (r, w)
         for r, w in rows
-        if not (isinstance(r, dict) and ("retract" in r or r.get("id") in retracted))
+        if not (isinstance(r, dict) and ("retract" in r or _str_id(r) in retracted))
     ]
+
+
+def _str_id(row: dict) -> str | None:
+    rid = row.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def describe_value(value: Any) -> str:
+    """How an error names a wrong value: its JSON type (and the value, when short)."""
+    if value is None or value == "":
+        return "null" if value is None else "an empty string"
+    name = {list: "a list", dict: "an object", bool: "a boolean", str: "a string"}.get(
+        type(value), "a number"
+    )
+    return f"{name} ({json.dumps(value, default=str)[:40]})"
 
 
 def read_ratings(path: str | Path) -> list[dict]:

@@ -75,7 +75,7 @@ def read_arrow_table(path: Path):
                 return reader.read_all()
     except (pa.ArrowInvalid, OSError) as e:
         msg = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"{path}: not a readable {path.suffix} file ({msg})") from None
+        raise UserError(f"{path}: not a readable {path.suffix or 'arrow'} file ({msg})") from None
 
 
 def read_table_rows(path: str | Path) -> list[tuple[Any, str]]:
@@ -93,16 +93,53 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def _saved_records(folder: Path) -> list[dict]:
+def _saved_json(path: Path) -> Any:
     try:
-        state = json.loads((folder / "state.json").read_text())
-        files = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    except RecursionError:
         raise UserError(
-            f"{folder / 'state.json'}: not a datasets save_to_disk state ({e})"
+            f"{path}: not a datasets save_to_disk file (JSON nested too deeply)"
         ) from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a datasets save_to_disk file (invalid JSON: {e})") from None
+
+
+def _saved_names(value: Any, path: Path, field: str, example: str) -> list[str]:
+    """A save_to_disk list of names inside the folder (split folders, arrow files):
+    a non-empty list of plain names, never a path that leaves the folder."""
+    if not isinstance(value, list) or not value:
+        got = "missing" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+        raise UserError(
+            f"{path}: '{field}' must be a non-empty list of names like {example} ({got})"
+        )
+    for name in value:
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+        ):
+            raise UserError(
+                f"{path}: '{field}' holds {json.dumps(name)[:40]}, not a name in this folder"
+            )
+    return value
+
+
+def _saved_records(folder: Path) -> list[dict]:
+    """The rows of a save_to_disk Dataset folder (state.json names its arrow files)."""
+    path = folder / "state.json"
+    state = _saved_json(path)
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a datasets save_to_disk state (expected an object)")
+    files = state.get("_data_files")
+    if isinstance(files, list) and all(isinstance(f, dict) for f in files):
+        files = [f.get("filename") for f in files]
+    names = _saved_names(files, path, "_data_files", '[{"filename": "data-00000-of-00001.arrow"}]')
     records: list[dict] = []
-    for name in files:
+    for name in names:
         records += read_arrow_table(folder / name).to_pylist()
     return records
 
@@ -110,11 +147,19 @@ def _saved_records(folder: Path) -> list[dict]:
 def saved_dataset_splits(folder: str | Path, split: str | None = None) -> dict:
     """{train, valid, test: raw rows} of a save_to_disk folder (a Dataset is "train")."""
     folder = Path(folder)
-    if (folder / "dataset_dict.json").is_file():
-        try:
-            names = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"{folder / 'dataset_dict.json'}: unreadable ({e})") from None
+    path = folder / "dataset_dict.json"
+    if path.is_file():
+        dd = _saved_json(path)
+        if not isinstance(dd, dict):
+            raise UserError(
+                f'{path}: not a datasets save_to_disk file (expected {{"splits": [...]}})'
+            )
+        names = _saved_names(dd.get("splits"), path, "splits", '["train", "test"]')
+        for name in names:
+            if not (folder / name / "state.json").is_file():
+                raise UserError(
+                    f"{path}: split {name!r} has no folder {folder / name} with a state.json"
+                )
         records = {name: _saved_records(folder / name) for name in names}
     else:
         records = {"train": _saved_records(folder)}

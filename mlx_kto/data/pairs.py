@@ -19,18 +19,23 @@ def find_pairs(rows) -> tuple[list[tuple[int, int]], int]:
     """[(chosen_index, rejected_index)] in row order, and the number of paired source rows
     that lost one side in tokenization (dropped: prompt too long, empty completion).
 
-    Rows must come from paired data: an unpaired row (its own `where` alone, or a location
-    with other than one desirable and one undesirable row) is a user error naming it."""
+    Rows must come from paired data: a pair is the two sides of one prompt/chosen/rejected
+    row (`paired`, sharing its `where`), its two sides after the same prompt tokens (one
+    split point: data.tokenize). Anything else (an unpaired row, a location with other than
+    one desirable and one undesirable row, per-message labels: replies to different prompts)
+    is a user error naming the row."""
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row.where, []).append(i)
     pairs, broken = [], 0
     for where, idx in groups.items():
         labels = [bool(rows[i].label) for i in idx]
-        if len(idx) == 2 and sorted(labels) == [False, True]:
+        from_pair = all(getattr(rows[i], "paired", True) for i in idx)
+        if from_pair and len(idx) == 2 and sorted(labels) == [False, True]:
             c, r = (idx[0], idx[1]) if labels[0] else (idx[1], idx[0])
+            _check_same_prompt(rows[c], rows[r], where)
             pairs.append((c, r))
-        elif len(idx) == 1 and getattr(rows[idx[0]], "paired", True):
+        elif from_pair and len(idx) == 1:
             broken += 1
         else:
             raise UserError(
@@ -39,6 +44,16 @@ def find_pairs(rows) -> tuple[list[tuple[int, int]], int]:
             )
     pairs.sort(key=lambda p: min(p))
     return pairs, broken
+
+
+def _check_same_prompt(chosen, rejected, where: str) -> None:
+    """The two sides of a pair answer one prompt (tokenize.py splits a pair at one point)."""
+    a, b = getattr(chosen, "prompt_ids", None), getattr(rejected, "prompt_ids", None)
+    if a != b:
+        raise UserError(
+            f"{where}: the chosen and rejected replies of this pair do not share their prompt "
+            "tokens; DPO compares two replies to the same prompt"
+        )
 
 
 def pair_batch_order(

@@ -11,6 +11,12 @@
   start with a token that encode(prompt + completion) does not have.
 - split at k = common prefix length of prompt_ids and full: prompt = prompt_ids[:k],
   completion = full[k:] (k < len(prompt_ids) means the boundary tokens merged).
+- the two sides of a pair for DPO / IPO (`pairs=True`), as TRL 1.16's DPO: one split point
+  for both, the shorter of their two common prefixes, k = min(k_chosen, k_rejected), so both
+  completions are scored after the same prompt tokens. Prompt "Hello", chosen " world",
+  rejected "world" on Qwen3's tokenizer: full ids [Hello, Ġworld, EOS] and [H, elloworld,
+  EOS], k = min(1, 0) = 0: the chosen side scores [Hello, Ġworld, EOS] (split alone it would
+  score [Ġworld, EOS]). KTO's unpaired rows keep their own split (TRL's KTO unpairs first).
 - truncation: optional legacy `max_prompt_length` (keep_end, BOS kept); rows whose
   prompt alone is >= max_length are dropped; completions are right-truncated so that
   prompt + completion <= max_length (TRL truncates `ids[:max_length]` in the collator).
@@ -168,30 +174,49 @@ def encode_example(
     """(prompt_ids, completion_ids, boundary_merged) for one example, untruncated, or, for
     a string completion and `max_length`, with at least the first max_length +
     SAFETY_TOKENS completion tokens (what truncation keeps is the same either way)."""
+    prompt_ids, full = encode_full(ex, tokenizer, max_length)
+    k = _common_prefix_len(prompt_ids, full)
+    return prompt_ids[:k], full[k:], k < len(prompt_ids)
+
+
+def encode_full(ex: Example, tokenizer, max_length: int | None = None) -> tuple[list, list]:
+    """(prompt ids, prompt + completion ids) of one example, before the split (see
+    encode_example for the long-completion shortcut)."""
     if ex.conversational:
         prompt_ids = _chat_ids(tokenizer, ex.prompt, ex, generation_prompt=True)
         full = _chat_ids(tokenizer, ex.prompt + ex.completion, ex, generation_prompt=False)
-    else:
-        completion = ex.completion
-        eos = getattr(tokenizer, "eos_token", None)
-        if eos and not completion.endswith(eos):
-            completion = completion + eos
-        prompt_ids = _as_ids(tokenizer.encode(ex.prompt))
-        full = None
-        if max_length is not None:
-            need = max_length + SAFETY_TOKENS
-            cut = CHARS_PER_TOKEN * need
-            while cut < len(ex.completion):
-                part = ex.completion[: _whitespace_cut(ex.completion, cut)]
-                ids = _as_ids(tokenizer.encode(ex.prompt + part))
-                if len(ids) - _common_prefix_len(prompt_ids, ids) >= need:
-                    full = ids
-                    break
-                cut *= 4
-        if full is None:
-            full = _as_ids(tokenizer.encode(ex.prompt + completion))
-    k = _common_prefix_len(prompt_ids, full)
-    return prompt_ids[:k], full[k:], k < len(prompt_ids)
+        return prompt_ids, full
+    completion = ex.completion
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and not completion.endswith(eos):
+        completion = completion + eos
+    prompt_ids = _as_ids(tokenizer.encode(ex.prompt))
+    if max_length is not None:
+        need = max_length + SAFETY_TOKENS
+        cut = CHARS_PER_TOKEN * need
+        while cut < len(ex.completion):
+            part = ex.completion[: _whitespace_cut(ex.completion, cut)]
+            ids = _as_ids(tokenizer.encode(ex.prompt + part))
+            if len(ids) - _common_prefix_len(prompt_ids, ids) >= need:
+                return prompt_ids, ids
+            cut *= 4
+    return prompt_ids, _as_ids(tokenizer.encode(ex.prompt + completion))
+
+
+def split_points(examples: list[Example], encoded: list[tuple[list, list]], pairs: bool) -> list:
+    """Where each example's ids split into prompt and completion: its own common prefix of
+    prompt and full ids; with `pairs`, the shorter of the two for both sides of a paired
+    row (the two Examples of one prompt/chosen/rejected row share `where`)."""
+    k = [_common_prefix_len(p, f) for p, f in encoded]
+    if pairs:
+        sides: dict[str, list[int]] = {}
+        for i, ex in enumerate(examples):
+            if getattr(ex, "paired", False):
+                sides.setdefault(ex.where, []).append(i)
+        for idx in sides.values():
+            if len(idx) == 2:
+                k[idx[0]] = k[idx[1]] = min(k[idx[0]], k[idx[1]])
+    return k
 
 
 def _keep_end(prompt_ids: list[int], max_prompt_length: int, bos_id: int | None) -> list[int]:
@@ -209,9 +234,11 @@ def tokenize_examples(
     tokenizer,
     max_length: int | None = 1024,
     max_prompt_length: int | None = None,
+    pairs: bool = False,
 ) -> tuple[list[Row], TokenizeStats]:
     """Tokenize, split and truncate `examples` (see module docstring). Returns the kept
-    rows (input order) and counts of what was dropped or cut."""
+    rows (input order) and counts of what was dropped or cut. `pairs`: split both sides of
+    a paired row at one point, as TRL's DPO does (for the paired losses)."""
     if max_length is not None and max_length < 2:
         raise UserError(f"max_length must be at least 2 (got {max_length})")
     if max_prompt_length is not None and max_prompt_length < 1:
@@ -226,9 +253,10 @@ def tokenize_examples(
     bos_id = getattr(tokenizer, "bos_token_id", None)
     stats = TokenizeStats(n_in=len(examples))
     rows: list[Row] = []
-    for ex in examples:
-        prompt_ids, completion_ids, merged = encode_example(ex, tokenizer, max_length)
-        stats.n_boundary_merge += merged
+    encoded = [encode_full(ex, tokenizer, max_length) for ex in examples]
+    for ex, (prompt_ids, full), k in zip(examples, encoded, split_points(examples, encoded, pairs)):
+        stats.n_boundary_merge += k < len(prompt_ids)  # the boundary tokens merged
+        prompt_ids, completion_ids = prompt_ids[:k], full[k:]
         if not completion_ids:
             stats.n_dropped_empty += 1
             continue

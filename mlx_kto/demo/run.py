@@ -21,10 +21,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_kto.config.core import KTOConfig  # noqa: E402
-from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify  # noqa: E402
-from mlx_kto.errors import UserError  # noqa: E402
-from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS  # noqa: E402
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.demo.plot import plot_metrics
+from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
+from mlx_kto.demo.task import DESIRABLE_STYLE, STYLES, classify
+from mlx_kto.errors import UserError
+from mlx_kto.judge.diversity import distinct_n, mean_self_bleu
+from mlx_kto.judge.probes import training_extras
+from mlx_kto.model.load import load_base
+from mlx_kto.runtime.atomic import atomic_write_bytes
+from mlx_kto.runtime.paths import DEMO_ASSETS as ASSETS
+from mlx_kto.train.run import train
+from mlx_kto.train.run_dir import existing_run_files
 
 DEFAULT_OUT = "kto-demo"
 # Settings for the shipped model; a field the user set (different from KTOConfig's
@@ -49,7 +57,6 @@ DEMO_DEFAULTS = dict(
     steps_per_report=20,
     steps_per_save=0,
     keep_checkpoints=1,
-    overwrite=True,  # running the demo again replaces its previous run (only the run's files)
 )
 # The shortened run (`--quick`, the test): fewer steps at a higher rate, fewer samples.
 QUICK = dict(iters=40, learning_rate=1e-3, samples=6)
@@ -81,28 +88,51 @@ def demo_config(
     """The training config of the demo: the shipped model and data, demo defaults
     for every field `cfg` left at KTOConfig's default, then out/steps/seed."""
     base = KTOConfig()
-    cfg = dataclasses.replace(cfg) if cfg is not None else KTOConfig()
-    for name, value in DEMO_DEFAULTS.items():
-        if getattr(cfg, name) == getattr(base, name):
-            setattr(cfg, name, value)
-    if quick:
-        for name in ("iters", "learning_rate"):
-            if getattr(cfg, name) == DEMO_DEFAULTS[name]:
-                setattr(cfg, name, QUICK[name])
-    cfg.model = cfg.model or str(ASSETS / "model")
-    cfg.data = cfg.data or str(ASSETS / "data")
-    if out is not None:
-        cfg.adapter_path = str(out)
-    if steps is not None:
-        cfg.iters = steps
-    if seed is not None:
-        cfg.seed = seed
+    cfg = cfg if cfg is not None else base
+    # Demo defaults for the fields the user left at KTOConfig's default.
+    changes = {k: v for k, v in DEMO_DEFAULTS.items() if getattr(cfg, k) == getattr(base, k)}
+    if quick:  # the shortened run, unless the user chose these
+        for k in ("iters", "learning_rate"):
+            if changes.get(k, getattr(cfg, k)) == DEMO_DEFAULTS[k]:
+                changes[k] = QUICK[k]
+    changes["model"] = cfg.model or str(ASSETS / "model")
+    changes["data"] = cfg.data or str(ASSETS / "data")
+    given = {"adapter_path": None if out is None else str(out), "iters": steps, "seed": seed}
+    changes.update({k: v for k, v in given.items() if v is not None})
+    cfg = dataclasses.replace(cfg, **changes)
     if not (Path(cfg.model) / "model.safetensors").exists():
         raise UserError(
             f"{cfg.model}: the demo model is missing; rebuild it with "
             "`python examples/build_demo_model.py` (or reinstall mlx-kto)"
         )
     return cfg.validate()
+
+
+def check_out_folder(cfg: KTOConfig, log=print) -> KTOConfig:
+    """The demo's run folder, checked before any work: empty, or a previous demo run (on the
+    shipped model: replaced, as running the demo again should, said in a line), or, with
+    cfg.overwrite, any run. Another run there is refused: the demo never replaces work it
+    was not asked to. Returns cfg, with overwrite set where a demo run is replaced."""
+    out = Path(cfg.adapter_path)
+    found = existing_run_files(out) if out.is_dir() else []
+    if not found or cfg.overwrite:
+        return cfg
+    if not is_demo_run(out):
+        raise UserError(
+            f"adapter_path: {out} already holds a run ({', '.join(found)}) that the demo "
+            "would replace; pass --overwrite to replace it, or give the demo another folder"
+        )
+    log(f"replacing the previous demo run in {out}")
+    return dataclasses.replace(cfg, overwrite=True)
+
+
+def is_demo_run(run_dir: Path) -> bool:
+    """A run folder written by the demo: trained on the shipped model."""
+    try:
+        model = json.loads((run_dir / "kto_config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model, str) and Path(model).resolve() == (ASSETS / "model").resolve()
 
 
 def heldout_prompts() -> list[str]:
@@ -112,11 +142,9 @@ def heldout_prompts() -> list[str]:
 def load_policy(cfg: KTOConfig, adapter_dir: str | Path | None = None):
     """The base model (cfg.dtype applied), with an mlx-lm adapter folder loaded
     through mlx-lm's own `load_adapters` when given."""
-    from mlx_kto.model.load import load_base
-
     model, tokenizer, _, _ = load_base(cfg)
     if adapter_dir is not None:
-        from mlx_lm.tuner.utils import load_adapters
+        from mlx_lm.tuner.utils import load_adapters  # imports torch (~5 s): only here
 
         model = load_adapters(model, str(adapter_dir))
     model.eval()
@@ -135,15 +163,10 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo end to end and print the before/after table (`echo`, stdout);
     training progress goes to `log` (stderr)."""
-    from mlx_kto.demo.plot import plot_metrics
-    from mlx_kto.demo.sample import correct_share, sample_completions, style_shares
-    from mlx_kto.judge.probes import training_extras
-    from mlx_kto.train.run import train
-
     echo = echo or (lambda msg="": print(msg, flush=True))
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    cfg = demo_config(cfg, out, steps, seed, quick)
+    cfg = check_out_folder(demo_config(cfg, out, steps, seed, quick), log)
     n = samples_per_prompt or (QUICK["samples"] if quick else SAMPLES_PER_PROMPT)
     prompts = heldout_prompts()
     sample_kw = dict(n=n, max_tokens=MAX_NEW_TOKENS, temp=1.0, seed=cfg.seed)
@@ -244,8 +267,6 @@ def format_report(res: DemoResult, n_prompts: int, n: int) -> list[str]:
 
 def _diversity(samples: list[list[str]]) -> dict:
     """distinct-2 over every answer and self-BLEU within each question's answers."""
-    from mlx_kto.judge.diversity import distinct_n, mean_self_bleu
-
     return {
         "distinct_2": distinct_n([c for per in samples for c in per], 2),
         "self_bleu": mean_self_bleu(samples),
@@ -284,8 +305,6 @@ def _feedback_summary(data: str) -> str:
 
 
 def _write_results(res: DemoResult, path: Path, cfg: KTOConfig) -> None:
-    from mlx_kto.runtime.atomic import atomic_write_bytes
-
     data = {
         "before": res.before,
         "after": res.after,

@@ -1,4 +1,4 @@
-"""Atomic file writes and output-folder checks shared by the converters."""
+"""Atomic file writes, output-folder checks and JSON reading shared by the converters."""
 
 from __future__ import annotations
 
@@ -8,6 +8,32 @@ from pathlib import Path
 
 from mlx_kto.errors import UserError
 from mlx_kto.runtime.atomic import atomic_write_with
+from mlx_kto.runtime.outputs import check_out_file, make_folder, make_parent
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "check_out_file",
+    "make_parent",
+    "prepare_out_dir",
+    "read_json_object",
+]
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` (a config file), or one line saying why it is not one:
+    unreadable, not UTF-8, invalid JSON (with the line), or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = "") -> None:
@@ -38,30 +64,3 @@ def prepare_out_dir(out: str | Path, overwrite: bool, inputs: tuple = ()) -> Pat
             )
     make_folder(out)
     return out
-
-
-def check_out_file(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder, expected a file path")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: file exists (pass --overwrite to replace it)")
-    make_parent(out)
-    return out
-
-
-def make_parent(out: Path) -> None:
-    """Create `out`'s parent folders, or say in one line why they cannot be."""
-    make_folder(out.parent, out)
-
-
-def make_folder(folder: Path, named: Path | None = None) -> None:
-    """mkdir -p `folder`; a file in the way or a failure is one line naming `named`."""
-    named = named or folder
-    for p in [folder, *folder.parents]:
-        if p.exists() and not p.is_dir():
-            raise UserError(f"{named}: cannot write ({p} is a file, not a folder)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{named}: cannot create {folder} ({e.strerror or e})") from None

@@ -9,13 +9,12 @@ LoRA forward is `y = W x + scale * (x @ lora_a) @ lora_b`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.export._io import atomic_write, atomic_write_json
+from mlx_kto.export._io import atomic_write, atomic_write_json, read_json_object
 
 import mlx.core as mx
 
@@ -106,15 +105,7 @@ def read_config(adapter_dir: Path) -> dict:
     conf = adapter_dir / CONFIG_FILE
     if not conf.is_file():
         raise UserError(f"{adapter_dir}: no {CONFIG_FILE} (not an mlx-lm adapter folder)")
-    try:
-        cfg = json.loads(conf.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{conf}: expected a JSON object")
-    return cfg
+    return read_json_object(conf)
 
 
 def read_adapter(adapter_dir: str | Path) -> MlxAdapter:

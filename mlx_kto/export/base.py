@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_kto.errors import UserError
+from mlx_kto.export._io import read_json_object
 from mlx_kto.export.adapters import MlxAdapter
 
 import mlx.nn as nn
@@ -84,14 +85,7 @@ def load_base(ref: str | Path, what: str = "--base") -> BaseModel:
     conf = path / "config.json"
     if not conf.is_file():
         raise UserError(f"{what} '{ref}': no config.json in {path}")
-    try:
-        config = json.loads(conf.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{conf}: expected a JSON object")
+    config = read_json_object(conf)
     from mlx_lm.utils import _get_classes
 
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.export._io import atomic_write_json, make_parent
+from mlx_kto.export._io import atomic_write, atomic_write_json, check_out_file, make_parent
 from mlx_kto.export.adapters import read_adapter
 from mlx_kto.export.base import check_adapter, checkpoint_names, load_base
 from mlx_kto.export.tokenizer_files import copy_tokenizer_files
@@ -109,6 +109,8 @@ def fuse(
         if gguf is None:
             raise UserError("--llama-cpp-dir given without --gguf OUT.gguf")
 
+    if gguf is not None:  # llama.cpp writes it: check it now, not after the fuse
+        check_out_file(gguf, overwrite)
     ad = read_adapter(adapter_dir)
     base_ref = base or ad.model
     if not base_ref:
@@ -253,11 +255,15 @@ def _save_checkpoint(dst: Path, weights: dict, config: dict, tokenizer, src: Pat
 def _run_llama_cpp(script: Path, hf_dir: Path, gguf_path: Path, outtype: str) -> None:
     """Convert the fused checkpoint with the user's llama.cpp convert_hf_to_gguf.py (it
     needs torch, transformers and numpy in this Python; see docs/convert.md)."""
-    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(gguf_path)]
-    cmd += ["--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"{script} failed (exit {proc.returncode}): {tail[0]}")
-    if not gguf_path.is_file():
-        raise UserError(f"{script} exited 0 but wrote no {gguf_path}")
+
+    def convert(tmp: Path) -> None:  # into a temp file: a failed run leaves no half GGUF
+        cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp)]
+        cmd += ["--outtype", outtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise UserError(f"{script} failed (exit {proc.returncode}): {tail[0]}")
+        if not tmp.is_file():
+            raise UserError(f"{script} exited 0 but wrote no {gguf_path}")
+
+    atomic_write(gguf_path, convert, suffix=".gguf")

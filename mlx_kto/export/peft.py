@@ -9,7 +9,6 @@ So A = lora_a.T, B = lora_b.T, alpha = s * r. DoRA's magnitude `m` [out] is PEFT
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -17,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.export._io import atomic_write, atomic_write_json, prepare_out_dir
+from mlx_kto.export._io import atomic_write, atomic_write_json, prepare_out_dir, read_json_object
 from mlx_kto.export.adapters import (
     LoraModule,
     MlxAdapter,
@@ -238,12 +237,7 @@ def read_peft(peft_dir: str | Path) -> tuple[dict, dict[str, dict[str, mx.array]
                 "save_pretrained(..., safe_serialization=True)"
             )
         raise UserError(f"{peft_dir}: no {PEFT_WEIGHTS}")
-    try:
-        cfg = json.loads(conf.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{conf}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{conf}: not UTF-8 text ({e.reason})") from None
+    cfg = read_json_object(conf)
     _check_peft_config(cfg, conf)
     try:
         tensors = mx.load(str(wfile))

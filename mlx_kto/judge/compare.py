@@ -14,9 +14,25 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_kto.config.core import KTOConfig, make_config
+from mlx_kto.data.rows import find_split_files, load_examples
 from mlx_kto.errors import UserError
+from mlx_kto.judge import report
+from mlx_kto.judge.evaluate import evaluate_adapter
+from mlx_kto.judge.judges import ModelJudge, load_rule, win_rate
+from mlx_kto.judge.plot import plot_compare
+from mlx_kto.judge.sample import (
+    check_sampling,
+    load_prompts,
+    prompt_ids,
+    sample_replies,
+    summarize,
+)
+from mlx_kto.model.load import load_base, load_init_adapter
+from mlx_kto.runtime.outputs import check_out_files
 
 BASE = "base"
+OUTPUTS = ("compare.json", "report.html", "compare.png")
 
 
 @dataclass
@@ -35,6 +51,7 @@ class CompareSettings:
     judge_model: str | None = None  # a local model as pairwise judge
     out: str = "kto-compare"
     dtype: str | None = None
+    overwrite: bool = False  # replace the report files of an earlier compare in `out`
     batch_size: int = 4  # labelled-rows evaluation micro-batch
     max_length: int = 1024
 
@@ -59,9 +76,6 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 def _labelled(data: str | None, split: str | None) -> tuple[str | None, str]:
     """(data source of labelled rows, split for evaluate) or (None, reason) for a prompts file."""
-    from mlx_kto.data.rows import find_split_files
-    from mlx_kto.judge.sample import load_prompts
-
     if data is None:
         return None, "no --data"
     p = Path(data)
@@ -69,8 +83,6 @@ def _labelled(data: str | None, split: str | None) -> tuple[str | None, str]:
         files = find_split_files(p)
         return data, split or next((s for s in ("test", "valid") if s in files), "valid")
     try:
-        from mlx_kto.data.rows import load_examples
-
         load_examples(p)
     except UserError:
         load_prompts(p)  # a prompts file: fine (errors in it surface here, with the line)
@@ -88,22 +100,16 @@ def _adapter_kto(path: str) -> dict:
 
 
 def _load(settings: CompareSettings, adapter: str | None):
-    from mlx_kto.config.core import KTOConfig
-    from mlx_kto.model.load import load_base, load_init_adapter
-
     cfg = KTOConfig(model=settings.model, dtype=settings.dtype)
     model, tokenizer, _, _ = load_base(cfg)
     if adapter is not None:
-        load_init_adapter(model, adapter)
+        load_init_adapter(model, adapter, what="--adapter-path")
     model.eval()
     return model, tokenizer
 
 
 def labelled_metrics(settings: CompareSettings, adapter: str, data: str, split: str) -> dict:
     """Reward accuracy and margin of an adapter on labelled rows (mlx_kto.judge.evaluate)."""
-    from mlx_kto.config.core import make_config
-    from mlx_kto.judge.evaluate import evaluate_adapter
-
     kw = dict(batch_size=settings.batch_size, max_length=settings.max_length)
     kw.update(_adapter_kto(adapter))  # score with the beta the adapter was trained with
     if kw.get("loss_type") == "kto" and kw["batch_size"] < 2:
@@ -121,13 +127,9 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
     """Sample, measure and judge every model; write compare.json, compare.png and
     report.html into settings.out; print the table with `echo` (progress goes to `log`).
     Returns the JSON document."""
-    from mlx_kto.judge import report
-    from mlx_kto.judge.judges import ModelJudge, load_rule, win_rate
-    from mlx_kto.judge.plot import plot_compare
-    from mlx_kto.judge.sample import encode_prompt, load_prompts, sample_replies, summarize
-
-    if settings.samples < 1 or settings.num_prompts < 1 or settings.max_tokens < 1:
-        raise UserError("samples, num-prompts and max-tokens: must be >= 1")
+    if settings.samples < 1 or settings.num_prompts < 1:
+        raise UserError("samples and num-prompts: must be >= 1")
+    check_sampling(settings.temp, max_tokens=settings.max_tokens, seed=settings.seed)
     if settings.judge and settings.judge_model:
         raise UserError("judge: give --judge or --judge-model, not both")
     if settings.data is None:
@@ -135,8 +137,7 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
     judge = load_rule(settings.judge) if settings.judge else None  # fail before sampling
     prompts, source = load_prompts(settings.data, settings.split, settings.num_prompts)
     label_data, split = _labelled(settings.data, settings.split)
-    out_dir = Path(settings.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_files(settings.out, OUTPUTS, settings.overwrite)
     log(
         f"{len(prompts)} held-out prompts from {source} x {settings.samples} samples "
         f"(temperature {settings.temp}, seed {settings.seed})"
@@ -147,7 +148,8 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
     for name, adapter in models:
         log(f"sampling {name}{f' ({adapter})' if adapter else ''} ...")
         model, tokenizer = _load(settings, adapter)
-        ids = [encode_prompt(tokenizer, p, settings.chat) for p in prompts]
+        ids = [prompt_ids(tokenizer, p.prompt, chat=settings.chat, raw=p.raw, where=p.where)
+               for p in prompts]  # fmt: skip
         samples = sample_replies(
             model,
             tokenizer,
@@ -174,9 +176,6 @@ def run_compare(settings: CompareSettings, log=print, echo=print) -> dict:
             res.update(reward_accuracy=None, reward_margin=None)
         results[name] = res
     if settings.judge_model:
-        from mlx_kto.config.core import KTOConfig
-        from mlx_kto.model.load import load_base
-
         log(f"judging with {settings.judge_model} (both orders) ...")
         jm, jt, _, _ = load_base(KTOConfig(model=settings.judge_model, dtype=settings.dtype))
         judge = ModelJudge(jm, jt)

@@ -13,7 +13,17 @@ import json
 from pathlib import Path
 
 from mlx_kto.config.core import KTOConfig, make_config
+from mlx_kto.data.pairs import find_pairs
+from mlx_kto.data.rows import load_splits
+from mlx_kto.data.tokenize import auto_desirable_weight, class_counts
 from mlx_kto.errors import UserError
+from mlx_kto.model.load import load_base, load_init_adapter, trainable_lora
+from mlx_kto.reference.scorer import make_scorer
+from mlx_kto.train.loop import evaluate
+from mlx_kto.train.run import tokenize_split
+
+import mlx.core as mx
+from mlx.utils import tree_unflatten
 
 # Run settings that change evaluation numbers (or where the data/model/cache are).
 RUN_FIELDS = (
@@ -77,11 +87,6 @@ def eval_config(adapter_path: str | Path, **flags) -> KTOConfig:
 
 def _load_trained_weights(model, adapter_path: Path) -> None:
     """Put adapters.safetensors onto LoRA layers already in place (same keys, same shapes)."""
-    from mlx_kto.model.load import trainable_lora
-
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
-
     wfile = adapter_path / "adapters.safetensors"
     try:
         weights = mx.load(str(wfile))
@@ -105,15 +110,6 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
     of a file). The reference is what training used: the base model (adapter off), or
     the run's starting adapter (cfg.init_adapter), frozen. Reward accuracy = share of
     rows whose reward sign matches the label."""
-    from mlx_kto.data.rows import load_splits
-    from mlx_kto.data.tokenize import auto_desirable_weight, class_counts
-    from mlx_kto.model.load import load_base, load_init_adapter, trainable_lora
-    from mlx_kto.reference.scorer import make_scorer
-    from mlx_kto.train.loop import evaluate
-    from mlx_kto.train.run import tokenize_split
-
-    import mlx.core as mx
-
     if split not in SPLITS:
         raise UserError(f"--split: '{split}' is not one of {', '.join(SPLITS)}")
     name = SPLITS[split]
@@ -154,8 +150,6 @@ def evaluate_adapter(cfg: KTOConfig, adapter_path: str | Path, split: str = "val
     out = evaluate(model, rows, cfg, scorer, float(dw), cfg.eval_batches, pad_id)
     out["rows"] = len(rows)
     if cfg.loss_type in ("dpo", "ipo"):  # rows are the two sides of each pair
-        from mlx_kto.data.pairs import find_pairs
-
         out["pairs"] = len(find_pairs(rows)[0])
     out["split"] = name
     return out

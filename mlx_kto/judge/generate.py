@@ -1,6 +1,8 @@
-"""`mlx-kto generate`: sample from a base model with or without an adapter, with
-mlx-lm's generate flags (system prompt, top-p / min-p / top-k, prompt from stdin) and
-its speed figures (prompt and generation tokens per second, peak memory)."""
+"""`mlx-kto generate`: one prompt, streamed token by token through mlx-lm's
+`stream_generate`, with mlx-lm's generate flags (system prompt, top-p / min-p / top-k,
+prompt from stdin) and its speed figures (prompt and generation tokens per second, peak
+memory). The prompt is rendered by `judge.sample.prompt_ids`, as for every sampler here;
+many prompts at once (probes, compare, the demo) go through `judge.sample.sample_replies`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlx_kto.errors import UserError
-from mlx_kto.model.chat_template import FLAG_HINT
+from mlx_kto.judge.sample import check_sampling, prompt_ids
+
+__all__ = ["GenerationStats", "generate", "prompt_ids", "read_prompt"]
 
 
 @dataclass
@@ -29,36 +33,16 @@ class GenerationStats:
 
 
 def read_prompt(prompt: str) -> str:
-    """`-` reads the prompt from stdin (as mlx_lm.generate does); `\\n`/`\\t` are unescaped."""
+    """`-` reads the prompt from stdin (as mlx_lm.generate does); `\\n`/`\\t` are unescaped.
+    An empty prompt (or empty stdin) is refused: the model would generate from nothing."""
     if prompt == "-":
-        return sys.stdin.read()
+        text = sys.stdin.read()
+        if not text.strip():
+            raise UserError("--prompt -: stdin was empty (nothing to generate from)")
+        return text
+    if not prompt.strip():
+        raise UserError("--prompt: empty (nothing to generate from)")
     return prompt.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def prompt_ids(
-    tokenizer,
-    prompt: str,
-    system_prompt: str | None = None,
-    chat: bool = True,
-    log: Callable[[str], None] = lambda m: None,
-) -> list[int]:
-    """Token ids to generate from: the chat template with a generation prompt (system +
-    user messages) when `chat` and the tokenizer has one, else the raw text."""
-    from mlx_kto.data.tokenize import _as_ids, chat_prompt_ids, has_chat_template
-
-    if chat and has_chat_template(tokenizer):
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        return chat_prompt_ids(tokenizer, messages)  # rendered as training renders prompts
-    if chat:
-        log(
-            f"note: the tokenizer has no chat template, so the prompt is used as raw text; {FLAG_HINT}"
-        )
-    if system_prompt:
-        raise UserError(
-            f"system-prompt: needs a chat template (the raw prompt has no system turn); {FLAG_HINT}"
-        )
-    return _as_ids(tokenizer.encode(prompt))
 
 
 def generate(
@@ -67,21 +51,17 @@ def generate(
     ids: list[int],
     max_tokens: int = 100,
     temp: float = 0.0,
-    top_p: float = 0.0,
+    top_p: float = 1.0,
     min_p: float = 0.0,
     top_k: int = 0,
     on_text: Callable[[str], None] | None = None,
 ) -> tuple[str, GenerationStats]:
     """Stream up to `max_tokens` new tokens (mlx-lm's stream_generate and make_sampler);
     returns the text and the speed figures of the last step."""
-    from mlx_lm import stream_generate
+    from mlx_lm import stream_generate  # imports transformers: seconds of startup
     from mlx_lm.sample_utils import make_sampler
 
-    for name, v in (("top-p", top_p), ("min-p", min_p)):
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"{name}: must be in [0, 1] (got {v})")
-    if top_k < 0 or temp < 0 or max_tokens < 1:
-        raise UserError("top-k and temp must be >= 0, max-tokens >= 1")
+    check_sampling(temp, top_p, min_p, top_k, max_tokens, seed=None)
     sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
     text, last = [], None
     for resp in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler):

@@ -28,7 +28,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_kto.data.tokenize import _as_ids
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import prompt_ids
+
+import mlx.core as mx
 
 Judge = Callable[[str, str, str], int]
 
@@ -157,24 +161,18 @@ class ModelJudge:
             raise UserError("judge-model: its tokenizer does not tell 'A' from 'B'")
 
     def _letter_ids(self, letter: str) -> list[int]:
-        from mlx_kto.judge.sample import _ids
-
         ids = set()
         for text in (letter, " " + letter):
-            toks = _ids(self.tokenizer.encode(text, add_special_tokens=False))
+            toks = _as_ids(self.tokenizer.encode(text, add_special_tokens=False))
             if toks:
                 ids.add(toks[-1] if text.startswith(" ") and len(toks) > 1 else toks[0])
         return sorted(ids)
 
     def query_ids(self, prompt: str, a: str, b: str) -> list[int]:
-        from mlx_kto.judge.sample import Prompt, encode_prompt
-
-        return encode_prompt(self.tokenizer, Prompt(JUDGE_PROMPT.format(prompt=prompt, a=a, b=b)))
+        return prompt_ids(self.tokenizer, JUDGE_PROMPT.format(prompt=prompt, a=a, b=b))
 
     def preferences(self, triples: list[tuple[str, str, str]]) -> list[int]:
         """+1 / -1 / 0 for each (prompt, a, b) in one order (A is the first reply)."""
-        import mlx.core as mx
-
         out = []
         queries = [self.query_ids(*t) for t in triples]
         for s in range(0, len(queries), self.batch_size):

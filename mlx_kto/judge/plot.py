@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.judge.files import atomic_write
+from mlx_kto.judge.files import atomic_write, read_text
+from mlx_kto.runtime.outputs import check_out_file
 
 # (title, [(metrics key, label)], base keys drawn as dashed lines {key: base key})
 PANELS = (
@@ -42,22 +43,33 @@ BASE_PREFIX = "diversity/base/"  # the base model's figures, logged beside the r
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl, one dict per line (a torn last line is skipped)."""
     out = []
-    lines = Path(path).read_text().splitlines()
+    lines = read_text(path).splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # a line being written while we read
             raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{i + 1}: not a JSON object (a metrics record)")
+        out.append(record)
     return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key` over the records that have it."""
-    pts = [(r["step"], float(r[key])) for r in records if r.get(key) is not None and "step" in r]
+    pts = [
+        (r["step"], float(r[key]))
+        for r in records
+        if _number(r.get(key)) and _number(r.get("step"))
+    ]
     return [s for s, _ in pts], [v for _, v in pts]
 
 
@@ -133,10 +145,16 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     return _save(fig, plt, png_path)
 
 
-def plot_run(run_dir: str | Path, png_path: str | Path | None = None) -> Path | None:
-    """training.png of a run folder (from its metrics.jsonl)."""
+def plot_run(
+    run_dir: str | Path, png_path: str | Path | None = None, overwrite: bool = False
+) -> Path | None:
+    """training.png of a run folder (from its metrics.jsonl), replaced when it exists: the
+    run's own plot. Another `png_path` is checked first: an existing file there is
+    replaced only with `overwrite`."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
+    if png_path is not None:
+        png_path = check_out_file(png_path, overwrite)
     if not metrics.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl (is it a training run folder?)")
     return plot_metrics(metrics, png_path or metrics.parent / "training.png")

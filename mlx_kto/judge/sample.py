@@ -1,20 +1,28 @@
-"""Seeded, batched sampling with the per-token entropy of the model's own distribution,
-and the held-out prompt sets to sample on.
+"""The one sampler of the project (the demo, the judge's probes and `compare`), the one
+prompt-to-token-ids helper (those and `generate`), and the held-out prompt sets.
 
 `sample_replies` draws `n` replies per prompt: the n rows of a prompt (and of every other
-prompt with the same token length) decode together in one batch with a KV cache. At each
-sampled position it also measures the entropy of the model's next-token distribution
-(temperature 1, whatever the sampling temperature), which is how sure the model is of
-its own continuations; a collapsing model's entropy falls towards 0.
+prompt with the same token length, or of any length with `left_pad`) decode together in
+one batch with a KV cache. At each sampled position it also measures the entropy of the
+model's next-token distribution (temperature 1, whatever the sampling temperature), which
+is how sure the model is of its own continuations; a collapsing model's entropy falls
+towards 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_kto.data.rows import find_split_files, load_examples
+from mlx_kto.data.tokenize import _as_ids, chat_prompt_ids, has_chat_template
 from mlx_kto.errors import UserError
+from mlx_kto.judge.diversity import diversity_summary
+from mlx_kto.judge.files import read_text
+from mlx_kto.model.chat_template import FLAG_HINT
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,29 +54,70 @@ class Prompt:
         return str(users[-1] if users else self.prompt[-1].get("content", ""))
 
 
-def _ids(out) -> list[int]:
-    if hasattr(out, "keys") and "input_ids" in out:
-        out = out["input_ids"]
-    out = list(out.tolist() if hasattr(out, "tolist") else out)
-    if out and isinstance(out[0], (list, tuple)):
-        out = list(out[0])
-    return [int(t) for t in out]
+def prompt_ids(
+    tokenizer,
+    prompt: str | list[dict],
+    system_prompt: str | None = None,
+    chat: bool = True,
+    log: Callable[[str], None] | None = None,
+    *,
+    raw: bool = False,
+    where: str = "prompt",
+) -> list[int]:
+    """Token ids that end where the reply starts. A message list, or with `chat` a text as
+    one user turn (after `system_prompt`), goes through the chat template with the
+    generation prompt, rendered as training renders prompts (`chat_prompt_ids`); a `raw`
+    text (a standard training prompt), or any text without `chat` or without a template
+    (`log` gets a note), is encoded as is."""
+    templated = has_chat_template(tokenizer)
+    if isinstance(prompt, str):
+        if chat and not raw and templated:
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            if chat and not raw and log is not None:
+                log(f"note: the tokenizer has no chat template, so the prompt is used as raw "
+                    f"text; {FLAG_HINT}")  # fmt: skip
+            if system_prompt:
+                raise UserError(
+                    f"system-prompt: needs a chat template (the raw prompt has no system turn); "
+                    f"{FLAG_HINT}"
+                )
+            return _as_ids(tokenizer.encode(prompt))
+    else:
+        if not templated:
+            raise UserError(f"{where}: a chat prompt, but the tokenizer has no chat template")
+        messages = list(prompt)
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    try:
+        return chat_prompt_ids(tokenizer, messages)
+    except Exception as e:  # jinja errors in a template: the prompt, one line
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{where}: the chat template failed ({type(e).__name__}: {msg})") from None
 
 
-def encode_prompt(tokenizer, p: Prompt, chat: bool = True) -> list[int]:
-    """Token ids that end where the reply starts: a message list (or, with `chat`, a plain
-    prompt as one user turn) through the chat template with the generation prompt; a raw
-    prompt (or no template) encoded as is."""
-    from mlx_kto.data.tokenize import has_chat_template
-
-    msgs = p.prompt
-    if isinstance(msgs, str):
-        if p.raw or not chat or not has_chat_template(tokenizer):
-            return _ids(tokenizer.encode(msgs))
-        msgs = [{"role": "user", "content": msgs}]
-    if not has_chat_template(tokenizer):
-        raise UserError(f"{p.where}: a chat prompt, but the tokenizer has no chat template")
-    return _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+def check_sampling(
+    temp: float = 1.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_k: int = 0,
+    max_tokens: int = 1,
+    seed: int | None = 0,
+) -> None:
+    """Refuse sampling settings out of range, naming the flag, before anything is loaded
+    (a negative temperature would otherwise be recorded, NaN would sample garbage)."""
+    if not (math.isfinite(temp) and temp >= 0):
+        raise UserError(f"--temp: must be a finite number >= 0 (0 = greedy), got {temp}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p: must be in (0, 1] (1 = off), got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise UserError(f"--min-p: must be in [0, 1] (0 = off), got {min_p}")
+    if top_k < 0:
+        raise UserError(f"--top-k: must be >= 0 (0 = off), got {top_k}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens: must be >= 1, got {max_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise UserError(f"--seed: must be in [0, 2**64), got {seed}")
 
 
 def token_entropy(logits: mx.array) -> mx.array:
@@ -85,15 +134,21 @@ def sample_replies(
     max_tokens: int = 64,
     temp: float = 1.0,
     seed: int = 0,
+    *,
     max_rows: int = 64,
+    left_pad: bool = False,
 ) -> list[list[Sample]]:
     """`n` sampled replies per prompt (token-id lists), as `Sample`s, in prompt order.
 
-    Deterministic for a seed: the keys derive from it, never from the global random state
-    (so sampling in the middle of training leaves the run's dropout sequence alone), and
-    the same prompts get the same keys whatever the model, so two models are compared on
-    the same draws. Runs in eval mode and restores the model's mode."""
-    from mlx_lm.models.cache import make_prompt_cache
+    Rows decode in batches of up to `max_rows`: prompts of one token length each, or with
+    `left_pad` prompts of any length left-padded (mlx-lm's BatchKVCache masks the padding
+    and starts each row's positions at 0): one decode pass instead of one per prompt
+    length, which on the CPU (a decode step costs about the same for 1 row as for 100)
+    is most of the time. Deterministic for a seed: the keys derive from it, never from the
+    global random state (so sampling in the middle of training leaves the run's dropout
+    sequence alone), and the same prompts get the same keys whatever the model, so two
+    models are compared on the same draws. Runs in eval mode and restores the mode."""
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache  # imports transformers
 
     stops = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
     was_training = model.training
@@ -106,12 +161,18 @@ def sample_replies(
     try:
         while start < len(jobs):
             length, end = len(jobs[start][1]), start
-            while end < len(jobs) and end - start < max_rows and len(jobs[end][1]) == length:
+            while end < len(jobs) and end - start < max_rows:
+                if not left_pad and len(jobs[end][1]) != length:
+                    break
                 end += 1
             chunk, start = jobs[start:end], end
             key, sub = mx.random.split(key)
-            rows = [ids for _, ids in chunk]
-            cache = make_prompt_cache(model)
+            width = max(len(ids) for _, ids in chunk)
+            pads = [width - len(ids) for _, ids in chunk]
+            rows = [[0] * pad + ids for pad, (_, ids) in zip(pads, chunk)]  # [B, width]
+            cache = (
+                [BatchKVCache(pads) for _ in model.layers] if left_pad else make_prompt_cache(model)
+            )
             for (i, _), s in zip(chunk, _decode(model, cache, rows, stops, max_tokens, temp, sub)):
                 s.text = tokenizer.decode(s.tokens)
                 out[i].append(s)
@@ -121,7 +182,7 @@ def sample_replies(
 
 
 def _decode(model, cache, rows, stops: set, max_tokens: int, temp: float, key) -> list[Sample]:
-    """Sample up to max_tokens after equal-length prompt rows, stopping each row at a stop
+    """Sample up to max_tokens after equal-width prompt rows, stopping each row at a stop
     token; entropy is summed over the positions each row sampled."""
     if not rows[0]:
         raise UserError("a prompt encoded to no tokens")
@@ -159,8 +220,6 @@ def _decode(model, cache, rows, stops: set, max_tokens: int, temp: float, key) -
 
 def summarize(samples: list[list[Sample]]) -> dict:
     """Diversity figures of a sample set (see `diversity.diversity_summary`)."""
-    from mlx_kto.judge.diversity import diversity_summary
-
     flat = [s for per in samples for s in per]
     return diversity_summary(
         [[s.text for s in per] for per in samples],
@@ -219,8 +278,6 @@ def load_prompts(
     - a feedback file (rows with a label, or chosen/rejected): its prompts;
     - a prompts file: .jsonl / .json rows with "prompt" (text or messages) or "messages"
       (a trailing assistant turn is dropped), or any other file: one prompt per line."""
-    from mlx_kto.data.rows import find_split_files, load_examples
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
@@ -235,7 +292,7 @@ def load_prompts(
         if choice not in files:
             raise UserError(f"split: '{choice}' not found in {path}")
         return prompts_from_examples(load_examples(files[choice]), limit), f"{files[choice]}"
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     rows: list[tuple[object, str]] = []
     if path.suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):

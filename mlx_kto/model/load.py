@@ -14,6 +14,9 @@ from pathlib import Path
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
+from mlx_kto.model.adapter_fit import mismatch_error
+from mlx_kto.model.lmstudio import is_lmstudio_ref, resolve_lmstudio
+from mlx_kto.model.ollama import is_gguf_file, is_ollama_ref, provenance, resolve_ollama
 from mlx_kto.runtime.atomic import atomic_write_bytes, check_safetensors_size, write_errors
 
 import mlx.core as mx
@@ -24,11 +27,17 @@ LORA_PARAM_NAMES = ("lora_a", "lora_b")
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder or .gguf file, or a hub id resolved through mlx-lm's downloader."""
+    """A local folder or .gguf file, a model in the Ollama store (`ollama:NAME[:TAG]`: its
+    GGUF blob) or LM Studio's (`lmstudio:PUBLISHER/MODEL`), or a hub id resolved through
+    mlx-lm's downloader."""
     from mlx_lm.utils import _download
 
+    if is_ollama_ref(model):
+        return resolve_ollama(model).blob
+    if is_lmstudio_ref(model):
+        return resolve_lmstudio(model)
     p = Path(model).expanduser()
-    if p.suffix.lower() == ".gguf":
+    if is_gguf_file(p):  # by suffix or magic (an Ollama blob has no suffix)
         if not p.is_file():
             raise UserError(f"model: {p}: no such GGUF file")
         return p
@@ -61,7 +70,7 @@ def load_base(cfg: KTOConfig, log=None):
     if not cfg.model:
         raise UserError("--model (model): no model given (--model PATH_OR_HUB_ID)")
     path = resolve_model_path(cfg.model)
-    if path.suffix.lower() == ".gguf":
+    if is_gguf_file(path):
         from mlx_kto.model.gguf import load_gguf
 
         model, tokenizer, config = load_gguf(path, cfg.quantize, cfg.q_group_size, log=log)
@@ -295,9 +304,7 @@ def load_init_adapter(
     try:
         load_adapters(model, str(adapter_dir))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(
-            f"{what}: {adapter_dir}: adapter does not match the model ({type(e).__name__}: {e})"
-        ) from None
+        raise mismatch_error(what, adapter_dir, model, e) from None  # one line, both bases
     refuse_embedding_lora(model, f"init_adapter {conf}")
     return config
 
@@ -408,6 +415,7 @@ def adapter_config(cfg: KTOConfig, base_model: str, num_layers: int) -> dict:
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(cfg),
         "model": model_reference(base_model),
+        **provenance(base_model),  # an ollama: base: which blob its name meant
         "trainer": "mlx_kto",
         "kto": {
             "loss_type": cfg.loss_type,

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mlx_kto.model.ollama import is_gguf_file
 from mlx_kto.reference.fingerprint import Fingerprint, weights_digest
 from mlx_kto.runtime.paths import default_cache_dir
 
@@ -255,11 +256,11 @@ class RefCache:
         }
 
     def fingerprint_ids_for_model(self, model: str) -> list[int]:
-        """Fingerprints recorded for a model: by weight content when `model` is a local folder,
-        else by the recorded path / hub id."""
+        """Fingerprints recorded for a model: by weight content when `model` is a local folder
+        or GGUF file (an Ollama blob too), else by the recorded path / hub id."""
         digest = None
         p = Path(model).expanduser()
-        if (p / "config.json").exists():
+        if (p / "config.json").exists() or (p.is_file() and is_gguf_file(p)):
             digest = weights_digest(p, self)
         hub = "models--" + model.replace("/", "--") if model.count("/") == 1 else None
         ids = []

@@ -4,7 +4,7 @@
                           quantize bits + group size, dtype, starting adapter hash)
 
 What goes in, and why:
-- a `.gguf` base by its bytes, plus the GGUF -> MLX mapping version;
+- a GGUF base (`.gguf` file or Ollama blob) by its bytes, plus the GGUF -> MLX mapping version;
 - the base model's `config.json` and every `*.safetensors` / `*.py` file of its folder, by
   content (not by path: a moved or re-downloaded model still hits; a re-saved one with other
   weights misses). Tokenizer files are left out on purpose: they change token ids, and token
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mlx_kto.errors import UserError
+from mlx_kto.model.ollama import is_gguf_file
 
 SCHEMA = "mlx_kto.reference.scorer/1"  # bump when sequence_logps or the reference mode changes
 WEIGHT_SUFFIXES = (".safetensors", ".py")
@@ -64,10 +65,10 @@ def file_digest(path: str | Path, memo: FileMemo | None = None) -> str:
 
 def weights_digest(model_path: str | Path, memo: FileMemo | None = None) -> str:
     """Content hash of a model folder's config.json, weight files and code (not tokenizer);
-    of a .gguf file: its bytes (weights, config and tokenizer in one) and the version of
-    our GGUF -> MLX mapping."""
+    of a GGUF file (.gguf, or an Ollama blob): its bytes (weights, config and tokenizer in
+    one) and the version of our GGUF -> MLX mapping."""
     folder = Path(model_path)
-    if folder.suffix.lower() == ".gguf" and folder.is_file():
+    if folder.is_file() and is_gguf_file(folder):  # by magic too: an Ollama blob has no suffix
         from mlx_kto.model.gguf import MAPPING_VERSION
 
         h = hashlib.blake2b(digest_size=32)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlx_kto.errors import UserError
 from mlx_kto.judge.judges import ModelJudge
-from mlx_kto.judge.sample import Prompt, encode_prompt
+from mlx_kto.judge.sample import Prompt, prompt_ids
 
 import numpy as np
 
@@ -106,7 +106,7 @@ class RubricJudge(ModelJudge):
 
     def query_ids(self, prompt: str, reply: str, _unused: str = "") -> list[int]:
         text = RUBRIC_PROMPT.format(rubric=self.rubric.strip(), prompt=prompt, reply=reply)
-        return encode_prompt(self.tokenizer, Prompt(text))
+        return prompt_ids(self.tokenizer, text)
 
     def label(
         self, prompts: Sequence[Prompt], replies: Sequence[Sequence[str]]

@@ -13,7 +13,7 @@ import gc
 from pathlib import Path
 
 from mlx_kto.config.core import KTOConfig
-from mlx_kto.judge.sample import Prompt, Sample, encode_prompt, sample_replies
+from mlx_kto.judge.sample import Prompt, Sample, prompt_ids, sample_replies
 from mlx_kto.model.load import load_base, load_init_adapter
 
 import mlx.core as mx
@@ -55,8 +55,10 @@ def release() -> None:
 
 
 def sample(model, tokenizer, prompts: list[Prompt], n: int, settings: dict) -> list[list[Sample]]:
-    """`n` replies per prompt with `settings` (max_tokens, temp, seed)."""
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    """`n` replies per prompt with `settings` (max_tokens, temp, seed). Prompts of one token
+    length decode together (not left-padded: a sliding-window model's caches are not
+    mlx-lm's BatchKVCache), as `compare` samples."""
+    ids = [prompt_ids(tokenizer, p.prompt, raw=p.raw, where=p.where) for p in prompts]
     return sample_replies(
         model, tokenizer, ids, n=n, max_tokens=settings["max_tokens"], temp=settings["temp"],
         seed=settings["seed"],

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlx_kto.config.compat import report_targets
 from mlx_kto.errors import UserError
+from mlx_kto.runtime import torchless as _torchless
 
 # Record keys that are bookkeeping, not curves.
 _NOT_LOGGED = {"step"}
@@ -156,8 +158,6 @@ def _summary_writer():
         return SummaryWriter
     except ImportError:
         pass
-    from mlx_kto.runtime import torchless as _torchless
-
     _torchless.allow()  # a command process keeps torch out until something needs it
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -192,8 +192,6 @@ class TensorBoardReporter(Callback):
 
 def make_reporters(cfg, run_dir: Path, log: Callable[[str], None] = print) -> list[Callback]:
     """The loggers `cfg.report_to` names (missing packages: UserError naming the fix)."""
-    from mlx_kto.config.compat import report_targets
-
     out: list[Callback] = []
     name = cfg.run_name or Path(run_dir).resolve().name
     for target in report_targets(cfg.report_to):

@@ -9,6 +9,7 @@ folder first and renamed into place, so a crash never leaves a half checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -20,8 +21,8 @@ from mlx_kto.runtime.atomic import (
     check_safetensors_size,
     chmod_like_new,
     clean_stale_temps_in,
+    describe_os_error,
     temp_path,
-    write_errors,
 )
 
 import mlx.core as mx
@@ -56,8 +57,10 @@ def save_checkpoint(
             f"checkpoint: not writing {final}: the adapter or optimizer state is not finite "
             "(training diverged; lower --learning-rate)"
         )
-    with write_errors(final):
+    try:
         _write_checkpoint(root, final, step, weights, opt_state, state, adapter_config)
+    except OSError as e:  # the checkpoint, not the temp folder it was written in
+        raise UserError(describe_os_error(final, e)) from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -71,8 +74,7 @@ def _write_checkpoint(root, final, step, weights, opt_state, state, adapter_conf
     tmp.mkdir()  # 0777 & ~umask (mkdtemp's 0700 would be published by the rename)
     try:
         for name, arrays in (("adapters", weights), ("optimizer", opt_state)):
-            mx.save_safetensors(str(tmp / f"{name}.safetensors"), arrays)
-            check_safetensors_size(tmp / f"{name}.safetensors")
+            save_safetensors(tmp / f"{name}.safetensors", arrays)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         for f in tmp.iterdir():
@@ -85,6 +87,17 @@ def _write_checkpoint(root, final, step, weights, opt_state, state, adapter_conf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_safetensors(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors, its failures as OSError: MLX raises RuntimeError when the disk
+    fills (`[write] Unable to write N bytes to file.`) and says nothing of a short write."""
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as e:
+        full = "Unable to write" in str(e)
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"{e}".strip()) from None
+    check_safetensors_size(path)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -227,3 +227,37 @@ def check_same_step(step: int, dist: Dist) -> None:
             f"resume: the ranks found different checkpoints (this rank: step {step}); give every "
             "host the same run folder (a shared folder, or a copy of checkpoints/)"
         )
+
+
+def _words(hex_digest: str, n: int = 8) -> list[int]:
+    """The first n 16-bit words of a hex digest (exact in float32)."""
+    return [int(hex_digest[4 * i : 4 * i + 4], 16) for i in range(n)]
+
+
+def check_same_inputs(data_hash: str, n_rows: int, setup_hash: str, dist: Dist) -> None:
+    """Every rank must train on the same rows with the same settings: each reads its shard of
+    one global data order, so another file (or an edited copy, or other flags) on one host
+    would train on a mix without a word. One gather of each rank's fingerprints; a mismatch
+    is the same one-line UserError on every rank."""
+    if dist.group is None:
+        return
+    mine = _words(data_hash) + _words(setup_hash) + [n_rows >> 16, n_rows & 0xFFFF]
+    every = mx.distributed.all_gather(mx.array([mine], dtype=mx.float32), group=dist.group)
+    with collective(dist, "comparing the training data"):
+        table = [[int(v) for v in row] for row in every.tolist()]  # [ranks, 18]
+    rows = [(r[16] << 16) | r[17] for r in table]
+    other_data = [k for k, r in enumerate(table) if r[:8] != table[0][:8] or rows[k] != rows[0]]
+    if other_data:
+        which = ", ".join(f"rank {k}: {rows[k]} rows" for k in [0, *other_data])
+        raise UserError(
+            f"distributed: the ranks were given different training data ({which}; the same "
+            "row count can hide other rows); give every rank the same --data (a shared "
+            "folder, or an identical copy on each host)"
+        )
+    other_setup = [k for k, r in enumerate(table) if r[8:16] != table[0][8:16]]
+    if other_setup:
+        raise UserError(
+            f"distributed: rank {other_setup[0]} was started with other training settings than "
+            "rank 0 (loss, batch, learning rate, LoRA or model settings: resume.SETUP_FIELDS); "
+            "start every rank with the same flags and config file"
+        )

@@ -13,6 +13,7 @@ from mlx_kto.data.batches import make_batch
 from mlx_kto.data.pairs import find_pairs, num_pair_batches, pair_batch_order
 from mlx_kto.errors import UserError
 from mlx_kto.train.loss import PAIRED_LOSS_TYPES, dpo_loss
+from mlx_kto.train.step import StepData, global_batch_size, split_global_batch
 
 import mlx.core as mx
 
@@ -21,9 +22,11 @@ def is_paired(cfg) -> bool:
     return cfg.loss_type in PAIRED_LOSS_TYPES
 
 
-def check_pairs(rows, name: str, log=print) -> list[tuple[int, int]]:
-    """The pairs of a tokenized split; a one-line UserError when it has none or an
-    unpaired row (find_pairs names it)."""
+def check_pairs(rows, name: str, loss_type: str = "dpo", log=print) -> list[tuple[int, int]]:
+    """The pairs of a tokenized split; a one-line UserError when it has none, an unpaired row
+    (find_pairs names it), or only pairs whose chosen equals its rejected: the paired losses
+    learn from the difference of the two sides, so such a split would train nothing (and
+    exit as if it had)."""
     pairs, broken = find_pairs(rows)
     if broken:
         log(
@@ -35,14 +38,24 @@ def check_pairs(rows, name: str, log=print) -> list[tuple[int, int]]:
             f"--data (data): {name} split has no complete (chosen, rejected) pair; "
             "--loss-type dpo/ipo needs prompt/chosen/rejected rows"
         )
+    same = [c for c, r in pairs if rows[c].tokens == rows[r].tokens]
+    if len(same) == len(pairs):
+        raise UserError(
+            f"--data (data): in every pair of the {name} split chosen equals rejected (e.g. "
+            f"{rows[same[0]].where}); --loss-type {loss_type} learns from their difference, "
+            "so nothing would be trained: check which columns hold chosen and rejected"
+        )
+    if same:
+        log(
+            f"warning: {name}: {len(same)} of {len(pairs)} pairs have chosen equal to rejected "
+            f"(first: {rows[same[0]].where}); they teach nothing"
+        )
     return pairs
 
 
 def split_pairs(batch_rows: list[int], world: int, micro: int) -> list[list[list[int]]]:
     """[rank][micro-batch] -> row indices, each micro-batch [c_1..c_k, r_1..r_k], from one
     global batch [c_1..c_n, r_1..r_n]: pairs are sharded contiguously, near-equal per rank."""
-    from mlx_kto.train.step import split_global_batch
-
     n = len(batch_rows) // 2
     pairs = list(zip(batch_rows[:n], batch_rows[n:]))  # [(c, r)] * n
     return [
@@ -54,8 +67,6 @@ def split_pairs(batch_rows: list[int], world: int, micro: int) -> list[list[list
 def iterate_pair_steps(rows, cfg, dist, start_epoch=0, start_batch=0, pad_id=0):
     """`step.iterate_steps` for paired losses: yield StepData of batch_size x accumulation x
     ranks pairs, forever, from a saved (epoch, global batch) position."""
-    from mlx_kto.train.step import StepData, global_batch_size
-
     pairs = find_pairs(rows)[0]
     size = global_batch_size(cfg, dist.size)  # pairs per optimizer step
     epoch, b = start_epoch, start_batch

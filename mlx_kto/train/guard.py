@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 from mlx_kto.errors import UserError
 from mlx_kto.model.load import all_finite  # noqa: F401  (re-exported: train.guard.all_finite)
+from mlx_kto.train.checkpoint import list_checkpoints
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
 class Diverged(UserError):
@@ -115,6 +116,18 @@ class DivergenceGuard:
             )
         return True
 
+    def check_trained(self, first: int, last: int) -> None:
+        """After a run's steps `first`..`last`: `Diverged` when every one was skipped (too
+        few steps to reach max_bad in a row): nothing was trained, and saving the unchanged
+        adapter would report it as trained."""
+        if last >= first and self.total == last - first + 1:
+            where = f"step {first}" if first == last else f"steps {first}-{last}"
+            raise Diverged(
+                f"training diverged: every step of this run ({where}) had a non-finite loss "
+                f"or gradient and was skipped; nothing was trained and no adapter was saved; "
+                f"lower --learning-rate (now {self.cfg.learning_rate:g}){self._dtype_hint()}"
+            )
+
     def _dtype_hint(self) -> str:
         if self.cfg.dtype == "float16":
             return " or train in --dtype bfloat16 / float32 (float16 overflows)"
@@ -141,8 +154,6 @@ class StepSnapshot:
         )
 
     def restore(self, model: nn.Module, optimizer: optim.Optimizer, state) -> None:
-        from mlx.utils import tree_unflatten
-
         model.update(tree_unflatten(list(self.params.items())))
         optimizer.state = self.opt_state
         state.step, state.epoch, state.batch, state.trained_tokens = self.position
@@ -193,8 +204,6 @@ class RunGuard:
         loss_f, norm_f = float(loss), float(norm)
         last = None
         if self.run_dir is not None and not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-            from mlx_kto.train.checkpoint import list_checkpoints
-
             found = list_checkpoints(self.run_dir)
             last = found[-1] if found else None
         return self.divergence.check(step, loss_f, norm_f, last_saved=last)

@@ -7,15 +7,20 @@
 - A checkpoint records the training data's content hash and the setup (SETUP_FIELDS); a
   resume with other data or another setup is refused, naming what changed, unless
   `--resume-changed`.
+- The settings of a resumed run: KTOConfig's defaults < the checkpoint's saved config < what
+  the user gives (`resume_config`; the CLI's flags and YAML, the Python API's arguments).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
-from mlx_kto.config.core import KTOConfig
+from mlx_kto.config.core import KTOConfig, field_names, make_config
 from mlx_kto.errors import UserError
+from mlx_kto.train.checkpoint import find_checkpoint, list_checkpoints, read_state
 
 # What decides the trained adapter, besides the data. Left out on purpose: iters / epochs
 # (extending a run is what --resume is for), reporting, saving, compile, memory and cache
@@ -49,6 +54,49 @@ SETUP_FIELDS = (
     "dtype",
 )
 PATH_FIELDS = ("model", "data", "init_adapter", "ref_cache")
+# Not inherited from the checkpoint: where to write (the folder resumed, see from_checkpoint)
+# and one-off permissions.
+NOT_INHERITED = ("resume", "adapter_path", "overwrite", "resume_changed")
+# Filled from the checkpoint when the config leaves them empty (`train(cfg)` with only
+# cfg.resume set): what the run was trained on.
+INPUT_FIELDS = ("model", "data", "init_adapter")
+DEFAULT_ADAPTER_PATH = KTOConfig().adapter_path
+
+
+def saved_config(resume: str | Path) -> dict:
+    """The settings the checkpoint `resume` (a run folder: its newest) was trained with,
+    less NOT_INHERITED and any field this version does not know."""
+    saved = read_state(find_checkpoint(resume))["config"]
+    known = set(field_names()) - set(NOT_INHERITED)
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def resume_config(resume: str | Path, values: dict | None = None) -> KTOConfig:
+    """The config of a resumed run: KTOConfig's defaults < the checkpoint's saved config <
+    `values` (fields the user set; None = not set). What `mlx-kto train --resume RUN`
+    and `KTOTrainer.train(resume=RUN)` train with."""
+    given = {k: v for k, v in (values or {}).items() if v is not None}
+    return make_config(None, **{**saved_config(resume), **given, "resume": str(resume)})
+
+
+def config_changes(cfg: KTOConfig) -> dict:
+    """The fields of `cfg` that differ from KTOConfig's defaults: what a config object says
+    its user set (a field set to its default value is indistinguishable from one not set)."""
+    default = KTOConfig()
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(default, f.name)
+    }
+
+
+def from_checkpoint(cfg: KTOConfig, ckpt: Path, saved: dict) -> KTOConfig:
+    """cfg for resuming `ckpt`: model / data / init_adapter the config leaves empty come from
+    the checkpoint's config, and the default adapter_path becomes the resumed run's folder."""
+    fill = {k: saved["config"].get(k) for k in INPUT_FIELDS if getattr(cfg, k) is None}
+    if cfg.adapter_path == DEFAULT_ADAPTER_PATH:  # continue in the folder resumed
+        fill["adapter_path"] = str(run_dir_of(ckpt))
+    return replace(cfg, **fill)
 
 
 def run_dir_of(resume: str | Path) -> Path:
@@ -60,13 +108,15 @@ def run_dir_of(resume: str | Path) -> Path:
     return p
 
 
-def absolute_paths(cfg: KTOConfig) -> None:
-    """Local paths in cfg made absolute (so a resume works from any directory); a hub id
-    (no such local path) is kept as typed."""
+def absolute_paths(cfg: KTOConfig) -> KTOConfig:
+    """cfg with its local paths made absolute (so a resume works from any directory); a hub
+    id (no such local path) is kept as typed."""
+    paths = {}
     for name in PATH_FIELDS:
         value = getattr(cfg, name)
         if value and Path(value).expanduser().exists():
-            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+            paths[name] = str(Path(value).expanduser().resolve())
+    return replace(cfg, **paths)
 
 
 def rows_hash(rows) -> str:
@@ -77,6 +127,13 @@ def rows_hash(rows) -> str:
     for r in rows:
         h.update(repr((r.prompt_ids, r.completion_ids, bool(r.label))).encode())
     return h.hexdigest()
+
+
+def setup_hash(cfg: KTOConfig) -> str:
+    """blake2b of the SETUP_FIELDS that are not paths (a model may sit at another path on
+    each host of a distributed run): equal on ranks that train the same way."""
+    values = [(k, getattr(cfg, k)) for k in SETUP_FIELDS if k not in PATH_FIELDS]
+    return hashlib.blake2b(repr(values).encode(), digest_size=16).hexdigest()
 
 
 def _same(name: str, old, new) -> bool:
@@ -112,8 +169,6 @@ def check_unchanged(ckpt: Path, saved: dict, cfg: KTOConfig, data_digest: str) -
 
 def check_no_newer(ckpt: Path, run_dir: Path) -> None:
     """Resuming an older checkpoint inside its own run folder would mix two timelines."""
-    from mlx_kto.train.checkpoint import list_checkpoints
-
     newer = [c for c in list_checkpoints(run_dir) if c.name > ckpt.name]
     if run_dir_of(ckpt).resolve() == run_dir.resolve() and newer:
         raise UserError(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mlx_kto.errors import UserError
 from mlx_kto.runtime.atomic import atomic_write_bytes, write_errors
+from mlx_kto.train.checkpoint import list_checkpoints
 
 RUN_FILES = (
     "checkpoints",  # first: once it is gone, nothing can --resume the old run
@@ -34,8 +35,6 @@ def existing_run_files(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if "checkpoints" in found:
-        from mlx_kto.train.checkpoint import list_checkpoints
-
         if not list_checkpoints(run_dir):
             found.remove("checkpoints")
     return found

@@ -8,6 +8,9 @@ it with each turn; the server keeps every
 reply it generated, so a rating can only name a reply this server produced (a page
 cannot write arbitrary text into the feedback file).
 
+Every refusal is a 4xx with a JSON `{"error": ...}`; what a request may hold is
+checked in `inputs` (body size and JSON, each field's type, the conversation).
+
 Guard (`LocalOnly`): requests whose Host is not `localhost` or an IP literal with our
 port get 403 (a DNS-rebinding page reaches us under its own domain name), and so do
 requests whose Origin is not this page's own (cross-site POSTs; every POST must
@@ -21,14 +24,25 @@ import ipaddress
 import json
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from mlx_kto.collect.session import ChatSession
+from mlx_kto.collect.web.inputs import (
+    BadRequest,
+    conversation,
+    display_rating,
+    fields,
+    read_json,
+)
 from mlx_kto.data.feedback import append_row, read_ratings, retraction_row
 from mlx_kto.errors import UserError
 
-MAX_BODY = 1 << 20  # 1 MB of JSON is far more than a chat turn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
 STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -76,13 +90,13 @@ class LocalOnly:
             elif headers.get("sec-fetch-site") == "cross-site":
                 why = "cross-site request"
             if why:
-                body = f"forbidden: {why}\n".encode()
+                body = json.dumps({"error": f"forbidden: {why}"}).encode()
                 await send(
                     {
                         "type": "http.response.start",
                         "status": 403,
                         "headers": [
-                            (b"content-type", b"text/plain"),
+                            (b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
                         ],
                     }
@@ -92,31 +106,24 @@ class LocalOnly:
         await self.app(scope, receive, send)
 
 
-def _clean_messages(value) -> list[dict]:
-    """The page's conversation: user/assistant turns of plain text, ending with the user."""
-    if not isinstance(value, list) or not value:
-        raise ValueError("'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise ValueError(f"messages[{i}]: role must be 'user' or 'assistant'")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
-        raise ValueError("the last message must be the user's (non-empty)")
-    return out
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler: every refusal as a 4xx with a JSON error."""
+    if isinstance(exc, BadRequest):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, UserError):  # the feedback file (a line of it, its folder, the disk)
+        return _error(409, str(exc))
+    assert isinstance(exc, HTTPException)  # 404 / 405 from the router
+    return _error(exc.status_code, exc.detail)
 
 
 def create_app(session: ChatSession, port: int):
     """The starlette app for `session`; `port` is the one the guard accepts in Host."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-kto-generate")
     gen_lock = asyncio.Lock()  # one generation at a time: one model, one CPU/GPU
+    streaming: set[threading.Event] = set()  # the stop flags of replies in flight
     system = [m for m in session.messages if m["role"] == "system"]
     pages = {
         route: (resources.files("mlx_kto.collect.web").joinpath("static", name).read_bytes(), kind)
@@ -131,20 +138,6 @@ def create_app(session: ChatSession, port: int):
             headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
         )
 
-    async def body_json(request: Request) -> dict:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            raise ValueError("send application/json")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ValueError("request too large")
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("expected a JSON object")
-        return data
-
-    def bad(msg: str, status: int = 400):
-        return JSONResponse({"error": msg}, status_code=status)
-
     async def info(request: Request):
         return JSONResponse(
             {
@@ -157,36 +150,28 @@ def create_app(session: ChatSession, port: int):
         )
 
     async def reply(request: Request):
-        try:
-            prompt = system + _clean_messages((await body_json(request)).get("messages"))
-        except ValueError as e:
-            return bad(str(e))
+        prompt = system + conversation(fields(await read_json(request), "reply")["messages"])
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
-        def work():  # on the generation thread: all MLX work happens there
-            try:
-                for piece in session.stream(prompt):
-                    if stop.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, ("token", piece))
-                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-            except Exception as e:  # reported to the page, not a traceback
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", f"{type(e).__name__}: {e}"))
+        def emit(kind, value):  # on the MLX thread: hand over to the event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         async def events():
             async with gen_lock:
-                loop.run_in_executor(executor, work)
+                streaming.add(stop)
+                session.start_stream(prompt, stop, emit)  # all MLX work on its thread
                 pieces: list[str] = []
                 try:
                     while True:
                         kind, value = await queue.get()
-                        if kind == "token":
+                        if kind == "piece":
                             pieces.append(value)
                             yield f"event: token\ndata: {json.dumps({'text': value})}\n\n"
                         elif kind == "error":
-                            yield f"event: error\ndata: {json.dumps({'error': value})}\n\n"
+                            err = f"{type(value).__name__}: {value}"
+                            yield f"event: error\ndata: {json.dumps({'error': err})}\n\n"
                             return
                         else:
                             r = session.new_reply(prompt, "".join(pieces))
@@ -194,36 +179,28 @@ def create_app(session: ChatSession, port: int):
                             return
                 finally:
                     stop.set()
+                    streaming.discard(stop)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
         )
 
     async def rate(request: Request):
-        try:
-            data = await body_json(request)
-        except ValueError as e:
-            return bad(str(e))
-        r = session.replies.get(data.get("reply_id"))
+        data = fields(await read_json(request), "rate")
+        r = session.replies.get(data["reply_id"])
         if r is None:
-            return bad("no such reply (only replies from this server can be rated)", 404)
-        if not isinstance(data.get("label"), bool):
-            return bad("'label' must be true (thumbs up) or false (thumbs down)")
+            return _error(404, "no such reply (only replies from this server can be rated)")
         try:
             rid = await asyncio.to_thread(session.rate, r, data["label"])  # fsync off the loop
-        except UserError as e:
-            return bad(str(e))
+        except UserError as e:  # an empty reply; the file not writable
+            return _error(400, str(e))
         return JSONResponse({"rating_id": rid, "label": r.label})
 
     async def undo(request: Request):
-        try:
-            data = await body_json(request)
-        except ValueError as e:
-            return bad(str(e))
-        rid = data.get("rating_id")
+        rid = fields(await read_json(request), "undo")["rating_id"]
         live = await asyncio.to_thread(read_ratings, session.feedback)
-        if not isinstance(rid, str) or rid not in {row.get("id") for row in live}:
-            return bad("no such rating in the feedback file", 404)
+        if rid not in {row.get("id") for row in live if isinstance(row.get("id"), str)}:
+            return _error(404, "no such rating in the feedback file")
         mine = next((r for r in session.replies.values() if r.rating_id == rid), None)
         if mine is not None:
             await asyncio.to_thread(session.undo, mine)
@@ -233,36 +210,7 @@ def create_app(session: ChatSession, port: int):
 
     async def ratings(request: Request):
         rows = await asyncio.to_thread(read_ratings, session.feedback)
-        out = []
-        for row in reversed(rows[-500:]):
-            prompt = row.get("prompt")
-            last_user = (
-                next(
-                    (
-                        m.get("content")
-                        for m in reversed(prompt)
-                        if isinstance(m, dict) and m.get("role") == "user"
-                    ),
-                    None,
-                )
-                if isinstance(prompt, list)
-                else prompt
-            )
-            comp = row.get("completion")
-            if isinstance(comp, list) and comp and isinstance(comp[0], dict):
-                comp = comp[0].get("content")
-            meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-            out.append(
-                {
-                    "id": row.get("id"),
-                    "label": row.get("label"),
-                    "prompt": last_user,
-                    "completion": comp,
-                    "time": meta.get("time"),
-                    "reply_id": meta.get("reply"),
-                    "undoable": isinstance(row.get("id"), str),
-                }
-            )
+        out = [display_rating(row) for row in reversed(rows[-500:])]
         return JSONResponse({"feedback": str(session.feedback), "ratings": out})
 
     routes = [Route(path, page, methods=["GET"]) for path in STATIC]
@@ -273,9 +221,10 @@ def create_app(session: ChatSession, port: int):
         Route("/api/undo", undo, methods=["POST"]),
         Route("/api/ratings", ratings, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
-    app.state.executor = executor
-    return LocalOnly(app, port)
+    handlers = {BadRequest: _refused, UserError: _refused, HTTPException: _refused}
+    app = LocalOnly(Starlette(routes=routes, exception_handlers=handlers), port)
+    app.stop_streams = lambda: [stop.set() for stop in list(streaming)]
+    return app
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -304,6 +253,18 @@ def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765, echo=
     )
     if host not in ("127.0.0.1", "::1", "localhost"):
         echo(f"warning: bound to {host}: anyone who can reach this address can chat and rate")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Ctrl-C: replies still streaming end at their next token (sent as done),
+            # so the graceful shutdown does not wait for them to run to max_tokens.
+            app.stop_streams()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
+        pass
+    echo(f"mlx-kto chat: stopped (ratings are in {session.feedback})")

@@ -64,15 +64,17 @@ function markRated(el, label) {
 }
 
 async function rate(el, label) {
+  let res;
   try {
-    const res = await api("/api/rate", { reply_id: el.dataset.replyId, label });
-    el.dataset.ratingId = res.rating_id;
-    markRated(el, label);
-    setStatus(`saved: thumbs ${label ? "up" : "down"}`);
-    await refreshRatings();
+    res = await api("/api/rate", { reply_id: el.dataset.replyId, label });
   } catch (e) {
     setStatus(`not saved: ${e.message}`, true);
+    return;
   }
+  el.dataset.ratingId = res.rating_id;
+  markRated(el, label);
+  setStatus(`saved: thumbs ${label ? "up" : "down"}`);
+  await refreshRatings();
 }
 
 function addActions(el) {
@@ -173,28 +175,43 @@ async function send(ev) {
 }
 
 async function undo(id) {
+  let res;
   try {
-    const res = await api("/api/undo", { rating_id: id });
-    const el = res.reply_id && document.querySelector(`.msg[data-reply-id="${res.reply_id}"]`);
-    if (el) markRated(el, null);
-    await refreshRatings();
-    setStatus("rating undone");
+    res = await api("/api/undo", { rating_id: id });
   } catch (e) {
     setStatus(`undo failed: ${e.message}`, true);
+    return;
   }
+  const el = res.reply_id && document.querySelector(`.msg[data-reply-id="${res.reply_id}"]`);
+  if (el) markRated(el, null);
+  await refreshRatings();
+  setStatus("rating undone");
 }
 
 async function refreshRatings() {
-  const data = await api("/api/ratings");
+  // A problem with the list (e.g. a malformed line in the feedback file) shows in the
+  // panel; it does not hide that the rating itself was saved.
   const list = $("#ratings");
+  let data;
+  try {
+    data = await api("/api/ratings");
+  } catch (e) {
+    const li = document.createElement("li");
+    li.className = "rating error";
+    li.textContent = `cannot list the ratings: ${e.message}`;
+    list.replaceChildren(li);
+    $("#rating-count").textContent = "";
+    return;
+  }
   list.replaceChildren();
   for (const r of data.ratings) {
     const li = document.createElement("li");
-    li.className = `rating ${r.label ? "up" : "down"}`;
+    const word = r.label === true ? "▲ good" : r.label === false ? "▼ bad" : "? unlabelled";
+    li.className = `rating ${r.label === true ? "up" : r.label === false ? "down" : ""}`;
     li.dataset.id = r.id || "";
     const head = document.createElement("div");
     head.className = "head";
-    head.textContent = `${r.label ? "▲ good" : "▼ bad"} · ${(r.time || "").replace("T", " ").replace("+00:00", " UTC")}`;
+    head.textContent = `${word} · ${(r.time || "").replace("T", " ").replace("+00:00", " UTC")}`;
     const q = document.createElement("div");
     q.className = "q";
     q.textContent = r.prompt || "";
