@@ -30,11 +30,12 @@ the benchmark model, and 438 -> 852 MB with gradient checkpointing).
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from mlx_kto.runtime.switches import FAST_EXP
 
 import mlx.core as mx
 
@@ -55,9 +56,9 @@ P2 = (
 def wanted() -> bool:
     """Use the arithmetic ops: CPU device on x86 (where MLX's exp is scalar); $MLX_KTO_FAST_EXP
     set to 0 or 1 overrides."""
-    env = os.environ.get("MLX_KTO_FAST_EXP")
-    if env in ("0", "1"):
-        return env == "1"
+    forced = FAST_EXP.flag()
+    if forced is not None:
+        return forced
     if mx.default_device() != mx.cpu:
         return False
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")

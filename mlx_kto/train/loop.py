@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from pathlib import Path
@@ -22,19 +20,13 @@ from typing import NamedTuple
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import Batch, iterate_batches, num_batches
 from mlx_kto.model.logit_stats import logit_stats
-from mlx_kto.model.logprobs import (
-    _row_groups,
-    active_streams,
-    compiled_sequence_logps,
-    cpu_row_parallel,
-    row_streams,
-    rows_unsplit,
-    sequence_logps,
-)
+from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.reference.scorer import ReferenceScorer
 from mlx_kto.runtime import fastops
-from mlx_kto.runtime import heap as _heap
 from mlx_kto.runtime.atomic import append_line
+from mlx_kto.runtime.fastpaths import checkpoint_paths, fast_paths  # noqa: F401  (re-exported)
+from mlx_kto.runtime.streams import active_streams, row_groups, row_streams, rows_unsplit
+from mlx_kto.runtime.switches import GROUPED_STEP
 from mlx_kto.train.checkpoint import save_checkpoint
 from mlx_kto.train.distributed import Dist, sum_gradients
 from mlx_kto.train.dpo import (
@@ -121,52 +113,6 @@ def policy_kl_logps(model: nn.Module, batch: Batch) -> mx.array | None:
     return mx.stop_gradient(
         sequence_logps(model, batch.kl_tokens, batch.kl_mask, head_start=batch.head_start)
     )
-
-
-@contextmanager
-def fast_paths(
-    model: nn.Module, streams: int | None = None, fast_exp: bool | None = None
-) -> Iterator[None]:
-    """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
-    already inside): every log-prob pass spreads its rows over one stream per core
-    (`cpu_row_parallel`), and on x86 the model's attention and SwiGLU use fastops'
-    arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
-    all run inside, so the policy and its reference compute the same way. `streams`
-    overrides the number of row streams (1 = rows one after another), `fast_exp` the
-    arithmetic exp (False = MLX's own ops). MLX's CPU buffer cache is off inside while glibc
-    keeps freed blocks (`_heap.mlx_cache_off`), restored on exit.
-
-    A quantized model on the CPU (`qmatmul.dequantizes_per_call`) runs its rows on one stream
-    unless $MLX_KTO_CPU_STREAMS says otherwise: each stream would dequantize every weight for
-    its own rows, twice the dequantization work and twice the dequantized weights alive until
-    the backward (SmolLM2 Q4_1, bench/real_model.py: warm step 7.99 s / 3.06 GB on two streams,
-    6.96 s / 1.66 GB on one)."""
-    if streams is None and not os.environ.get("MLX_KTO_CPU_STREAMS"):
-        from mlx_kto.runtime.qmatmul import dequantizes_per_call
-
-        streams = 1 if dequantizes_per_call(model) else None
-    cache = _heap.mlx_cache_off()  # glibc keeps freed blocks already (_heap.py)
-    try:
-        with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
-            yield
-    finally:
-        _heap.mlx_cache_restore(cache)
-
-
-def checkpoint_paths(cfg) -> dict:
-    """`fast_paths` options for a run with gradient checkpointing: one row stream and MLX's
-    own attention / SwiGLU, unless $MLX_KTO_CPU_STREAMS / $MLX_KTO_FAST_EXP say otherwise.
-    Both fast paths keep per-block activations alive and so undo checkpointing (a 4-block
-    probe: 912 MB with fastops, 654 MB without, 929 MB not checkpointed; bench/RESULTS.md);
-    a user who asks for checkpointing wants the memory."""
-    if not getattr(cfg, "grad_checkpoint", False):
-        return {}
-    out = {}
-    if not os.environ.get("MLX_KTO_CPU_STREAMS"):
-        out["streams"] = 1
-    if os.environ.get("MLX_KTO_FAST_EXP") not in ("0", "1"):
-        out["fast_exp"] = False
-    return out
 
 
 def _with_fast_paths(fn):
@@ -347,7 +293,7 @@ def make_step_fns(
             return compiled_step(*args)
 
         kl_forward = _compiled_kl_forward(model)
-        if not paired and os.environ.get("MLX_KTO_GROUPED_STEP") != "0":
+        if not paired and GROUPED_STEP.flag() is not False:
             step = _grouped(step, model, loss_kw, finish)
 
     def grad_step(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
@@ -404,7 +350,7 @@ def _grouped(step, model: nn.Module, loss_kw: dict, finish) -> Callable:
     def grouped(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
         B = tokens.shape[0]
         streams = row_streams()
-        groups = _row_groups(B)
+        groups = row_groups(B)
         if len(groups) < 2:
             return step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update)
         global grouped_steps_run
