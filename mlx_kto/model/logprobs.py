@@ -23,11 +23,12 @@ from functools import partial
 from mlx_kto.model import head_logps
 from mlx_kto.model.head_logps import ahead_chunk_size
 from mlx_kto.runtime import fastops
-from mlx_kto.runtime.streams import map_row_groups, row_groups
 from mlx_kto.runtime.streams import (  # noqa: F401  (moved to runtime/streams.py; old import path)
     active_streams,
     cpu_row_parallel,
     default_streams,
+    map_row_groups,
+    row_groups,
     row_streams,
     rows_unsplit,
 )

@@ -27,6 +27,7 @@ from mlx_kto.runtime.atomic import append_line
 from mlx_kto.runtime.fastpaths import checkpoint_paths, fast_paths  # noqa: F401  (re-exported)
 from mlx_kto.runtime.streams import active_streams, row_groups, row_streams, rows_unsplit
 from mlx_kto.runtime.switches import GROUPED_STEP
+from mlx_kto.train import packed_step
 from mlx_kto.train.checkpoint import save_checkpoint
 from mlx_kto.train.distributed import Dist, sum_gradients
 from mlx_kto.train.dpo import (
@@ -309,6 +310,8 @@ def make_step_fns(
             do_update,
         )
 
+    if not paired:  # packed micro-batches (data/packing.py) take their own passes
+        kl_forward, grad_step = packed_step.wrap(model, cfg, loss_kw, finish, kl_forward, grad_step)
     return StepFns(kl_forward, grad_step, update)
 
 
