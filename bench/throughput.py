@@ -129,7 +129,8 @@ class FlopModel:
                 lora += m.lora_a.size + m.lora_b.size
         if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
             emb = model.model.embed_tokens
-            base += emb.weight.shape[0] * emb.weight.shape[1]  # the tied head as a matmul
+            width = emb.weight.shape[1] * (32 // emb.bits if hasattr(emb, "bits") else 1)
+            base += emb.weight.shape[0] * width  # the tied head as a matmul
         args = model.args
         heads = args.num_attention_heads
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
