@@ -168,7 +168,11 @@ def pack_sequences(
 
 
 def pack_rows_of(
-    seqs: list[list[int]], starts: list[int], pad_multiple: int = 16, pad_id: int = 0, groups=1
+    seqs: list[list[int]],
+    starts: list[int],
+    pad_multiple: int = 16,
+    pad_id: int = 0,
+    groups: int = 1,
 ) -> Packed:
     """`plan_packs` then `pack_sequences`: the packed form of `seqs`."""
     packs = plan_packs([len(s) for s in seqs], pad_multiple, groups)

@@ -39,6 +39,7 @@ import mlx.nn as nn
 # Model types whose attention layers take positions and mask only through the cache (checked
 # against the padded path for each: tests/test_packing.py).
 PACK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+assert PACK_MODEL_TYPES <= SPLIT_MODEL_TYPES  # the LM head runs on gathered targets only
 
 
 class SegmentCache:
@@ -95,7 +96,6 @@ def can_pack(model) -> bool:
     and RoPE modules that take an offset array: mlx-lm's plain, Llama 3, SuScaled, Yarn)."""
     if _model_type(model) not in PACK_MODEL_TYPES or not can_split(model):
         return False
-    assert PACK_MODEL_TYPES <= SPLIT_MODEL_TYPES
     names = {"RoPE", "Llama3RoPE", "SuScaledRoPE", "YarnRoPE"}
     return all(type(m).__name__ in names for m in _rope_modules(model))
 
