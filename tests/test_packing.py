@@ -12,7 +12,6 @@ import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import make_batch
 from mlx_kto.data.packing import (
-    MAX_PACK,
     first_fit_decreasing,
     pack_rows_of,
     pack_sequences,
@@ -25,6 +24,7 @@ from mlx_kto.model.packed import (
     SegmentCache,
     can_pack,
     compiled_packed_logps,
+    pack_windows,
     packed_sequence_logps,
 )
 from mlx_kto.reference.fingerprint import Fingerprint
@@ -105,17 +105,19 @@ def test_plan_packs_places_every_sequence_once_within_capacity():
     for _ in range(50):
         n = rng.randint(1, 24)
         lengths = [min(512, max(2, int(rng.lognormvariate(4.5, 0.8)))) for _ in range(n)]
-        for groups in (1, 2, 3):
-            packs = plan_packs(lengths, 16, groups)
-            assert sorted(i for p in packs for i in p) == list(range(n))
-            cap = max(sum(lengths[i] for i in p) for p in packs)
-            assert cap <= max(MAX_PACK, max(lengths))
-            assert all(p == sorted(p) for p in packs)
-    # equal lengths that fill a pack exactly: no padding at all
-    assert plan_packs([64] * 8, 16, 2) in (
-        [[0, 1], [2, 3], [4, 5], [6, 7]],
-        [[i] for i in range(8)],
-    )
+        cap = -(-max(lengths) // 16) * 16  # packs are attention windows of the longest row
+        for lines in (1, 2, 3):
+            plan = plan_packs(lengths, 16, lines)
+            assert len(plan) == min(lines, n)
+            assert sorted(i for row in plan for p in row for i in p) == list(range(n))
+            assert all(sum(lengths[i] for i in p) <= cap for row in plan for p in row)
+            assert all(p == sorted(p) for row in plan for p in row)
+            size = [sum(lengths[i] for p in row for i in p) for row in plan]
+            assert max(size) - min(size) <= max(lengths)  # rows balanced
+            pk = pack_rows_of([[1] * k for k in lengths], [1] * n, groups=lines)
+            assert pk.real == sum(lengths) and pk.computed == len(plan) * pk.tokens.shape[1]
+            assert pk.tokens.shape[1] == -(-max(size) // 16) * 16
+    assert plan_packs([64] * 8, 16) == [[[i] for i in range(8)]]  # full windows: one each
     assert first_fit_decreasing([5, 9, 3, 4], 10) == [[1], [0, 3], [2]]
 
 
@@ -133,37 +135,49 @@ def test_packing_leaves_little_padding_on_lognormal_lengths():
         real += sum(lengths)
         padded += 8 * (-(-max(lengths) // 16) * 16)
         packed += pk.computed
-    assert packed / real < 1.10 and padded / real > 1.5
+    assert packed / real < 1.05 and padded / real > 1.5
 
 
 def test_pack_layout():
     seqs = [[1, 5, 6, 7], [1, 8, 9], [1, 2, 3, 4, 5, 6], [4, 4]]
     starts = [2, 1, 3, 0]  # the last one has no prompt: its first token is never a target
-    pk = pack_sequences(seqs, starts, [[0, 1], [2, 3]], pad_multiple=4)
-    assert pk.tokens.shape == (2, 8) and pk.real == 15 and pk.computed == 16
-    assert np.array(pk.tokens).tolist() == [[1, 5, 6, 7, 1, 8, 9, 0], [1, 2, 3, 4, 5, 6, 4, 4]]
-    assert np.array(pk.positions).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
-    assert np.array(pk.segments).tolist() == [[0, 0, 0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0, 1, 1]]
+    pk = pack_sequences(seqs, starts, [[[2], [1]], [[0, 3]]], pad_multiple=4)
+    assert pk.tokens.shape == (2, 12) and pk.real == 15 and pk.computed == 24
+    assert pk.win_idx.shape == (2, 2, 8)  # 2 rows, at most 2 windows each, windows of 8
+    assert pk.pack_rows == [[2, 1], [0, 3]]
+    assert np.array(pk.tokens).tolist() == [
+        [1, 2, 3, 4, 5, 6, 1, 8, 9, 0, 0, 0],
+        [1, 5, 6, 7, 4, 4, 0, 0, 0, 0, 0, 0],
+    ]
+    assert np.array(pk.positions)[1].tolist() == [0, 1, 2, 3, 0, 1] + [0] * 6
+    win_idx, win_seg, inv = (np.array(a) for a in (pk.win_idx, pk.win_seg, pk.inv))
+    assert win_idx[0, 1, :3].tolist() == [6, 7, 8] and win_seg[0, 1, :3].tolist() == [1, 1, 1]
+    assert win_seg[1, 0, :6].tolist() == [0, 0, 0, 0, 1, 1] and (win_seg[1, 0, 6:] < 0).all()
+    assert (win_seg[1, 1] < 0).all()  # row 1 has one window: the second is unused
+    for w in win_seg.reshape(-1, 8):  # unused slots: unique in their window
+        assert len(set(w[w < 0].tolist())) == int((w < 0).sum())
+    for r in range(2):  # every real position's slot points back at it
+        for t in range(6 if r else 9):
+            w, c = divmod(int(inv[r, t]), 8)
+            assert win_idx[r, w, c] == t
     row, pos, ids = (np.array(a) for a in (pk.tgt_row, pk.tgt_pos, pk.tgt_ids))
-    assert pk.tgt_row.shape[1] % 16 == 0
     got = {(int(r), int(p), int(i)) for r, p, i in zip(row.ravel(), pos.ravel(), ids.ravel())}
     assert {g for g in got if g[0] >= 0} == {
-        (0, 1, 6), (0, 2, 7), (1, 4, 8), (1, 5, 9),  # rows 0, 1 in pack 0
-        (2, 2, 4), (2, 3, 5), (2, 4, 6), (3, 6, 4),  # row 3: only its second token
+        (2, 2, 4), (2, 3, 5), (2, 4, 6), (1, 6, 8), (1, 7, 9),  # row 0
+        (0, 1, 6), (0, 2, 7), (3, 4, 4),  # row 1; sequence 3: only its second token
     }  # fmt: skip
 
 
-def test_segment_mask_is_block_diagonal_causal_and_windowed():
-    pk = pack_sequences([[1, 2, 3], [1, 2], [7]], [1, 1, 0], [[0, 1, 2]], pad_multiple=8)
-    cache = SegmentCache(pk.positions, pk.segments)
-    keep = np.array(cache.make_mask(8))[0, 0]  # [N, N]
-    seg = np.array(pk.segments)[0]
+def test_pack_windows_mask_is_block_diagonal_causal():
+    pk = pack_sequences([[1, 2, 3], [1, 2], [7]], [1, 1, 0], [[[0, 1, 2]]], pad_multiple=8)
+    cache = SegmentCache(pk.positions, pack_windows(pk.arrays()))
+    assert cache.make_mask(8) is None and cache.make_mask(8, window_size=4) == 4
+    keep = np.array(cache.windows[2])[0, 0]  # [C, C] of the one window
+    seg = np.array(pk.win_seg)[0, 0]
     for i in range(8):
         for j in range(8):
             assert keep[i, j] == (seg[i] == seg[j] and j <= i)
-    assert keep.any(axis=1).all()  # padding attends to itself: no all-masked row
-    windowed = np.array(cache.make_mask(8, window_size=2))[0, 0]
-    assert not windowed[2, 0] and windowed[2, 1] and windowed[1, 0]
+    assert keep.any(axis=1).all()  # an unused slot keeps itself: no all-masked row
 
 
 # -- the same numbers -------------------------------------------------------------------------

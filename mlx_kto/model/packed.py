@@ -1,24 +1,27 @@
-"""Log-probs of packed sequences (data/packing.py): attention inside each segment only, RoPE
-at each token's own position, per-sequence sums of the completion targets.
+"""Log-probs of packed sequences (data/packing.py): attention inside each sequence only,
+RoPE at each token's own position, per-sequence sums of the completion targets.
 
 mlx-lm's attention layers take their positions and mask from the KV cache they are given:
 
     queries = self.rope(queries, offset=cache.offset); keys = self.rope(keys, offset=...)
     keys, values = cache.update_and_fetch(keys, values)
-    mask = create_attention_mask(h, cache[0])  ->  cache.make_mask(N, ...)
+    output = scaled_dot_product_attention(queries, keys, values, cache=cache, mask=mask)
 
-so a stateless `SegmentCache` whose `offset` is the [P, N] position array and whose mask is
+so a stateless `SegmentCache` whose `offset` is the [R, T] position array runs an unmodified
+model on packed rows; the module's `scaled_dot_product_attention` (wrapped, `windowed_sdpa`)
+sees the cache's pack windows and attends per window under
 
-    keep[p, i, j] = segment[p, i] == segment[p, j]  and  j <= i   (and i - j < window)
+    keep[w, i, j] = segment[w, i] == segment[w, j]  and  j <= i   (and i - j < window)
 
-runs an unmodified model on packs. RoPE modules take one offset per batch row, not per
-token; a packed forward gives each one a subclass (`_per_token_rope`) that, for a [B, L]
-offset, moves the sequence axis into the batch axis, so every token turns by its own position with
-the same kernel and the same angles as in a padded row (bit-identical, tests/test_packing.py).
+RoPE modules take one offset per batch row, not per token; a packed forward gives each one a
+subclass (`_per_token_rope`) that, for a [B, L] offset, moves the sequence axis into the batch
+axis, so every token turns by its own position with the same kernel and the same angles as in
+a padded row (bit-identical, tests/test_packing.py).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -31,6 +34,7 @@ from mlx_kto.model.logprobs import (
     vocab_size,
 )
 from mlx_kto.runtime import fastops
+from mlx_kto.runtime.fastattn import windowed_attention
 from mlx_kto.runtime.streams import row_groups, row_streams
 
 import mlx.core as mx
@@ -43,27 +47,65 @@ assert PACK_MODEL_TYPES <= SPLIT_MODEL_TYPES  # the LM head runs on gathered tar
 
 
 class SegmentCache:
-    """A stand-in KV cache for one packed forward: positions and the block-diagonal causal
-    mask; keys and values pass through (nothing is cached)."""
+    """A stand-in KV cache for one packed forward: each token's position and the pack
+    windows attention runs in (`windows`, see `runtime.fastattn.windowed_attention`); keys
+    and values pass through (nothing is cached)."""
 
-    packed = True  # fastops' attention recognises it (runtime/fastops.py)
-
-    def __init__(self, positions: mx.array, segments: mx.array):
-        self.offset = positions  # [P, N]
-        self.segments = segments  # [P, N]
+    def __init__(self, positions: mx.array, windows: tuple):
+        self.offset = positions  # [R, T]
+        self.windows = windows
         self.keys = None  # mlx-lm's pipeline code may touch it
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
-        seg, pos = self.segments, self.offset
-        keep = seg[:, :, None] == seg[:, None, :]  # [P, N, N]
-        idx = mx.arange(N)
-        keep = keep & (idx[None, :, None] >= idx[None, None, :])  # causal
-        if window_size is not None:
-            keep = keep & (pos[:, :, None] - pos[:, None, :] < window_size)
-        return keep[:, None]  # [P, 1, N, N], True = attend
+        """What mlx-lm passes on as the mask: None (causal inside each sequence) or the
+        sliding window size; the windows' keep mask is built once (`pack_windows`)."""
+        return window_size
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         return keys, values
+
+
+def pack_windows(pk: dict) -> tuple:
+    """(slot -> flat row position [R*W*C], flat row position -> slot [R*T], keep mask
+    [R*W, 1, C, C], slot positions [R*W, C]) of `Packed.arrays()`: keep[w, 0, i, j] is set
+    when slots i and j hold the same sequence and j <= i (an unused slot keeps only itself)."""
+    R, W, C = pk["win_idx"].shape
+    T = pk["tokens"].shape[1]
+    gidx = (pk["win_idx"] + (mx.arange(R) * T)[:, None, None]).reshape(-1)  # [R*W*C]
+    ginv = (pk["inv"] + (mx.arange(R) * (W * C))[:, None]).reshape(-1)  # [R*T]
+    seg = pk["win_seg"].reshape(R * W, C)  # [R*W, C]
+    idx = mx.arange(C)
+    keep = (seg[:, :, None] == seg[:, None, :]) & (idx[:, None] >= idx[None, :])  # [R*W, C, C]
+    pos = mx.take(pk["positions"].reshape(-1), gidx).reshape(R * W, C)  # [R*W, C]
+    return gidx, ginv, keep[:, None], pos
+
+
+def _mlx_attend(q, k, v, scale: float, keep: mx.array) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=keep)
+
+
+def _windowed_sdpa(original: Callable) -> Callable:
+    """mlx-lm's `scaled_dot_product_attention` that runs a packed forward per pack window
+    (fastops' masked attention inside `fast_ops`, MLX's own attention outside)."""
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if getattr(cache, "windows", None) is None:
+            return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        fast = fastops.active() and mx.default_device() == mx.cpu
+        attend = fastops.masked_attention if fast else _mlx_attend
+        return windowed_attention(queries, keys, values, scale, cache, mask, attend)
+
+    scaled_dot_product_attention.windowed = True
+    return scaled_dot_product_attention
+
+
+def windowed_sdpa(model) -> None:
+    """Let the model's module run packed forwards (for good: other caches pass through)."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "scaled_dot_product_attention", None)
+    if fn is None or getattr(fn, "windowed", False) or hasattr(fn, "original"):
+        return  # fastops' own wrapper (`original`) runs pack windows itself
+    module.scaled_dot_product_attention = _windowed_sdpa(fn)
 
 
 _ROPE_CLASSES: dict[type, type] = {}
@@ -109,21 +151,22 @@ def per_token_rope(model) -> None:
             m.__class__ = _per_token_rope(type(m))
 
 
-def packed_hidden_states(model, tokens: mx.array, positions: mx.array, segments: mx.array):
-    """Final hidden states [P, N, H] of packed tokens [P, N] (`model.model` with a
-    SegmentCache per layer)."""
+def packed_hidden_states(model, pk: dict) -> mx.array:
+    """Final hidden states [R, T, H] of packed rows (`model.model` with a SegmentCache per
+    layer)."""
     per_token_rope(model)
-    cache = SegmentCache(positions, segments)
-    return model.model(tokens, cache=[cache] * len(model.model.layers))
+    windowed_sdpa(model)
+    cache = SegmentCache(pk["positions"], pack_windows(pk))
+    return model.model(pk["tokens"], cache=[cache] * len(model.model.layers))
 
 
 def _packed_logps(model, pk: dict, n_rows: int, chunk_size, for_grad: bool) -> mx.array:
-    h = packed_hidden_states(model, pk["tokens"], pk["positions"], pk["segments"])  # [P, N, H]
-    h = mx.take_along_axis(h, pk["tgt_pos"][..., None], axis=1)  # [P, M, H]
-    logps = lm_head_logps(model, h, pk["tgt_ids"], chunk_size, for_grad)  # [P, M]
-    row = pk["tgt_row"]  # [P, M], -1 = unused slot
+    h = packed_hidden_states(model, pk)  # [R, T, H]
+    h = mx.take_along_axis(h, pk["tgt_pos"][..., None], axis=1)  # [R, M, H]
+    logps = lm_head_logps(model, h, pk["tgt_ids"], chunk_size, for_grad)  # [R, M]
+    row = pk["tgt_row"]  # [R, M], -1 = unused slot
     logps = mx.where(row >= 0, logps, 0.0)  # an unused slot is 0 even if its logit is not
-    onehot = row[..., None] == mx.arange(n_rows)  # [P, M, n_rows]
+    onehot = row[..., None] == mx.arange(n_rows)  # [R, M, n_rows]
     return mx.where(onehot, logps[..., None], 0.0).sum(axis=(0, 1))  # [n_rows]
 
 
@@ -136,11 +179,11 @@ def packed_sequence_logps(
         seq_logp[b] = sum_{(p, m) : tgt_row[p, m] = b} log softmax(logits[p, tgt_pos[p, m]])[tgt_ids[p, m]]
 
     Differentiable; for_grad and chunk_size as in `sequence_logps`. Inside
-    `cpu_row_parallel` the packs are spread over the row streams and their sums added."""
-    P, M = pk["tgt_ids"].shape
+    `cpu_row_parallel` the rows are spread over the row streams and their sums added."""
+    R, M = pk["tgt_ids"].shape
     if chunk_size is None:
-        chunk_size = default_chunk_size(P, vocab_size(model))
-    groups = row_groups(P)
+        chunk_size = default_chunk_size(R, vocab_size(model))
+    groups = row_groups(R)
     if len(groups) < 2:
         return _packed_logps(model, pk, n_rows, chunk_size, for_grad)
     out = None

@@ -171,12 +171,38 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.a
     return (probs @ v[:, :, None]).reshape(B, Hq, L, D)
 
 
+def windowed_attention(q, k, v, scale: float, cache, mask, attend: Callable) -> mx.array:
+    """Attention of packed rows (data/packing.py, model/packed.py) per pack window: q
+    [R, Hq, T, D], k and v [R, Hkv, T, D] gathered into [R*W, H, C, D] (`cache.windows`:
+    flat slot -> row position, row position -> flat slot, the block-diagonal causal keep
+    mask [R*W, 1, C, C] and each slot's position), `attend(q, k, v, scale, keep)` per window,
+    and back to [R, Hq, T, D]. `mask` is the stand-in cache's `make_mask`: None, or a sliding
+    window size (keys at most that many positions back)."""
+    R, Hq, T, D = q.shape
+    gidx, ginv, keep, pos = cache.windows
+    C = keep.shape[-1]
+    if mask is not None:
+        keep = keep & (pos[:, None, :, None] - pos[:, None, None, :] < int(mask))
+
+    def split(x: mx.array) -> mx.array:
+        H = x.shape[1]
+        flat = x.transpose(0, 2, 1, 3).reshape(R * T, H, D)  # [R*T, H, D]
+        return mx.take(flat, gidx, axis=0).reshape(-1, C, H, D).transpose(0, 2, 1, 3)
+
+    out = attend(split(q), split(k), split(v), scale, keep)  # [R*W, Hq, C, D]
+    out = mx.take(out.transpose(0, 2, 1, 3).reshape(-1, Hq, D), ginv, axis=0)  # [R*T, Hq, D]
+    return out.reshape(R, T, Hq, D).transpose(0, 2, 1, 3)
+
+
 def make_sdpa(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        # A packed forward's stand-in cache (model/packed.py) holds no keys: plain attention.
-        kv_cache = cache is not None and not getattr(cache, "packed", False)
-        if kv_cache or sinks is not None or mx.default_device() != mx.cpu:
+        # A packed forward's stand-in cache (model/packed.py) holds no keys: attention per
+        # pack window.
+        packed = getattr(cache, "windows", None) is not None
+        if (cache is not None and not packed) or sinks is not None or mx.default_device() != mx.cpu:
             return original(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        if packed:
+            return windowed_attention(queries, keys, values, scale, cache, mask, masked_attention)
         return attention(queries, keys, values, scale, mask)
 
     scaled_dot_product_attention.original = original

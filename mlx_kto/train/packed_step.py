@@ -3,13 +3,13 @@ forward and its gradient pass, with the padded passes' results (tests/test_packi
 
 `wrap` hands `make_step_fns` a KL forward and a gradient pass that take a batch's packed form
 when it has one (and the model packs), and the padded functions otherwise. The gradient pass
-mirrors the grouped step of train/loop.py: on CPU row streams each stream's packs run their
-own compiled forward + backward, and with z fixed the KTO loss is a mean of per-row terms, so
-with rows r of group g out of B
+mirrors the grouped step of train/loop.py: on CPU row streams each stream's packed rows run
+their own compiled forward + backward, and with z fixed the KTO loss is a mean of per-sequence
+terms, so with the sequences of group g out of B
 
     ∇ (1/B) Σ_i L_i = Σ_g ∇ (|g| / B) mean_{i in g} L_i.
 
-A group of packs holds whole rows (a row never spans two packs), gathered from the batch.
+A packed row holds whole sequences (one never spans two rows), gathered from the batch.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from mlx.utils import tree_map
 
 
 def pack_groups(packed: Packed) -> list[tuple[int, int, list[int]]]:
-    """(first pack, end pack, its rows) per row stream: contiguous pack ranges
-    (`row_groups` over the packs)."""
+    """(first packed row, end row, their sequences) per row stream: contiguous ranges of the
+    packed rows (`row_groups`)."""
     return [
         (a, b, [r for rows in packed.pack_rows[a:b] for r in rows])
         for a, b in row_groups(len(packed.pack_rows))
