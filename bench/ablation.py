@@ -41,10 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig  # noqa: E402
 from mlx_kto.data.batches import iterate_batches  # noqa: E402
-from mlx_kto.model import logprobs
+from mlx_kto.model import head_logps, logprobs  # noqa: E402
 from mlx_kto.model.load import apply_lora, load_base  # noqa: E402
 from mlx_kto.reference.scorer import ReferenceScorer  # noqa: E402
-from mlx_kto.runtime import fastops  # noqa: E402
+from mlx_kto.runtime import (
+    fastops,  # noqa: E402
+    streams,  # noqa: E402
+)
 from mlx_kto.train.loss import kto_loss  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -54,11 +57,11 @@ from fixture import MAX_LENGTH, bench_model, bench_rows  # noqa: E402
 
 VARIANTS = ("v0 baseline", "v1 +kl_eval", "v2 +kl_compile", "v3 +head_vjp", "v4 +head_start")
 VARIANTS += ("v5 +2_streams", "v6 +fast_exp", "v7 +eager_step")
-_analytic_head = logprobs._head_target_logps
+_analytic_head = head_logps.head_target_logps
 
 
 def _autograd_head(module, head, h, targets, keep):
-    return logprobs._target_logps(head, h, targets)
+    return head_logps.target_logps(head, h, targets)
 
 
 def make_variant(level: int, model, optimizer, cfg):
@@ -85,9 +88,9 @@ def make_variant(level: int, model, optimizer, cfg):
         return logprobs.sequence_logps(model, tokens, mask, head_start=hs)
 
     def run(batch, ref, kl_ref):
-        logprobs._head_target_logps = _analytic_head if level >= 3 else _autograd_head
+        head_logps.head_target_logps = _analytic_head if level >= 3 else _autograd_head
         hs = batch.head_start if level >= 4 else 0
-        ctx = logprobs.cpu_row_parallel(2) if level >= 5 else nullcontext()
+        ctx = streams.cpu_row_parallel(2) if level >= 5 else nullcontext()
         fast = fastops.fast_ops(model, enable=True) if level >= 6 else nullcontext()
         t0 = time.perf_counter()
         with ctx, fast:
@@ -101,7 +104,7 @@ def make_variant(level: int, model, optimizer, cfg):
             out = step(batch.tokens, batch.mask, batch.labels, ref, kl, kl_ref, hs)
             mx.eval(out, model.trainable_parameters(), optimizer.state)
         dt = time.perf_counter() - t0
-        logprobs._head_target_logps = _analytic_head
+        head_logps.head_target_logps = _analytic_head
         return dt
 
     return run

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.data.tokenize import Row, assign_kl_partners
 
-from toy import build_model
+# The toy-model builder is a test helper (tests/toy.py), shared with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from toy import build_model  # noqa: E402
 
 BENCH_SHAPE = dict(
     hidden_size=512,

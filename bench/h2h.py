@@ -147,8 +147,12 @@ def summarize_mlx(proc: dict, rec: dict, metrics: list[dict], per_epoch: int) ->
         raise SystemExit(f"h2h: {len(ends)} step stamps for {len(metrics)} metrics lines")
     loop_start = ends[0] - metrics[0]["step_time"]
     intervals = [ends[0] - loop_start] + [b - a for a, b in zip(ends, ends[1:])]
-    misses = [m.get("ref_misses", 0) for m in metrics]
-    new_misses = [misses[0]] + [b - a for a, b in zip(misses, misses[1:])]
+    # the step's own reference misses (older metrics.jsonl had only the running total)
+    if "ref_misses_total" in metrics[0]:
+        new_misses = [m.get("ref_misses", 0) for m in metrics]
+    else:
+        misses = [m.get("ref_misses", 0) for m in metrics]
+        new_misses = [misses[0]] + [b - a for a, b in zip(misses, misses[1:])]
     warm = [i for i, n in enumerate(new_misses) if n == 0]
     return {
         **_common(proc, loop_start, ends[-1], len(metrics)),

@@ -2,13 +2,16 @@
 
     train  --out run.json -- ARGS...   `python -m mlx_kto.train ARGS...` in this process (the
            same entry point), plus the wall time of each metrics.jsonl write (the end of
-           each step) and ru_maxrss; h2h.py reads the per-step figures from metrics.jsonl.
+           each step), ru_maxrss, and the token positions the policy and reference passes
+           computed against the real ones (padding share); h2h.py reads the per-step
+           figures from metrics.jsonl.
     logits --model DIR --ids token_ids.json --out logits.json: the model's logits (as
            mlx_lm.load builds it) on the first row's first tokens.
     matmul --out matmul.json: the best-of-5 2048^3 fp32 matmul rate (MLX + the BLAS
            mlx_kto loads).
 
-The timestamp hook wraps MetricsLog.write only; the training itself is untouched.
+The hooks wrap MetricsLog.write, the step's batch builder and the reference forwards to
+count; the training itself is untouched.
 """
 
 from __future__ import annotations
@@ -65,12 +68,54 @@ def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
     return {"class": type(model).__module__, "tokens": tokens, "logits": logits.tolist()}
 
 
+def _count_tokens(counts: dict) -> None:
+    """Count computed and real token positions of the policy's passes (each micro-batch's
+    main and KL sequences, padded or packed) and of the reference forwards."""
+    from mlx_kto.data.packing import pack_rows_of
+    from mlx_kto.reference import scorer
+    from mlx_kto.runtime.streams import active_streams
+    from mlx_kto.train import step
+
+    import numpy as np
+
+    make_batch = step.make_batch
+
+    def counted_batch(rows, index, *a, **kw):
+        batch = make_batch(rows, index, *a, **kw)
+        kl = batch.kl_tokens is not None
+        counts["policy_real"] += sum(
+            len(rows[i].tokens) + (len(rows[i].kl_tokens) if kl else 0) for i in index
+        )
+        counts["policy_computed"] += batch.computed
+        return batch
+
+    ref_forward, ref_packed = scorer.reference_forward, scorer.reference_packed_forward
+
+    def counted_ref(model, tokens, mask, *a, **kw):
+        counts["ref_computed"] += tokens.size
+        m = np.array(mask)  # a row's real tokens end with its completion
+        counts["ref_real"] += sum(int(np.flatnonzero(r)[-1]) + 1 for r in m if r.any())
+        return ref_forward(model, tokens, mask, *a, **kw)
+
+    def counted_packed(model, seqs, starts, *a, **kw):
+        counts["ref_real"] += sum(len(s) for s in seqs)
+        groups = max(1, active_streams())  # as the scorer packs them
+        counts["ref_computed"] += pack_rows_of(
+            [list(s) for s in seqs], starts, groups=groups
+        ).computed
+        return ref_packed(model, seqs, starts, *a, **kw)
+
+    step.make_batch = counted_batch
+    scorer.reference_forward, scorer.reference_packed_forward = counted_ref, counted_packed
+
+
 def train(train_args: list[str]) -> dict:
     from mlx_kto.cli.app import run as run_cli
     from mlx_kto.cli.train import train_command
     from mlx_kto.runtime import torchless
     from mlx_kto.train import loop as trainer
 
+    torchless.keep_out()  # as `python -m mlx_kto.train` does
     rec: dict = {"t_start": T_START, "t_imported": time.time()}
     stamps: list[float] = []
     write = trainer.MetricsLog.write
@@ -80,6 +125,8 @@ def train(train_args: list[str]) -> dict:
         write(self, record)
 
     trainer.MetricsLog.write = stamped_write
+    counts = dict.fromkeys(("policy_real", "policy_computed", "ref_real", "ref_computed"), 0)
+    _count_tokens(counts)
     code = 0
     try:
         torchless.keep_out()  # as `python -m mlx_kto.train` does
@@ -87,6 +134,7 @@ def train(train_args: list[str]) -> dict:
     except SystemExit as e:  # the CLI exits on a user error
         code = e.code if isinstance(e.code, int) else 1
     rec.update(step_end_times=stamps, exit_code=code, rss_end_mb=maxrss_mb(), t_end=time.time())
+    rec["tokens"] = counts
     return rec
 
 

@@ -5,8 +5,11 @@ project's: it imports neither mlx nor mlx_kto. Three modes, each writing one JSO
 
     train   --model DIR --data train.jsonl --ids token_ids.json --out run.json
             [--epochs 3 --batch-size 8 --lr 5e-5 --warmup-steps N --no-precompute]
+            [--target-modules all-linear --ids-check report]
             KTOTrainer on the text rows (TRL tokenizes them itself); asserts that the dataset
-            TRL prepared holds exactly the fixture's token ids; records phase timestamps,
+            TRL prepared holds exactly the fixture's token ids (or, with --ids-check report,
+            counts the rows that differ); counts the token positions the model's forwards
+            compute and the real (attended) ones; records phase timestamps,
             per-step begin/end times (a TrainerCallback), the reference pass (TRL's own
             `_precompute_ref_logps`, or the in-step reference forwards without precompute)
             and ru_maxrss at each phase.
@@ -144,6 +147,18 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokens = {"computed": 0, "real": 0, "forwards": 0}
+
+    def count_tokens(module, a, kw):
+        """Every forward of the trunk (policy, KL, reference; PEFT calls the outer forward
+        directly, the trunk through __call__): positions computed and attended."""
+        ids, mask = kw.get("input_ids", a[0] if a else None), kw.get("attention_mask")
+        if ids is not None:
+            tokens["computed"] += ids.numel()
+            tokens["real"] += int(mask.sum()) if mask is not None else ids.numel()
+            tokens["forwards"] += 1
+
+    model.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     rec["attn_implementation"] = model.config._attn_implementation
     rec["t_model_loaded"] = time.time()
     rec["rss_model_loaded_mb"] = maxrss_mb()
@@ -177,7 +192,9 @@ def train(args) -> dict:
     lora = LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_modules=(
+            "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+        ),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -197,12 +214,19 @@ def train(args) -> dict:
     want = json.load(open(args.ids))
     ds = trainer.train_dataset
     got_p, got_c, got_l = ds["prompt_ids"], ds["completion_ids"], ds["label"]
-    if len(got_p) != len(want) or any(
-        list(p) != w["prompt_ids"] or list(c) != w["completion_ids"] or bool(lab) != w["label"]
-        for p, c, lab, w in zip(got_p, got_c, got_l, want)
-    ):
+    differ = (
+        len(want)
+        if len(got_p) != len(want)
+        else sum(
+            list(p) != w["prompt_ids"] or list(c) != w["completion_ids"] or bool(lab) != w["label"]
+            for p, c, lab, w in zip(got_p, got_c, got_l, want)
+        )
+    )
+    if differ and args.ids_check == "strict":
         raise SystemExit("h2h_trl_runner: TRL tokenized the rows differently from token_ids.json")
     rec["tokens_checked_rows"] = len(want)
+    rec["tokens_rows_differ"] = differ
+    rec["trl_row_tokens"] = sum(len(p) + len(c) for p, c in zip(got_p, got_c))
     rec["t_checked"] = time.time()
 
     trainer.train()
@@ -214,6 +238,7 @@ def train(args) -> dict:
     rec["first_loss"] = logs[0]["loss"] if logs else None
     rec["last_loss"] = logs[-1]["loss"] if logs else None
     rec["rss_end_mb"] = maxrss_mb()
+    rec["tokens"] = tokens
     rec["t_end"] = time.time()
     return rec
 
@@ -236,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-precompute", action="store_true")
+    p.add_argument(
+        "--target-modules",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="LoRA target modules, comma-separated, or all-linear",
+    )
+    p.add_argument("--ids-check", choices=["strict", "report"], default="strict")
     p.add_argument("--logit-tokens", type=int, default=8)
     args = p.parse_args(argv)
     if args.mode == "matmul":

@@ -2,10 +2,15 @@
 
     .venv/bin/python bench/profile_step.py --mode warm   # steps with the reference cached
     .venv/bin/python bench/profile_step.py --mode ref    # the batched reference forward
-    options: --rows 32 --batch-size 8 --iters 4 --no-perf
+    .venv/bin/python bench/profile_step.py --model ~/.cache/mlx_kto_test/SmolLM2-135M-Instruct.Q4_1.gguf
+    options: --rows 32 --batch-size 8 --iters 4 --no-perf --no-packing --max-tokens 512
 
-The bench fixture (bench/fixture.py) and the step of bench/throughput.py (what `train_loop`
-runs per micro-batch, inside `trainer.fast_paths`). A warm-up pass over every batch first
+The bench fixture (bench/fixture.py: equal lengths, nothing to pack) or, with --model (a GGUF
+file or a model folder, loaded as `train --model` loads it), bench/real_h2h.py's seeded chat
+rows with log-normal prompt and completion lengths up to --max-tokens; the step of
+bench/throughput.py (what `train_loop` runs per micro-batch, inside `trainer.fast_paths`),
+its micro-batches packed unless --no-packing. Each pass line has its model FLOPs (real tokens
+only, bench/throughput.py's FlopModel) and MFU against the matmul rate measured in the run. A warm-up pass over every batch first
 (compiles, fills the cache), then `--iters` timed passes. With perf on PATH the timed passes run
 under `perf record -e cpu-clock` (started disabled, enabled through a control fifo only for the
 timed passes), and the samples are grouped into op families by symbol (`FAMILIES`). JSON lines:
@@ -35,8 +40,8 @@ from mlx_kto.data.batches import iterate_batches  # noqa: E402
 from mlx_kto.train import loop as trainer  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
-from fixture import bench_model, bench_rows  # noqa: E402
-from throughput import kto_runner, machine, matmul_rate  # noqa: E402
+from fixture import MAX_LENGTH, bench_model, bench_rows  # noqa: E402
+from throughput import FlopModel, kto_runner, machine, matmul_rate, step_flops  # noqa: E402
 
 # (family, regex on "dso symbol"), first match wins. Order matters: BLAS before "copy" etc.
 FAMILIES = [
@@ -92,24 +97,48 @@ def perf_samples(data: Path) -> Counter:
     return counts
 
 
+def real_rows(model_path: Path, n: int, max_tokens: int, seed: int = 0):
+    """bench/real_h2h.py's chat rows, tokenized as `train` does, with KL partners."""
+    from mlx_kto.data.rows import examples_from_rows
+    from mlx_kto.data.tokenize import assign_kl_partners, tokenize_examples
+    from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
+
+    from mlx_lm.utils import load_tokenizer
+    from real_h2h import chat_rows
+
+    gguf = model_path.suffix == ".gguf"
+    tok = load_gguf_tokenizer(model_path) if gguf else load_tokenizer(model_path)
+    raw = [(r, f"real[{i}]") for i, r in enumerate(chat_rows(tok, n, max_tokens, seed))]
+    rows, _ = tokenize_examples(examples_from_rows(raw, "real", seed), tok, max_tokens)
+    assign_kl_partners(rows, seed=seed, max_length=max_tokens)
+    return rows
+
+
 def child(args) -> None:
     """The profiled process: warm-up, then the timed passes between perf enable/disable."""
-    model_path = bench_model()
-    vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
-    rows = bench_rows(args.rows, seed=0, vocab=vocab)
+    if args.model:
+        model_path, max_length = Path(args.model).expanduser(), args.max_tokens
+        rows = real_rows(model_path, args.rows, max_length)
+    else:
+        model_path, max_length = bench_model(), MAX_LENGTH
+        vocab = json.loads((model_path / "config.json").read_text())["vocab_size"]
+        rows = bench_rows(args.rows, seed=0, vocab=vocab)
     batches = [
         b
         for _, _, b in iterate_batches(
-            rows, args.batch_size, seed=0, pad_multiple=16, with_kl=True, loop=False
+            rows, args.batch_size, seed=0, pad_multiple=16, with_kl=True, loop=False,
+            packing=args.packing,
         )
-    ]
+    ]  # fmt: skip
     ns = argparse.Namespace(
         batch_size=args.batch_size, seed=0, grad_checkpoint=False, baseline=False
     )
     with tempfile.TemporaryDirectory(prefix="mlx_kto_prof_") as tmp:
-        run, _, scorers = kto_runner(model_path, ns, Path(tmp))
+        run, _, scorers = kto_runner(model_path, ns, Path(tmp), max_length)
         scorer = scorers["kto_warm"]
-        plain = type(scorer)(scorer.model)  # no cache: every call is a reference forward
+        # no cache: every call is a reference forward
+        plain = type(scorer)(scorer.model, packing=args.packing)
+        flops = FlopModel(scorer.model)
 
         def one(b):
             mx.reset_peak_memory()
@@ -130,21 +159,37 @@ def child(args) -> None:
         if ctl:
             with open(ctl, "w") as f:
                 f.write("enable\n")
+        mfus = []
         for it in range(args.iters):
             for j, b in enumerate(batches):
                 c0 = resource.getrusage(resource.RUSAGE_SELF)
                 wall = one(b)
                 c1 = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+                if args.mode == "warm":
+                    f = step_flops(flops, rows, b.index, "kto_warm")
+                else:  # the reference forward of the main and KL sequences
+                    f = flops.forward([len(rows[i].tokens) for i in b.index])
+                    f += flops.forward([len(rows[i].kl_tokens) for i in b.index])
+                mfus.append(f / wall / rate)
                 rec = {"bench": "profile_pass", "mode": args.mode, "iter": it, "batch": j,
                        "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                        "cores_used": round(cpu / wall, 2), "tokens": int(b.ntoks),
-                       "peak_mb": round(mx.get_peak_memory() / 2**20, 1)}  # fmt: skip
+                       "computed": int(b.computed), "packed": b.packed is not None,
+                       "peak_mb": round(mx.get_peak_memory() / 2**20, 1),
+                       "gflop": round(f / 1e9, 2), "mfu": round(f / wall / rate, 4)}  # fmt: skip
                 print(json.dumps(rec), flush=True)
         if ctl:
             with open(ctl, "w") as f:
                 f.write("disable\n")
         print(json.dumps({"bench": "profile_matmul", "gflops": round(rate / 1e9, 1)}), flush=True)
+        real = sum(len(r.tokens) + len(r.kl_tokens) for r in rows)
+        computed = sum(b.computed for b in batches)
+        print(json.dumps({"bench": "profile_summary", "mode": args.mode,
+                          "model": model_path.name, "packing": args.packing,
+                          "padding_share": round(1 - real / computed, 4),
+                          "mfu_median": round(sorted(mfus)[len(mfus) // 2], 4),
+                          "matmul_gflops": round(rate / 1e9, 1)}), flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -155,13 +200,31 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2, help="timed passes over the batches")
     ap.add_argument("--no-perf", action="store_true", help="time only")
     ap.add_argument("--top", type=int, default=25, help="top symbols to print")
+    ap.add_argument("--model", default=None, help="a GGUF file or model folder (default: fixture)")
+    ap.add_argument("--max-tokens", type=int, default=512, help="--model rows: longest row")
+    ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
     print(json.dumps({"bench": "profile_machine", **machine()}), flush=True)
-    cmd = [sys.executable, __file__, "--child", "--mode", args.mode, "--rows", str(args.rows),
-           "--batch-size", str(args.batch_size), "--iters", str(args.iters)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mode",
+        args.mode,
+        "--rows",
+        str(args.rows),
+        "--batch-size",
+        str(args.batch_size),
+        "--iters",
+        str(args.iters),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--packing" if args.packing else "--no-packing",
+    ]
+    cmd += ["--model", args.model] if args.model else []  # fmt: skip
     if args.no_perf or shutil.which("perf") is None:
         subprocess.run(cmd, check=True)
         return

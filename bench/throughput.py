@@ -53,11 +53,12 @@ if "--baseline" in sys.argv:  # glibc's own (dynamic) malloc thresholds: never t
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig  # noqa: E402
 from mlx_kto.data.batches import iterate_batches  # noqa: E402
-from mlx_kto.model import logprobs
+from mlx_kto.model import head_logps, logprobs  # noqa: E402
 from mlx_kto.model.load import apply_lora, load_base  # noqa: E402
 from mlx_kto.reference.fingerprint import reference_fingerprint  # noqa: E402
 from mlx_kto.reference.scorer import RefCache, ReferenceScorer  # noqa: E402
 from mlx_kto.runtime import fastops  # noqa: E402
+from mlx_kto.runtime import streams as rs  # noqa: E402
 from mlx_kto.train import loop as trainer
 from mlx_kto.train.loss import kto_loss, metrics_to_floats  # noqa: E402
 from mlx_kto.train.stepfns import loss_kwargs  # noqa: E402
@@ -129,7 +130,8 @@ class FlopModel:
                 lora += m.lora_a.size + m.lora_b.size
         if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
             emb = model.model.embed_tokens
-            base += emb.weight.shape[0] * emb.weight.shape[1]  # the tied head as a matmul
+            width = emb.weight.shape[1] * (32 // emb.bits if hasattr(emb, "bits") else 1)
+            base += emb.weight.shape[0] * width  # the tied head as a matmul
         args = model.args
         heads = args.num_attention_heads
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
@@ -166,7 +168,7 @@ def step_flops(fm: FlopModel, rows, index, phase: str) -> float:
 def use_baseline() -> None:
     """The log-prob head as before issue 6 (autograd through logsumexp), one CPU stream,
     MLX's own exp, glibc's default malloc thresholds."""
-    logprobs._head_target_logps = lambda module, head, h, t, keep: logprobs._target_logps(
+    head_logps.head_target_logps = lambda module, head, h, t, keep: head_logps.target_logps(
         head, h, t
     )
     os.environ["MLX_KTO_CPU_STREAMS"] = "1"
@@ -320,7 +322,7 @@ def measure(model_path: Path, rows, args, max_length: int = MAX_LENGTH):
     with tempfile.TemporaryDirectory(prefix="mlx_kto_tp_") as tmp:
         kto, kto_bytes, scorers = kto_runner(model_path, args, Path(tmp), max_length)
         with trainer.fast_paths(scorers["kto_warm"].model):  # the row streams KTO steps use
-            streams = max(logprobs.active_streams(), 1)
+            streams = max(rs.active_streams(), 1)
         sft, sft_bytes = sft_runner(model_path, args)
         fm = FlopModel(scorers["kto_warm"].model)
         sft_batches = [sft_batch(rows, b.index) for b in batches]
@@ -395,7 +397,7 @@ def main() -> None:
         "bench": "throughput_summary",
         "model": str(model_path),
         "trainer": "baseline (before issue 6)" if args.baseline else "current",
-        "cpu_streams": 1 if args.baseline else logprobs.default_streams(),
+        "cpu_streams": 1 if args.baseline else rs.default_streams(),
         "fast_exp": fastops.wanted(),
         "malloc_tuned": mlx_kto.runtime.heap.tuned,
         "batch_size": args.batch_size,

@@ -271,14 +271,14 @@ def test_grad_checkpoint_turns_off_the_cpu_fast_paths(
     checkpointing: a checkpointed run uses one stream and MLX's own ops (the environment
     variables still override)."""
     from mlx_kto import KTOTrainer
-    from mlx_kto.model.logprobs import active_streams
     from mlx_kto.runtime import fastops
+    from mlx_kto.runtime.streams import active_streams
 
     from mlx_lm import load
 
     monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
     monkeypatch.delenv("MLX_KTO_FAST_EXP", raising=False)
-    monkeypatch.setattr("mlx_kto.model.logprobs.default_streams", lambda: 2)
+    monkeypatch.setattr("mlx_kto.runtime.streams.default_streams", lambda: 2)
     seen, lines = [], []
     model, tok = load(str(tiny_llama))
     KTOTrainer(

@@ -9,15 +9,15 @@ import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import HEAD_ALIGN, make_batch
 from mlx_kto.data.tokenize import Row, assign_kl_partners
-from mlx_kto.model import logprobs
 from mlx_kto.model.load import apply_lora, load_base, reference_mode
 from mlx_kto.model.logprobs import (
     compiled_sequence_logps,
-    cpu_row_parallel,
     head_start_of,
     sequence_logps,
     token_logps,
 )
+from mlx_kto.runtime import streams as rs
+from mlx_kto.runtime.streams import cpu_row_parallel
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -84,13 +84,13 @@ def test_cpu_row_parallel_same_results_and_restores(lora_model):
     model, _ = lora_model
     batch = make_batch(_rows(), [0, 1, 2, 3, 4])
     v0, g0 = _grads(model, lambda m: sequence_logps(m, batch.tokens, batch.mask, for_grad=True))
-    blas_before = logprobs._blas_threads(None)
+    blas_before = rs.blas_threads(None)
     state = [model.state]
     with cpu_row_parallel(2) as n:
-        assert n == 2 and len(logprobs._STREAMS) == 2
-        assert logprobs._row_groups(5) == [(0, 2), (2, 5)]
+        assert n == 2 and len(rs._STREAMS) == 2
+        assert rs.row_groups(5) == [(0, 2), (2, 5)]
         if blas_before is not None:
-            assert logprobs._blas_threads(None) == max(1, (os.cpu_count() or 1) // 2)
+            assert rs.blas_threads(None) == max(1, (os.cpu_count() or 1) // 2)
         with cpu_row_parallel(2) as again:  # nested: a no-op
             assert again == 2
         vg = nn.value_and_grad(
@@ -104,10 +104,10 @@ def test_cpu_row_parallel_same_results_and_restores(lora_model):
             v, g = fn()
             assert float(v) == pytest.approx(v0, rel=1e-6)
             _close_grads(dict(tree_flatten(g)), g0)
-        streams = list(logprobs._STREAMS)
-    assert logprobs._STREAMS == [] and logprobs._blas_threads(None) == blas_before
+        made = list(rs._STREAMS)
+    assert rs._STREAMS == [] and rs.blas_threads(None) == blas_before
     with cpu_row_parallel(2):  # streams are made once per thread and reused
-        assert logprobs._STREAMS == streams
+        assert rs._STREAMS == made
 
 
 def test_compiled_sequence_logps_modes(lora_model):
@@ -199,15 +199,15 @@ def test_quantized_model_on_cpu_runs_rows_on_one_stream(tiny_llama, monkeypatch)
     from mlx_kto.train.loop import fast_paths
 
     monkeypatch.delenv("MLX_KTO_CPU_STREAMS", raising=False)
-    if mx.default_device() != mx.cpu or logprobs.default_streams() < 2:
+    if mx.default_device() != mx.cpu or rs.default_streams() < 2:
         pytest.skip("needs the CPU device with 2+ cores")
     plain, _, _, _ = load_base(KTOConfig(model=str(tiny_llama)).validate())
     quant, _, _, _ = load_base(KTOConfig(model=str(tiny_llama), quantize=4, q_group_size=32))
     assert not dequantizes_per_call(plain) and dequantizes_per_call(quant)
     with fast_paths(plain):
-        assert logprobs.active_streams() == logprobs.default_streams()
+        assert rs.active_streams() == rs.default_streams()
     with fast_paths(quant):
-        assert logprobs.active_streams() == 0  # rows one after another, BLAS on every core
+        assert rs.active_streams() == 0  # rows one after another, BLAS on every core
     monkeypatch.setenv("MLX_KTO_CPU_STREAMS", "2")
     with fast_paths(quant):
-        assert logprobs.active_streams() == 2
+        assert rs.active_streams() == 2

@@ -6,7 +6,7 @@ import sys
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
-from mlx_kto.runtime import fastops
+from mlx_kto.runtime import fastattn, fastops
 from mlx_kto.runtime import heap as _heap
 from mlx_kto.train.loop import fast_paths
 
@@ -157,13 +157,13 @@ def test_compiled_traces_are_kept_per_mode(lora_model):
     fn = compiled_sequence_logps(model)
     plain = fn(tokens, mask)
     calls = []
-    real = fastops.attention
+    real = fastattn.attention  # what the patched sdpa calls
 
     def spy(*a):
         calls.append(1)
         return real(*a)
 
-    fastops.attention = spy
+    fastattn.attention = spy
     try:
         with fastops.fast_ops(model, enable=True):
             fast = fn(tokens, mask)  # a new trace: the patched attention is used
@@ -172,7 +172,7 @@ def test_compiled_traces_are_kept_per_mode(lora_model):
         again = fn(tokens, mask)  # outside again: the first trace, no patched op
         assert len(calls) == n
     finally:
-        fastops.attention = real
+        fastattn.attention = real
     assert mx.array_equal(again, plain)
     assert mx.allclose(fast, plain, rtol=1e-5)
 

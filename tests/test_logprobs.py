@@ -4,7 +4,7 @@ tied heads, gradients through LoRA, compile, row independence."""
 from functools import partial
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
-from mlx_kto.model import logprobs
+from mlx_kto.model import head_logps, logprobs
 from mlx_kto.model.logprobs import (
     can_split,
     default_chunk_size,
@@ -223,7 +223,7 @@ def test_default_chunk_size(monkeypatch, models):
     assert default_chunk_size(64, 256_000) == 16  # floor
     # make the tiny vocab "large": the default then chunks
     seen = []
-    real = logprobs._chunked_target_logps
+    real = head_logps.chunked_target_logps
 
     def spy(module, head, h, targets, chunk_size):
         seen.append(chunk_size)
@@ -234,7 +234,7 @@ def test_default_chunk_size(monkeypatch, models):
     unchunked = sequence_logps(model, tokens, mask)
     monkeypatch.setattr(logprobs, "LARGE_VOCAB", 100)
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 3 * 512 * 4)
-    monkeypatch.setattr(logprobs, "_chunked_target_logps", spy)
+    monkeypatch.setattr(head_logps, "chunked_target_logps", spy)
     assert default_chunk_size(3, 512) == 16  # never below 16 positions
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 3 * 512 * 20)
     assert default_chunk_size(3, 512) == 20

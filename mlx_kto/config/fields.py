@@ -174,6 +174,12 @@ class KTOConfig:
         "such steps are skipped, never applied to the weights.",
     )
     pad_multiple: int = _f(16, "Pad batch lengths to a multiple of this (fewer compiled shapes).")
+    packing: bool = _f(
+        True,
+        "Pack each micro-batch's sequences (and their KL and reference sequences) end to end, "
+        "attention kept inside each sequence: no padding is computed, the numbers are the "
+        "padded ones (--no-packing pads every sequence to the longest).",
+    )
     wired_limit_mb: int | None = _f(
         None, "Metal wired memory limit in MB (default: mlx-lm's recommended limit)."
     )

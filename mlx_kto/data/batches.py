@@ -4,12 +4,17 @@ Each row carries its own sequence (prompt + completion) and its KL sequence
 (own prompt + the fixed partner's completion). Rows are shuffled each epoch,
 then sorted by length inside windows of `bucket_window` batches so neighbours in
 a batch have similar lengths (little padding) while batches still mix labels.
+With `packing`, a batch also carries its sequences packed without padding
+(data/packing.py).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from mlx_kto.data.packing import Packed, pack_rows_of
+from mlx_kto.runtime.streams import default_streams
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +23,9 @@ BUCKET_WINDOW = (
     16  # batches per sort window: big enough to cut padding, small enough to stay random
 )
 HEAD_ALIGN = 16  # head_start is rounded down to this: few distinct shapes for mx.compile
+# Packed only when it computes at most this share of the padded tokens: on equal lengths the
+# padded pass is as short and needs no per-token positions.
+PACK_WORTH = 0.9
 
 
 @dataclass
@@ -32,6 +40,17 @@ class Batch:
     # Target positions before this one (in tokens[:, 1:], the same for the KL sequences) hold
     # no completion token in any row: the LM head can skip them (a multiple of HEAD_ALIGN).
     head_start: int = 0
+    packed: Packed | None = None  # the sequences packed, or None
+    kl_packed: Packed | None = None  # the KL sequences packed, or None
+
+    @property
+    def computed(self) -> int:
+        """Token positions the policy's passes compute (main and KL; padding included)."""
+        main = self.packed.computed if self.packed is not None else self.tokens.size
+        kl = 0
+        if self.kl_tokens is not None:
+            kl = self.kl_packed.computed if self.kl_packed is not None else self.kl_tokens.size
+        return main + kl
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -50,11 +69,25 @@ def _pack(seqs: list[list[int]], starts: list[int], pad_multiple: int, pad_id: i
 
 
 def make_batch(
-    rows, index: list[int], pad_multiple: int = 16, pad_id: int = 0, with_kl=True
+    rows,
+    index: list[int],
+    pad_multiple: int = 16,
+    pad_id: int = 0,
+    with_kl=True,
+    packing: bool = False,
 ) -> Batch:
-    """Collate rows[index] into a Batch (padding to a multiple limits compiled shapes)."""
+    """Collate rows[index] into a Batch (padding to a multiple limits compiled shapes). With
+    `packing`, also the packed forms of its sequences and KL sequences, each where it saves
+    at least 1 - PACK_WORTH of the padded tokens."""
     sel = [rows[i] for i in index]
     starts = [len(r.prompt_ids) for r in sel]
+    packed = kl_packed = None
+    if packing:
+        groups = default_streams()  # packs run side by side on the row streams
+        packed = pack_rows_of([r.tokens for r in sel], starts, pad_multiple, pad_id, groups)
+        if with_kl:
+            seqs = [r.kl_tokens for r in sel]
+            kl_packed = pack_rows_of(seqs, starts, pad_multiple, pad_id, groups)
     tokens, mask = _pack([r.tokens for r in sel], starts, pad_multiple, pad_id)
     kl_tokens = kl_mask = None
     if with_kl:
@@ -63,7 +96,13 @@ def make_batch(
     ntoks = sum(len(r.tokens) for r in sel)
     # The first completion token at position s is the target of position s - 1.
     head_start = max(0, min(starts) - 1) // HEAD_ALIGN * HEAD_ALIGN
-    return Batch(tokens, mask, kl_tokens, kl_mask, labels, list(index), ntoks, head_start)
+    if packed is not None and packed.computed > PACK_WORTH * tokens.size:
+        packed = None
+    if kl_packed is not None and kl_packed.computed > PACK_WORTH * kl_tokens.size:
+        kl_packed = None
+    return Batch(
+        tokens, mask, kl_tokens, kl_mask, labels, list(index), ntoks, head_start, packed, kl_packed
+    )
 
 
 def _length(row) -> int:
@@ -107,6 +146,7 @@ def iterate_batches(
     with_kl: bool = True,
     min_size: int = 2,
     loop: bool = True,
+    packing: bool = False,
 ):
     """Yield (epoch, batch_index, Batch) forever (or one pass when loop=False),
     starting at a saved data position."""
@@ -114,7 +154,7 @@ def iterate_batches(
     while True:
         order = batch_order(rows, batch_size, seed, epoch, shuffle, min_size)
         while b < len(order):
-            yield epoch, b, make_batch(rows, order[b], pad_multiple, pad_id, with_kl)
+            yield epoch, b, make_batch(rows, order[b], pad_multiple, pad_id, with_kl, packing)
             b += 1
         if not loop:
             return

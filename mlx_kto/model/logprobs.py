@@ -9,25 +9,35 @@ float32 as `logit[target] - logsumexp(logits)` (TRL 1.16.0 `_compute_loss` / kto
 For mlx-lm models whose head is a plain `lm_head` / tied embedding, the trunk and the head run
 separately so that the head + logsumexp can run over sequence chunks: the chunks are chained
 (`mx.depends`) so only a few chunks of float32 logits exist at a time, and under `mx.grad` each
-chunk's logits are recomputed in the backward pass instead of being kept (a custom vjp). Other
-models fall back to `model(inputs)` (only the float32 log-softmax is chunked then).
+chunk's logits are recomputed in the backward pass instead of being kept (a custom vjp;
+model/head_logps.py). Other models fall back to `model(inputs)` (only the float32 log-softmax
+is chunked then). Inside `runtime.streams.cpu_row_parallel` the rows of a pass are spread
+over CPU streams (`map_row_groups`); the numbers are the same.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 
+from mlx_kto.model import head_logps
+from mlx_kto.model.head_logps import ahead_chunk_size
 from mlx_kto.runtime import fastops
+from mlx_kto.runtime.streams import (  # noqa: F401  (moved to runtime/streams.py; old import path)
+    active_streams,
+    cpu_row_parallel,
+    default_streams,
+    map_row_groups,
+    row_groups,
+    row_streams,
+    rows_unsplit,
+)
+from mlx_kto.runtime.streams import row_groups as _row_groups  # noqa: F401  (old import path)
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 # mlx-lm model types whose `Model.__call__` is exactly `h = self.model(x)` followed by
 # `lm_head(h)` or `embed_tokens.as_linear(h)` (no logit scaling or soft-capping after the head).
@@ -132,306 +142,6 @@ def default_chunk_size(batch: int, vocab: int | None) -> int | None:
     return max(16, CHUNK_LOGITS // (batch * vocab))
 
 
-def _target_logps(head: Callable, h: mx.array, targets: mx.array) -> mx.array:
-    """log softmax(head(h))[targets] in float32. h [B, C, H|V], targets [B, C] -> [B, C]."""
-    logits = head(h).astype(mx.float32)  # [B, C, V]
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    return picked - mx.logsumexp(logits, axis=-1)
-
-
-def _dlogits(probs: mx.array, targets: mx.array, g: mx.array) -> mx.array:
-    """Cotangent of the logits for out = log softmax(logits)[targets] with cotangent g:
-
-        d logits[b, c, v] = g[b, c] * (1[v == targets[b, c]] - softmax(logits)[b, c, v])
-
-    probs [B, C, V], targets and g [B, C]. Written as one broadcast elementwise expression so
-    that mx.compile fuses it into a single pass (no one-hot or scatter array)."""
-    iota = mx.arange(probs.shape[-1], dtype=targets.dtype)  # [V]
-    onehot = iota == targets[..., None]  # [B, C, V] (fused, never materialised when compiled)
-    return g[..., None] * (onehot.astype(probs.dtype) - probs)
-
-
-# The LM head's backward passes over [B, C, V], each compiled into one fused kernel (a backward
-# runs on concrete arrays, so these fuse also when the step around them is eager).
-_dlogits_fused = mx.compile(_dlogits)
-
-
-@mx.compile
-def _dlogits_kept(e: mx.array, s: mx.array, targets: mx.array, g: mx.array) -> mx.array:
-    """`_dlogits` with softmax = e / s from the forward (e [B, C, V], s [B, C, 1])."""
-    return _dlogits(e * (1.0 / s), targets, g)
-
-
-def _softmax(logits: mx.array) -> mx.array:
-    return fastops.softmax(logits) if fastops.active() else mx.softmax(logits, axis=-1)
-
-
-class _Head:
-    """The output projection as a function of explicit (trainable) parameters, so that a custom
-    vjp can return their gradients (mlx-lm `grad_checkpoint` style)."""
-
-    def __init__(self, module: nn.Module | None, head: Callable):
-        self.module, self.head = module, head
-        flat = tree_flatten(module.trainable_parameters()) if module is not None else []
-        self.names = [k for k, _ in flat]
-        self.params = [v for _, v in flat]
-
-    def logits(self, h: mx.array, params) -> mx.array:
-        if params:
-            self.module.update(tree_unflatten(list(zip(self.names, params, strict=True))))
-        return self.head(h).astype(mx.float32)  # [B, C, V]
-
-    def restore(self, params) -> None:
-        """Leave the module holding the primal arrays, not vjp tracers."""
-        if params:
-            self.module.update(tree_unflatten(list(zip(self.names, params, strict=True))))
-
-    def vjp(self, h: mx.array, params, d_logits: mx.array):
-        """(d h, d params) of the projection at h for the logits cotangent. The projection's own
-        forward inside mx.vjp is never evaluated (a matmul's vjp does not read its output)."""
-        _, grads = mx.vjp(lambda hs, *ps: self.logits(hs, ps), [h, *params], [d_logits])
-        return grads[0], list(grads[1:])
-
-
-def _logps_exp_sum(logits: mx.array, targets: mx.array):
-    """(log softmax(logits)[targets] [B, C], e = exp(logits - max) [B, C, V], s = sum(e)
-    [B, C, 1]): the softmax parts a backward needs, with MLX's exp as mx.logsumexp forms it,
-    so the policy's forward and the reference's agree bit for bit (rewards exactly 0 before
-    the first update)."""
-    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-    m = mx.max(logits, axis=-1, keepdims=True)  # [B, C, 1]
-    e = mx.exp(logits - m)  # [B, C, V]
-    s = e.sum(axis=-1, keepdims=True)  # [B, C, 1]
-    return picked - (m + mx.log(s)).squeeze(-1), e, s
-
-
-def _head_target_logps(
-    module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, keep_probs: bool
-) -> mx.array:
-    """`_target_logps` with an analytic backward (custom vjp): d logits = g * (onehot - softmax),
-    then the projection's vjp. Against autograd through logsumexp + take_along_axis this skips
-    the scatter of the gather's gradient and (keep_probs) the backward's second exp pass:
-
-    keep_probs=True  forward exp(logits - max) once, keep it; backward = one multiply
-    keep_probs=False forward logsumexp (cheapest forward), keep the logits; backward softmax
-
-    Either way one [B, C, V] float32 array lives until the backward, as with plain autograd;
-    in a forward-only call it is never kept."""
-    proj = _Head(module, head)
-    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
-
-    @mx.custom_function
-    def fn(h, *params):
-        logits = proj.logits(h, params)  # [B, C, V]
-        if keep_probs:
-            return _logps_exp_sum(logits, targets)
-        picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)  # [B, C]
-        return picked - mx.logsumexp(logits, axis=-1), logits, logits
-
-    @fn.vjp
-    def fn_vjp(primals, cotangents, outputs):
-        h, *params = (primals,) if isinstance(primals, mx.array) else primals
-        _, a, b = outputs
-        with mx.stream(stream):
-            # softmax as autograd through logsumexp forms it (e * (1 / s))
-            if keep_probs:
-                d_logits = _dlogits_kept(a, b, targets, cotangents[0])  # [B, C, V]
-            else:
-                d_logits = _dlogits_fused(_softmax(a), targets, cotangents[0])
-            d_h, d_params = proj.vjp(h, params, d_logits)
-        proj.restore(params)
-        return (d_h, *d_params) if params else d_h
-
-    return fn(h, *proj.params)[0]
-
-
-# Float32 logits per chunk of the frozen head's forward-side gradient (`_head_logps_grad_ahead`).
-AHEAD_CHUNK_LOGITS = 1 << 21
-
-
-def ahead_chunk_size(batch: int, vocab: int | None) -> int:
-    """Sequence positions per chunk of `_head_logps_grad_ahead`: about AHEAD_CHUNK_LOGITS
-    float32 logits (at least 16 positions)."""
-    return max(16, AHEAD_CHUNK_LOGITS // max(1, batch * (vocab or 1)))
-
-
-def _head_logps_grad_ahead(head: Callable, h: mx.array, targets: mx.array, chunk_size: int):
-    """`_target_logps` for a frozen output projection (no trainable parameters), with its
-    gradient taken in the forward. The log-prob at position c depends on h[:, c] alone, so
-
-        d out[b, c] / d h[b, c] = J_head^T (onehot(targets[b, c]) - softmax(logits[b, c]))
-
-    is a [B, C, H] array u computed with the logits (the projection's vjp: the same matmul the
-    backward would run), and the backward is d h = g[..., None] * u. Nothing of vocabulary
-    size outlives its chunk: sequence chunks run one after another (`mx.depends`), so the
-    float32 logits of one chunk exist at a time, forward and backward, with no recomputation
-    (against keeping softmax [B, C, V] from the forward to the backward: 4 bytes per vocab
-    entry and position, against 4 per hidden unit)."""
-    n = targets.shape[1]
-    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
-
-    def chunk(hs: mx.array, ts: mx.array) -> tuple[mx.array, mx.array]:
-        logp, e, s = _logps_exp_sum(head(hs).astype(mx.float32), ts)  # [B, C], [B, C, V]
-        d_logits = _dlogits_kept(e, s, ts, mx.ones(ts.shape, mx.float32))  # [B, C, V]
-        u = mx.vjp(lambda x: head(x).astype(mx.float32), [hs], [d_logits])[1][0]  # [B, C, H]
-        return logp, u
-
-    @mx.custom_function
-    def fn(h):
-        logps, us = [], []
-        for s, e in bounds:
-            hs = h[:, s:e] if not us else mx.depends(h[:, s:e], us[-1])
-            lp, u = chunk(hs, targets[:, s:e])
-            logps.append(lp)
-            us.append(u)
-        if len(bounds) == 1:
-            return logps[0], us[0]
-        return mx.concatenate(logps, axis=1), mx.concatenate(us, axis=1)  # [B, n], [B, n, H]
-
-    @fn.vjp
-    def fn_vjp(primals, cotangents, outputs):
-        g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
-        with mx.stream(stream):
-            return (g[..., None] * outputs[1]).astype(h.dtype)  # [B, n, H]
-
-    return fn(h)[0]
-
-
-def _chunked_target_logps(
-    module: nn.Module | None, head: Callable, h: mx.array, targets: mx.array, chunk_size: int
-) -> mx.array:
-    """`_target_logps` over sequence chunks of `chunk_size` positions, with bounded memory both
-    ways: each chunk's logits are rebuilt in the backward pass (gradient checkpointing) and
-    turned into d logits analytically (softmax - onehot: no autograd through logsumexp and the
-    gather), and `mx.depends` chains the chunks so that MLX does not run them all at once. Trainable head parameters (if any) are explicit
-    inputs so they get gradients (mlx-lm `grad_checkpoint`)."""
-    n = h.shape[1]
-    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    proj = _Head(module, head)
-    stream = mx.default_stream(mx.default_device())  # the vjp runs where the forward ran
-
-    @mx.custom_function
-    def chunked(h, *params):
-        parts = []
-        for s, e in bounds:
-            hs = h[:, s:e] if not parts else mx.depends(h[:, s:e], parts[-1])
-            parts.append(_target_logps(lambda x: proj.logits(x, params), hs, targets[:, s:e]))
-        return mx.concatenate(parts, axis=1)  # [B, n]
-
-    @chunked.vjp
-    def chunked_vjp(primals, cotangents, outputs):
-        # MLX passes a lone primal as the array itself, several as a tuple
-        h, *params = (primals,) if isinstance(primals, mx.array) else primals
-        g = cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
-        with mx.stream(stream):
-            d_h, d_params = [], [mx.zeros_like(p) for p in params]
-            for s, e in bounds:
-                hs = h[:, s:e] if not d_h else mx.depends(h[:, s:e], d_h[-1])
-                probs = _softmax(proj.logits(hs, params))  # [B, C, V]
-                d_logits = _dlogits_fused(probs, targets[:, s:e], g[:, s:e])
-                d_hs, d_ps = proj.vjp(hs, params, d_logits)
-                d_h.append(d_hs)
-                d_params = [a + b for a, b in zip(d_params, d_ps, strict=True)]
-            d_h = mx.concatenate(d_h, axis=1)
-        proj.restore(params)
-        return (d_h, *d_params) if params else d_h
-
-    return chunked(h, *proj.params)
-
-
-# -- rows in parallel on CPU streams ----------------------------------------------------------
-
-# MLX's CPU backend runs each stream's ops on one thread and only its matmuls (BLAS) use more
-# cores; elementwise ops (softmax, silu, masking) dominate a small model's step and run on one
-# core. Spreading a batch's rows over one stream per core, each with single-threaded BLAS, puts
-# every core to work on every op (and backward ops stay on their forward's stream).
-_STREAMS: list = []  # CPU streams of the current `cpu_row_parallel` context (empty: off)
-_THREAD_STREAMS: dict[int, list] = {}  # streams made per thread (MLX never frees a stream)
-
-
-def _row_groups(B: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges, one per stream (a single range when parallelism is off)."""
-    n = min(len(_STREAMS), B)
-    if n < 2 or mx.default_device() != mx.cpu:
-        return [(0, B)]
-    bounds = [round(i * B / n) for i in range(n + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _blas_threads(n: int | None) -> int | None:
-    """Set OpenBLAS's thread count (when mlx_kto preloaded OpenBLAS); returns the previous."""
-    from mlx_kto.runtime import blas as _blas
-
-    if not _blas.loaded:
-        return None
-    try:
-        lib = ctypes.CDLL(_blas.loaded)
-        prev = lib.openblas_get_num_threads()
-        if n is not None:
-            lib.openblas_set_num_threads(int(n))
-        return prev
-    except (OSError, AttributeError):
-        return None
-
-
-def active_streams() -> int:
-    """CPU streams the current `cpu_row_parallel` context spreads rows over (0: none)."""
-    return len(_STREAMS)
-
-
-def default_streams() -> int:
-    """Streams `cpu_row_parallel` uses by default: one per core on the CPU backend (at most 8;
-    $MLX_KTO_CPU_STREAMS overrides, 1 = off), else 1 (a GPU runs rows in parallel already)."""
-    env = os.environ.get("MLX_KTO_CPU_STREAMS")
-    if env:
-        return max(1, int(env))
-    if mx.default_device() != mx.cpu:
-        return 1
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-@contextmanager
-def cpu_row_parallel(n: int | None = None) -> Iterator[int]:
-    """Within the context, every `token_logps` / `sequence_logps` call (policy, KL and reference
-    forwards, their backward passes, compiled or not) spreads its rows over `n` CPU streams
-    (default `default_streams()`), and OpenBLAS runs single-threaded per stream; both are
-    restored on exit. Results are the same rows, computed the same way (per-row independent).
-    Streams belong to the calling thread. Yields the number of streams in use."""
-    global _STREAMS
-    n = default_streams() if n is None else n
-    if n < 2 or mx.default_device() != mx.cpu or _STREAMS:
-        yield max(len(_STREAMS), 1)
-        return
-    prev = _blas_threads(max(1, (os.cpu_count() or n) // n))
-    made = _THREAD_STREAMS.setdefault(threading.get_ident(), [])
-    made += [mx.new_stream(mx.cpu) for _ in range(n - 1 - len(made))]
-    _STREAMS = [mx.default_stream(mx.cpu)] + made[: n - 1]
-    try:
-        yield n
-    finally:
-        _STREAMS = []
-        if prev is not None:
-            _blas_threads(prev)
-
-
-def row_streams() -> list:
-    """The streams of the current `cpu_row_parallel` context (empty: off)."""
-    return list(_STREAMS)
-
-
-@contextmanager
-def rows_unsplit() -> Iterator[None]:
-    """Within the context, log-prob passes keep their rows on the current stream (for a
-    caller that spreads row groups over the streams itself: trainer's grouped step)."""
-    global _STREAMS
-    saved, _STREAMS = _STREAMS, []
-    try:
-        yield
-    finally:
-        _STREAMS = saved
-
-
 def token_logps(
     model,
     tokens: mx.array,
@@ -464,20 +174,14 @@ def token_logps(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not 0 <= head_start < T - 1:
         head_start = 0 if head_start <= 0 else T - 2  # keep at least one position: valid shapes
-    groups = _row_groups(B)
-    if len(groups) > 1:
-        if chunk_size is None:  # the whole batch's chunk size: same memory in total
-            chunk_size = default_chunk_size(B, vocab_size(model) if can_split(model) else None)
-        parts = []
-        for stream, (a, b) in zip(_STREAMS, groups):
-            with mx.stream(stream):
-                parts.append(
-                    _token_logps(
-                        model, tokens[a:b], completion_mask[a:b], chunk_size, for_grad, head_start
-                    )
-                )
-        return mx.concatenate(parts, axis=0)  # [B, T-1]
-    return _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_start)
+    if len(row_groups(B)) > 1 and chunk_size is None:
+        # the whole batch's chunk size on every stream: the same memory in total
+        chunk_size = default_chunk_size(B, vocab_size(model) if can_split(model) else None)
+    return map_row_groups(
+        lambda t, m: _token_logps(model, t, m, chunk_size, for_grad, head_start),
+        tokens,
+        completion_mask,
+    )  # [B, T-1]
 
 
 def _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_start) -> mx.array:
@@ -487,25 +191,34 @@ def _token_logps(model, tokens, completion_mask, chunk_size, for_grad, head_star
     targets = mx.where(mask, tokens[:, 1:], 0)  # [B, T-1]
     # The last position predicts nothing: a causal model's states for [:, :-1] are unchanged.
     h = hidden_states(model, tokens[:, :-1])  # [B, T-1, H] (or [B, T-1, V] logits)
-    split = _head(model)
-    module, head = split if split is not None else (None, lambda x: x)
-
-    if chunk_size is None:
-        chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
     s = head_start
     if s:
         h, targets = h[:, s:], targets[:, s:]  # [B, T-1-s, H], [B, T-1-s]
-    frozen = module is not None and not tree_flatten(module.trainable_parameters())
-    if for_grad and frozen:  # the head's gradient in the forward, chunked (no recompute)
-        ahead = chunk_size or ahead_chunk_size(B, vocab_size(model))
-        logps = _head_logps_grad_ahead(head, h, targets, ahead)  # [B, T-1-s]
-    elif chunk_size is None or chunk_size >= T - 1 - s:
-        logps = _head_target_logps(module, head, h, targets, for_grad)  # [B, T-1-s]
-    else:
-        logps = _chunked_target_logps(module, head, h, targets, chunk_size)  # [B, T-1-s]
+    logps = lm_head_logps(model, h, targets, chunk_size, for_grad)  # [B, T-1-s]
     if s:
         logps = mx.concatenate([mx.zeros((B, s), dtype=logps.dtype), logps], axis=1)
     return mx.where(mask, logps, 0.0)  # [B, T-1]
+
+
+def lm_head_logps(
+    model, h: mx.array, targets: mx.array, chunk_size: int | None, for_grad: bool
+) -> mx.array:
+    """log softmax(lm_head(h))[targets] [B, C] float32 from `hidden_states` h [B, C, H]
+    (logits [B, C, V] for a model that cannot be split), by the head path that fits
+    (head_logps.py): the gradient ahead for a frozen head under a gradient, else the whole
+    sequence at once, or chunks of `chunk_size` positions (None: `default_chunk_size`)."""
+    B, C = targets.shape
+    split = _head(model)
+    module, head = split if split is not None else (None, lambda x: x)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(B, vocab_size(model) if module is not None else h.shape[-1])
+    frozen = module is not None and not tree_flatten(module.trainable_parameters())
+    if for_grad and frozen:  # the head's gradient in the forward, chunked (no recompute)
+        ahead = chunk_size or ahead_chunk_size(B, vocab_size(model))
+        return head_logps.head_logps_grad_ahead(head, h, targets, ahead)
+    if chunk_size is None or chunk_size >= C:
+        return head_logps.head_target_logps(module, head, h, targets, for_grad)
+    return head_logps.chunked_target_logps(module, head, h, targets, chunk_size)
 
 
 def head_start_of(completion_mask, align: int = 16) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from mlx_kto.model.ollama import is_gguf_file
 from mlx_kto.reference.fingerprint import Fingerprint, weights_digest
 from mlx_kto.runtime.paths import default_cache_dir
+from mlx_kto.runtime.switches import CACHE_DIR
 
 import numpy as np
 
@@ -303,8 +304,8 @@ def cache_source(root: str | Path | None) -> str:
     """How the user named the cache folder: `--ref-cache X`, `MLX_KTO_CACHE_DIR=X` or the default."""
     if root:
         return f"--ref-cache {root}"
-    if os.environ.get("MLX_KTO_CACHE_DIR"):
-        return f"MLX_KTO_CACHE_DIR={os.environ['MLX_KTO_CACHE_DIR']}"
+    if CACHE_DIR.is_set():
+        return f"{CACHE_DIR.name}={CACHE_DIR.raw()}"
     return str(default_cache_dir())
 
 

@@ -11,7 +11,8 @@ epochs, resumed runs, evaluation and sweeps over beta / learning rate / weights 
 reference compute. Nothing positional (row index, batch, seed) is in a key, so no change of
 data, order, batch size or seed can read a wrong value. See `fingerprint.py` for what the
 fingerprint covers.
-Storage is `refcache.RefCache` (SQLite).
+Storage is `refcache.RefCache` (SQLite). With `packing` (and a model that packs,
+model/packed.py) every batched forward packs its sequences without padding.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import sqlite3
 import time
 
 from mlx_kto.data.batches import Batch
+from mlx_kto.data.packing import pack_rows_of
 from mlx_kto.model.load import reference_mode
 from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
+from mlx_kto.model.packed import can_pack, compiled_packed_logps, packed_sequence_logps
 from mlx_kto.reference.cache import (  # noqa: F401
     DB_NAME,
     RefCache,
@@ -30,6 +33,7 @@ from mlx_kto.reference.cache import (  # noqa: F401
     entry_key,
 )
 from mlx_kto.reference.fingerprint import Fingerprint, reference_fingerprint
+from mlx_kto.runtime.streams import active_streams
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -54,6 +58,29 @@ def reference_forward(
             out = sequence_logps(model, tokens, mask)
         else:
             out = forward(tokens, mask)
+        out = mx.stop_gradient(out)
+        mx.eval(out)
+    return out
+
+
+def reference_packed_forward(
+    model: nn.Module,
+    seqs: list,
+    starts: list[int],
+    frozen: dict[str, mx.array] | None = None,
+    forward=None,
+) -> mx.array:
+    """`reference_forward` of sequences `seqs` (token lists, completion from `starts`) packed
+    without padding (data/packing.py); [len(seqs)] float32. `forward(pk, n_rows)` (e.g.
+    `compiled_packed_logps(model)`, only ever called in reference mode) replaces the eager
+    `packed_sequence_logps`."""
+    groups = max(1, active_streams())  # packs run side by side on the row streams
+    pk = pack_rows_of([list(map(int, s)) for s in seqs], starts, groups=groups)
+    with reference_mode(model, frozen):
+        if forward is None:
+            out = packed_sequence_logps(model, pk.arrays(), pk.n_rows)
+        else:
+            out = forward(pk.arrays(), pk.n_rows)
         out = mx.stop_gradient(out)
         mx.eval(out)
     return out
@@ -91,12 +118,15 @@ class ReferenceScorer:
         cache: RefCache | None = None,
         fingerprint: Fingerprint | str | None = None,
         compile: bool = True,
+        packing: bool = False,
     ):
         if cache is not None and fingerprint is None:
             raise ValueError("a RefCache needs the reference fingerprint")
         self.model = model
         # Compiled (fused elementwise ops), traced and called only inside reference_mode.
         self._forward = compiled_sequence_logps(model) if compile else None
+        self.packing = packing and can_pack(model)
+        self._packed_forward = compiled_packed_logps(model) if compile and self.packing else None
         self.frozen = frozen
         self.cache = cache
         self.fingerprint = fingerprint.id if isinstance(fingerprint, Fingerprint) else fingerprint
@@ -119,6 +149,8 @@ class ReferenceScorer:
 
     def _uncached(self, batch: Batch) -> tuple[mx.array, mx.array | None]:
         B = batch.tokens.shape[0]
+        if self.packing:
+            return self._uncached_packed(batch)
         if batch.kl_tokens is None:
             ref = reference_forward(
                 self.model, batch.tokens, batch.mask, self.frozen, self._forward
@@ -135,11 +167,48 @@ class ReferenceScorer:
         self.rows_computed += B if kl is None else 2 * B
         return ref, kl
 
-    def _cached(self, batch: Batch) -> tuple[mx.array, mx.array | None]:
-        B = batch.tokens.shape[0]
+    def _batch_spans(self, batch: Batch) -> list:
         spans = _spans(np.array(batch.tokens), np.array(batch.mask))
         if batch.kl_tokens is not None:
             spans += _spans(np.array(batch.kl_tokens), np.array(batch.kl_mask))
+        return spans
+
+    def _score_spans(self, spans: list) -> np.ndarray:
+        """Reference log-probs [M] float32 of spans (`_spans` entries, none None): packed
+        when this scorer packs and every completion is one contiguous run, else padded."""
+        if self.packing and all(s[3] for s in spans):
+            out = reference_packed_forward(
+                self.model, [s[0] for s in spans], [s[2] for s in spans], self.frozen,
+                self._packed_forward,
+            )  # fmt: skip
+            return np.array(out)
+        T = max(len(s[0]) for s in spans)
+        toks = np.zeros((len(spans), T), dtype=np.int32)  # [M, T], right-padded
+        mask = np.zeros((len(spans), T), dtype=bool)  # [M, T]
+        for j, (ids, m, _, _) in enumerate(spans):
+            toks[j, : len(ids)] = ids
+            mask[j, : len(m)] = m
+        out = reference_forward(
+            self.model, mx.array(toks), mx.array(mask), self.frozen, self._forward
+        )
+        return np.array(out)
+
+    def _uncached_packed(self, batch: Batch) -> tuple[mx.array, mx.array | None]:
+        """`_uncached` with the batch's sequences and KL sequences packed into one forward."""
+        B = batch.tokens.shape[0]
+        spans = self._batch_spans(batch)
+        out = np.zeros(len(spans), dtype=np.float32)  # [B] or [2B]; no-completion rows stay 0
+        todo = [i for i, s in enumerate(spans) if s is not None]
+        if todo:
+            out[todo] = self._score_spans([spans[i] for i in todo])
+        self.forwards += 1
+        self.rows_computed += len(todo)
+        kl = mx.array(out[B:]) if batch.kl_tokens is not None else None
+        return mx.array(out[:B]), kl
+
+    def _cached(self, batch: Batch) -> tuple[mx.array, mx.array | None]:
+        B = batch.tokens.shape[0]
+        spans = self._batch_spans(batch)
         keys = [
             entry_key(self.fingerprint, s[0], s[2]) if s is not None and s[3] else None
             for s in spans
@@ -158,18 +227,7 @@ class ReferenceScorer:
                 todo.setdefault(k if k is not None else ("row", i), []).append(i)
         if todo:
             first = [pos[0] for pos in todo.values()]
-            T = max(len(spans[i][0]) for i in first)
-            toks = np.zeros((len(first), T), dtype=np.int32)  # [M, T], right-padded
-            mask = np.zeros((len(first), T), dtype=bool)  # [M, T]
-            for j, i in enumerate(first):
-                ids, m = spans[i][0], spans[i][1]
-                toks[j, : len(ids)] = ids
-                mask[j, : len(m)] = m
-            vals = np.array(
-                reference_forward(
-                    self.model, mx.array(toks), mx.array(mask), self.frozen, self._forward
-                )
-            )  # [M] float32
+            vals = self._score_spans([spans[i] for i in first])  # [M] float32
             self.forwards += 1
             self.rows_computed += len(first)
             items = []
@@ -197,17 +255,20 @@ def make_scorer(
 ) -> ReferenceScorer:
     """The scorer a run uses: cached under cfg.ref_cache (or the default folder) unless
     cfg.no_ref_cache. A cache that cannot be opened is reported and skipped."""
+    packing = getattr(cfg, "packing", False)
     if cfg.no_ref_cache:
-        return ReferenceScorer(model, frozen, compile=cfg.compile)
+        return ReferenceScorer(model, frozen, compile=cfg.compile, packing=packing)
     check_cache_root(cfg.ref_cache)  # a misconfigured location is an error, not a warning
     try:
         cache = RefCache(cfg.ref_cache, log=log)
         fp = reference_fingerprint(
             model_path, cfg.quantize, cfg.q_group_size, cfg.dtype, cfg.init_adapter, memo=cache
         )
-        scorer = ReferenceScorer(model, frozen, cache=cache, fingerprint=fp, compile=cfg.compile)
+        scorer = ReferenceScorer(
+            model, frozen, cache=cache, fingerprint=fp, compile=cfg.compile, packing=packing
+        )
     except (OSError, sqlite3.Error) as e:
         log(f"warning: reference cache unavailable ({e}); computing reference log-probs uncached")
-        return ReferenceScorer(model, frozen, compile=cfg.compile)
+        return ReferenceScorer(model, frozen, compile=cfg.compile, packing=packing)
     log(f"reference cache: {cache.root} (fingerprint {fp.id[:12]})")
     return scorer

@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 
+from mlx_kto.runtime.switches import NO_OPENBLAS, OPENBLAS, QUIET
+
 _CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -52,7 +54,7 @@ def find_openblas() -> str | None:
 
     Order: $MLX_KTO_OPENBLAS, the known Debian/Fedora paths, then the linker cache.
     """
-    env = os.environ.get("MLX_KTO_OPENBLAS")
+    env = OPENBLAS.raw()
     if env:
         return env if os.path.exists(env) else None
     for path in _CANDIDATES:
@@ -67,14 +69,14 @@ def find_openblas() -> str | None:
 def preload() -> str | None:
     """Load OpenBLAS globally on Linux if present; warn once (quietly) if not."""
     global loaded
-    if loaded or platform.system() != "Linux" or os.environ.get("MLX_KTO_NO_OPENBLAS"):
+    if loaded or platform.system() != "Linux" or NO_OPENBLAS.is_set():
         return loaded
     if "mlx.core" in sys.modules:
         # Too late: MLX already bound its BLAS. Nothing to do but stay silent.
         return None
     path = find_openblas()
     if path is None:
-        if not os.environ.get("MLX_KTO_QUIET"):
+        if not QUIET.is_set():
             print(
                 "mlx_kto: system OpenBLAS not found; MLX on CPU will be slow. "
                 "Install it with `apt-get install libopenblas0-pthread`.",

@@ -20,8 +20,9 @@ evaluates and plots: the process's peak resident size is then the training's own
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from mlx_kto.runtime.switches import MALLOC_TUNE
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -45,7 +46,7 @@ def _libc():
 def tune() -> bool:
     """Set the thresholds (once per process); True when in effect."""
     global tuned
-    if tuned or os.environ.get("MLX_KTO_MALLOC_TUNE") == "0":
+    if tuned or MALLOC_TUNE.flag() is False:
         return tuned
     libc = _libc()
     if libc is None:

@@ -11,7 +11,7 @@ nothing changes. MLX_KTO_CPU_QMM=1 keeps MLX's kernel on the CPU too.
 
 from __future__ import annotations
 
-import os
+from mlx_kto.runtime.switches import CPU_QMM
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +42,7 @@ class DequantMatmulEmbedding(nn.QuantizedEmbedding):
 def use_blas_for_quantized(model: nn.Module) -> int:
     """On the CPU device, switch every affine QuantizedLinear / QuantizedEmbedding of `model`
     to the dequantize + BLAS forward (in place: same parameters). Returns how many."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLX_KTO_CPU_QMM") == "1":
+    if mx.default_device() != mx.cpu or CPU_QMM.flag():
         return 0
     n = 0
     for _, m in model.named_modules():

@@ -13,8 +13,9 @@ program changes nothing; $MLX_KTO_ALLOW_TORCH=1 turns this off.
 
 from __future__ import annotations
 
-import os
 import sys
+
+from mlx_kto.runtime.switches import ALLOW_TORCH
 
 _kept_out = False
 
@@ -23,7 +24,7 @@ def keep_out() -> bool:
     """Mark torch absent in this process (a command's entry point calls this first); False
     when torch or transformers is imported already or $MLX_KTO_ALLOW_TORCH=1."""
     global _kept_out
-    if os.environ.get("MLX_KTO_ALLOW_TORCH") == "1":
+    if ALLOW_TORCH.flag():
         return False
     if "torch" in sys.modules or "transformers" in sys.modules:
         return kept_out()

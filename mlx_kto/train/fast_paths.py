@@ -1,63 +1,15 @@
-"""The CPU backend's fast paths around training, evaluation and reference passes: rows on
-one stream per core and, on x86, the arithmetic exp (runtime/). Off where they would undo
-gradient checkpointing."""
+"""The CPU fast paths as a run uses them: `runtime.fastpaths` (row streams, arithmetic exp,
+heap settings), off where they would undo gradient checkpointing."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 
-from mlx_kto.model.logprobs import cpu_row_parallel
-from mlx_kto.runtime import fastops
-from mlx_kto.runtime import heap as _heap
-from mlx_kto.runtime.qmatmul import dequantizes_per_call
+from mlx_kto.runtime.fastpaths import checkpoint_paths, fast_paths
 
 import mlx.nn as nn
 
-
-@contextmanager
-def fast_paths(
-    model: nn.Module, streams: int | None = None, fast_exp: bool | None = None
-) -> Iterator[None]:
-    """The CPU backend's fast paths, for everything run inside (a no-op on a GPU, and when
-    already inside): every log-prob pass spreads its rows over one stream per core
-    (`cpu_row_parallel`), and on x86 the model's attention and SwiGLU use fastops'
-    arithmetic exp (`fastops.fast_ops`). Training, evaluation and reference passes
-    all run inside, so the policy and its reference compute the same way. `streams`
-    overrides the number of row streams (1 = rows one after another), `fast_exp` the
-    arithmetic exp (False = MLX's own ops). MLX's CPU buffer cache is off inside while glibc
-    keeps freed blocks (`_heap.mlx_cache_off`), restored on exit.
-
-    A quantized model on the CPU (`qmatmul.dequantizes_per_call`) runs its rows on one stream
-    unless $MLX_KTO_CPU_STREAMS says otherwise: each stream would dequantize every weight for
-    its own rows, twice the dequantization work and twice the dequantized weights alive until
-    the backward (SmolLM2 Q4_1, bench/real_model.py: warm step 7.99 s / 3.06 GB on two streams,
-    6.96 s / 1.66 GB on one)."""
-    if streams is None and not os.environ.get("MLX_KTO_CPU_STREAMS"):
-        streams = 1 if dequantizes_per_call(model) else None
-    cache = _heap.mlx_cache_off()  # glibc keeps freed blocks already (_heap.py)
-    try:
-        with cpu_row_parallel(streams), fastops.fast_ops(model, fast_exp):
-            yield
-    finally:
-        _heap.mlx_cache_restore(cache)
-
-
-def checkpoint_paths(cfg) -> dict:
-    """`fast_paths` options for a run with gradient checkpointing: one row stream and MLX's
-    own attention / SwiGLU, unless $MLX_KTO_CPU_STREAMS / $MLX_KTO_FAST_EXP say otherwise.
-    Both fast paths keep per-block activations alive and so undo checkpointing (a 4-block
-    probe: 912 MB with fastops, 654 MB without, 929 MB not checkpointed; bench/RESULTS.md);
-    a user who asks for checkpointing wants the memory."""
-    if not getattr(cfg, "grad_checkpoint", False):
-        return {}
-    out = {}
-    if not os.environ.get("MLX_KTO_CPU_STREAMS"):
-        out["streams"] = 1
-    if os.environ.get("MLX_KTO_FAST_EXP") not in ("0", "1"):
-        out["fast_exp"] = False
-    return out
+__all__ = ["checkpoint_paths", "fast_paths", "run_fast_paths"]
 
 
 def run_fast_paths(model: nn.Module, cfg) -> AbstractContextManager[None]:

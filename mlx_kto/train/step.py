@@ -79,7 +79,7 @@ def iterate_steps(
         while b < len(order):
             shards = split_global_batch(order[b], dist.size, cfg.batch_size)
             mine = [
-                make_batch(rows, idx, cfg.pad_multiple, pad_id, with_kl)
+                make_batch(rows, idx, cfg.pad_multiple, pad_id, with_kl, cfg.packing)
                 for idx in shards[dist.rank]
             ]
             yield StepData(epoch, b, shards, mine)

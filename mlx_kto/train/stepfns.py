@@ -4,23 +4,18 @@ on CPU streams one compiled forward + backward per stream's rows (`_grouped`).""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import Batch
-from mlx_kto.model.logprobs import (
-    _row_groups,
-    active_streams,
-    compiled_sequence_logps,
-    row_streams,
-    rows_unsplit,
-    sequence_logps,
-)
+from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.reference.scorer import ReferenceScorer
 from mlx_kto.runtime import fastops
+from mlx_kto.runtime.streams import active_streams, row_groups, row_streams, rows_unsplit
+from mlx_kto.runtime.switches import GROUPED_STEP
+from mlx_kto.train import packed_step
 from mlx_kto.train.distributed import Dist, sum_gradients
 from mlx_kto.train.dpo import is_paired, paired_loss
 from mlx_kto.train.guard import keep_finite_update
@@ -151,7 +146,7 @@ def make_step_fns(
             return compiled_step(*args)
 
         kl_forward = _compiled_kl_forward(model)
-        if not paired and os.environ.get("MLX_KTO_GROUPED_STEP") != "0":
+        if not paired and GROUPED_STEP.flag() is not False:
             step = _grouped(step, model, loss_kw, finish)
 
     def grad_step(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
@@ -167,6 +162,8 @@ def make_step_fns(
             do_update,
         )
 
+    if not paired:  # packed micro-batches (data/packing.py) take their own passes
+        kl_forward, grad_step = packed_step.wrap(model, cfg, loss_kw, finish, kl_forward, grad_step)
     return StepFns(kl_forward, grad_step, update)
 
 
@@ -208,7 +205,7 @@ def _grouped(step, model: nn.Module, loss_kw: dict, finish) -> Callable:
     def grouped(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
         B = tokens.shape[0]
         streams = row_streams()
-        groups = _row_groups(B)
+        groups = row_groups(B)
         if len(groups) < 2:
             return step(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update)
         global grouped_steps_run

@@ -1,0 +1,131 @@
+"""The policy's passes on packed micro-batches (data/packing.py, model/packed.py): its KL
+forward and its gradient pass, with the padded passes' results (tests/test_packing.py).
+
+`wrap` hands `make_step_fns` a KL forward and a gradient pass that take a batch's packed form
+when it has one (and the model packs), and the padded functions otherwise. The gradient pass
+mirrors the grouped step of train/loop.py: on CPU row streams each stream's packed rows run
+their own compiled forward + backward, and with z fixed the KTO loss is a mean of per-sequence
+terms, so with the sequences of group g out of B
+
+    ∇ (1/B) Σ_i L_i = Σ_g ∇ (|g| / B) mean_{i in g} L_i.
+
+A packed row holds whole sequences (one never spans two rows), gathered from the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from mlx_kto.data.batches import Batch
+from mlx_kto.data.packing import Packed
+from mlx_kto.model.packed import can_pack, compiled_packed_logps, packed_sequence_logps
+from mlx_kto.runtime import fastops
+from mlx_kto.runtime.streams import row_groups, row_streams, rows_unsplit
+from mlx_kto.train.loss import kto_loss
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+
+
+def pack_groups(packed: Packed) -> list[tuple[int, int, list[int]]]:
+    """(first packed row, end row, their sequences) per row stream: contiguous ranges of the
+    packed rows (`row_groups`)."""
+    return [
+        (a, b, [r for rows in packed.pack_rows[a:b] for r in rows])
+        for a, b in row_groups(len(packed.pack_rows))
+    ]
+
+
+def _sub(pk: dict, a: int, b: int, rows: list[int], n_rows: int) -> dict:
+    """Packs a:b of `pk`, their target rows renumbered 0..len(rows)-1 in `rows` order."""
+    local = np.full(n_rows + 1, -1, dtype=np.int32)  # [n_rows + 1]: slot -1 stays -1
+    local[rows] = np.arange(len(rows))
+    out = {k: v[a:b] for k, v in pk.items()}
+    out["tgt_row"] = mx.array(local[np.array(out["tgt_row"])])  # [b - a, M]
+    return out
+
+
+def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled: bool):
+    """`step(packed, labels, ref, z, weight, prev_grad, do_update) -> (loss, metrics, grad,
+    norm)`: the packed twin of loop.py's grouped step; `finish` accumulates and updates."""
+    state = [model.state, mx.random.state]
+
+    def group_loss(model, pk, n_rows, labels, ref, z, scale):
+        pol = packed_sequence_logps(model, pk, n_rows, for_grad=True)
+        loss, _ = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        return scale * loss, pol
+
+    value_and_grad = nn.value_and_grad(model, group_loss)
+
+    def eager(pk, n_rows, labels, ref, z, scale):
+        (_, pol), grad = value_and_grad(model, pk, n_rows, labels, ref, z, scale)
+        return pol, grad
+
+    made: dict[tuple, Callable] = {}  # one trace cache per (stream, fastops mode)
+
+    def group_fn(stream) -> Callable:
+        if not compiled:
+            return eager
+        key = (repr(stream), fastops.active())
+        if key not in made:
+            made[key] = partial(mx.compile, inputs=state, outputs=state)(
+                lambda *a: eager(*a)  # a new function object per key: its own traces
+            )
+        return made[key]
+
+    def step(packed: Packed, labels, ref, z, weight, prev_grad, do_update: bool):
+        pk, B = packed.arrays(), packed.n_rows
+        streams = row_streams()
+        groups = pack_groups(packed) if len(streams) > 1 else []
+        if len(groups) < 2:
+            pol, grad = group_fn(mx.default_stream(mx.default_device()))(
+                pk, B, labels, ref, z, weight
+            )
+        else:
+            pols, grad, order = [], None, []
+            with rows_unsplit():
+                for stream, (a, b, rows) in zip(streams, groups):
+                    idx = mx.array(rows)
+                    with mx.stream(stream):
+                        scale = weight * (len(rows) / B)  # [] float32
+                        pol, g = group_fn(stream)(
+                            _sub(pk, a, b, rows, B), len(rows), labels[idx], ref[idx], z, scale
+                        )
+                    pols.append(pol)
+                    order += rows
+                    grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
+            back = mx.array(np.argsort(order))  # rows back in batch order
+            pol = mx.concatenate(pols)[back]  # [B]
+        pol = mx.stop_gradient(pol)  # [B]
+        _, metrics = kto_loss(pol, ref, None, None, labels, kl_reference_point=z, **loss_kw)
+        return finish(grad, metrics, prev_grad, do_update)
+
+    return step
+
+
+def wrap(model: nn.Module, cfg, loss_kw: dict, finish: Callable, kl_forward, grad_step):
+    """(kl_forward, grad_step) of `make_step_fns` that run a batch's packed forms when it has
+    them and the model packs (model/packed.py), else the padded functions given. The compiled
+    KL forward is traced in train mode: for the training loop only (as loop.py's)."""
+    if not can_pack(model):
+        return kl_forward, grad_step
+    if cfg.compile:
+        kl_logps = compiled_packed_logps(model)
+    else:
+        kl_logps = partial(packed_sequence_logps, model)
+    step = packed_grad_step(model, loss_kw, finish, cfg.compile)
+
+    def packed_kl_forward(model_, batch: Batch) -> mx.array | None:
+        if batch.kl_packed is None:
+            return kl_forward(model_, batch)
+        return mx.stop_gradient(kl_logps(batch.kl_packed.arrays(), batch.kl_packed.n_rows))
+
+    def packed_grad(batch: Batch, ref, z, weight, prev_grad, do_update: bool):
+        if batch.packed is None:
+            return grad_step(batch, ref, z, weight, prev_grad, do_update)
+        return step(batch.packed, batch.labels, ref, z, weight, prev_grad, do_update)
+
+    return packed_kl_forward, packed_grad
