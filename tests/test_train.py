@@ -1,7 +1,6 @@
 """End-to-end training: learning, adapters mlx-lm can load, reference = base, resume, CLI."""
 
 import json
-import random
 import subprocess
 import sys
 
@@ -13,65 +12,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-GOOD = [" Sure, I would be happy to help you.", " Of course! Here is what you need to know."]
-BAD = [" Go away, I do not care.", " No. Figure it out yourself."]
-TOPICS = ["sky", "sea", "cat", "hat", "story", "poem", "answer", "homework", "grass", "light"]
-
-
-def write_feedback(path, n, seed):
-    """Separable synthetic feedback: polite completions good, rude ones bad."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            topic = " ".join(rng.sample(TOPICS, 2))
-            label = i % 2 == 0
-            completion = rng.choice(GOOD if label else BAD)
-            f.write(
-                json.dumps(
-                    {
-                        "prompt": f"Tell me about the {topic}.",
-                        "completion": completion,
-                        "label": label,
-                    }
-                )
-                + "\n"
-            )
+from feedback_fixtures import quick_cfg
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("feedback")
-    write_feedback(d / "train.jsonl", 64, seed=0)
-    write_feedback(d / "valid.jsonl", 16, seed=1)
-    return d
-
-
-def quick_cfg(model, data, out, **kw):
-    base = dict(
-        model=str(model),
-        data=str(data),
-        adapter_path=str(out),
-        batch_size=4,
-        iters=30,
-        learning_rate=2e-3,
-        lora_rank=4,
-        lora_alpha=8.0,
-        steps_per_eval=0,
-        steps_per_save=10,
-        max_length=64,
-        quiet=True,
-        seed=0,
-        warmup_steps=3,
-    )
-    base.update(kw)
-    return make_config(None, **base)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_llama, data_dir, tmp_path_factory):
+def trained(tiny_llama, feedback_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = quick_cfg(tiny_llama, data_dir, out)
+    cfg = quick_cfg(tiny_llama, feedback_dir, out)
     return cfg, train(cfg, log=lambda *_: None)
 
 
@@ -143,15 +90,17 @@ def test_reference_is_base_model(tiny_llama):
     assert len(tree_flatten(model.trainable_parameters())) > 0
 
 
-def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
+def test_resume_continues_exactly(tiny_llama, feedback_dir, tmp_path):
     """Resuming from the step-10 checkpoint of a 20-step run reproduces its final adapter."""
     from mlx_kto.train.checkpoint import list_checkpoints
 
-    straight = train(quick_cfg(tiny_llama, data_dir, tmp_path / "a", iters=20), log=lambda *_: None)
+    straight = train(
+        quick_cfg(tiny_llama, feedback_dir, tmp_path / "a", iters=20), log=lambda *_: None
+    )
     ckpts = list_checkpoints(tmp_path / "a")
     assert [c.name for c in ckpts] == ["step_0000010", "step_0000020"]
     resumed = train(
-        quick_cfg(tiny_llama, data_dir, tmp_path / "c", iters=20, resume=str(ckpts[0])),
+        quick_cfg(tiny_llama, feedback_dir, tmp_path / "c", iters=20, resume=str(ckpts[0])),
         log=lambda *_: None,
     )
     a = mx.load(str(straight.adapter_path / "adapters.safetensors"))
@@ -165,10 +114,10 @@ def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
     assert steps == list(range(11, 21))
 
 
-def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
+def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, feedback_dir, tmp_path):
     cfg = quick_cfg(
         tiny_qwen2,
-        data_dir / "train.jsonl",
+        feedback_dir / "train.jsonl",
         tmp_path,
         iters=4,
         batch_size=1,
@@ -181,14 +130,14 @@ def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
     assert res.final_metrics["kl"] == 0.0
 
 
-def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path):
+def test_quantized_base_and_init_adapter(tiny_llama, feedback_dir, trained, tmp_path):
     """QLoRA (8-bit base) trains; starting from an adapter makes that adapter the reference."""
     _, first = trained
-    cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
+    cfg = quick_cfg(tiny_llama, feedback_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
     assert train(cfg, log=lambda *_: None).steps == 2
     cfg = quick_cfg(
         tiny_llama,
-        data_dir,
+        feedback_dir,
         tmp_path / "i",
         iters=1,
         learning_rate=1e-12,
@@ -202,7 +151,7 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
 
 
 def test_train_leaves_the_callers_config_unchanged(
-    tiny_llama, data_dir, trained, tmp_path, monkeypatch
+    tiny_llama, feedback_dir, trained, tmp_path, monkeypatch
 ):
     """train() works on its own copy: a starting adapter (its LoRA settings), relative paths
     (made absolute), resuming (model, data and run folder from the checkpoint) change the
@@ -213,7 +162,7 @@ def test_train_leaves_the_callers_config_unchanged(
 
     _, first = trained  # a rank-4 adapter
     monkeypatch.chdir(tmp_path)
-    rel_data = os.path.relpath(data_dir, tmp_path)
+    rel_data = os.path.relpath(feedback_dir, tmp_path)
     cfg = quick_cfg(
         tiny_llama, rel_data, "run", iters=2, lora_rank=8, init_adapter=str(first.adapter_path)
     )
@@ -221,7 +170,7 @@ def test_train_leaves_the_callers_config_unchanged(
     train(cfg, log=lambda *_: None)
     assert cfg == before
     saved = json.loads((tmp_path / "run" / "kto_config.json").read_text())
-    assert saved["lora_rank"] == 4 and saved["data"] == str(data_dir.resolve())
+    assert saved["lora_rank"] == 4 and saved["data"] == str(feedback_dir.resolve())
 
     resume = dataclasses.replace(
         cfg, model=None, data=None, adapter_path=KTOConfig().adapter_path, iters=3,
@@ -304,7 +253,7 @@ def test_python_m_train_matches_cli_help():
     assert p.returncode == 0 and "--beta" in p.stdout
 
 
-def test_eval_command_scores_trained_adapter(trained, tiny_llama, data_dir):
+def test_eval_command_scores_trained_adapter(trained, tiny_llama, feedback_dir):
     from mlx_kto.cli.app import cli
 
     _, result = trained
@@ -317,7 +266,7 @@ def test_eval_command_scores_trained_adapter(trained, tiny_llama, data_dir):
             "--adapter-path",
             str(result.adapter_path),
             "--data",
-            str(data_dir),
+            str(feedback_dir),
             "--max-length",
             "64",
         ],

@@ -15,7 +15,7 @@ from mlx_kto.train.run import train
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_train import quick_cfg, write_feedback
+from feedback_fixtures import quick_cfg, write_feedback
 
 QUIET = dict(log=lambda *_: None)
 
