@@ -109,7 +109,10 @@ def test_two_ranks_with_mlx_launch_equal_one_process(tiny_llama, data, tmp_path)
     lines = [json.loads(x) for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     ones = [json.loads(x) for x in one.metrics_path.read_text().splitlines()]
-    assert max(r["kl"] for r in ones) > 0.1  # z > 0 shaped some updates
+    # z > 0 shaped the later updates, so the comparison covers the KL point's all-reduce: step
+    # 2's kl is the estimate after one update from fixed weights (measured 1.4; float noise
+    # ~1e-6), so "clearly non-zero" holds on any machine, unlike a tuned trajectory bound.
+    assert ones[0]["kl"] < 1e-5 and ones[1]["kl"] > 1e-3, [r["kl"] for r in ones]
     for r, o in zip(lines, ones):
         # rewards/accuracy is left out: before the first update the rewards are 0 up to float
         # noise between batch shapes, and accuracy (a strict > on ties) turns that noise into 0.5.
