@@ -157,6 +157,7 @@ def _a_run(folder: Path, model: str) -> dict:
     return files
 
 
+@pytest.mark.slow  # demo CLI processes: ~20 s
 def test_demo_and_bare_train_refuse_to_replace_another_run(tmp_path):
     """`demo --out RUN` and `train --adapter-path RUN` (no --model/--data: the demo) replaced
     a run of the user's without a word; they stop before any work, naming the way out."""
