@@ -94,3 +94,16 @@ def test_documented_entry_points_import():
 
     assert cli2 is cli and callable(main) and callable(build_config)
     assert train_command is cli.commands["train"]
+
+
+def test_the_cli_starts_without_mlx_lm():
+    """Importing the command line imports no mlx_lm: any mlx_lm import loads transformers
+    (~2.5 s, and torch where it is installed), which would happen before the command keeps
+    torch out (runtime/torchless.py). Models load it when they are loaded."""
+    code = (
+        "import sys, mlx_kto.cli\n"
+        "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout
