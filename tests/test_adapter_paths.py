@@ -61,7 +61,6 @@ def test_hub_ids_are_kept_as_typed(tmp_path, monkeypatch):
     assert model_reference("~") == str(__import__("pathlib").Path.home().resolve())
 
 
-@pytest.mark.slow  # CLI processes: ~11 s
 def test_lora_on_embeddings_is_refused_before_training(tiny_llama, tmp_path):
     data = _data(tmp_path / "data")
     cfg = _cfg(str(tiny_llama), str(data), str(tmp_path / "run"),

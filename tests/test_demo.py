@@ -157,7 +157,6 @@ def _a_run(folder: Path, model: str) -> dict:
     return files
 
 
-@pytest.mark.slow  # demo CLI processes: ~20 s
 def test_demo_and_bare_train_refuse_to_replace_another_run(tmp_path):
     """`demo --out RUN` and `train --adapter-path RUN` (no --model/--data: the demo) replaced
     a run of the user's without a word; they stop before any work, naming the way out."""
@@ -265,7 +264,7 @@ def _polite_vs_rude(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # 40 training steps and 2 x 40 x 6 sampled replies: ~30 s
+@pytest.mark.slow  # 40 training steps and 2 x 40 x 6 sampled replies: ~15-30 s
 def test_quick_demo_raises_the_desirable_share(tmp_path):
     """The real thing, shortened: sample, train, sample again. The style moves towards
     polite, measured by log-probs of fixed polite and rude answers to the held-out questions

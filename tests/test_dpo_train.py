@@ -235,7 +235,6 @@ def _cli_error(args: list[str]) -> str:
     return err[0]
 
 
-@pytest.mark.slow  # two CLI processes: ~25 s
 def test_cli_dpo_refuses_pairs_that_teach_nothing_or_mix_prompts(tiny_llama, tmp_path):
     """Silently wrong before: chosen == rejected in every pair trained nothing and exited 0;
     per-message labels paired replies to different prompts (both rated in one chat)."""

@@ -201,7 +201,7 @@ def test_a_broken_store_through_the_cli(kind, toy, tmp_path):
     assert not (tmp_path / "run" / "adapters.safetensors").exists()
 
 
-@pytest.mark.slow  # every command as a process: ~30 s
+@pytest.mark.slow  # every command as a process: ~40 s
 def test_every_command_takes_an_ollama_name(toy, store_env, tmp_path):
     """train (2 steps), eval (the run's model), generate, cache warm, data check, chat's
     loader: through `ollama:toy:latest`, as with the .gguf file itself."""
@@ -314,7 +314,6 @@ def test_to_ollama_writes_a_modelfile_and_a_lora_that_llama_cpp_applies(toy, sto
     assert snapshot(store) == before
 
 
-@pytest.mark.slow  # CLI processes: ~13 s
 def test_to_ollama_refuses_before_writing(toy, tiny_llama, tmp_path, monkeypatch):
     """An existing OUT (without --overwrite), a base re-pulled since training, a base that is
     no GGUF: one line each, nothing written, nothing deleted."""

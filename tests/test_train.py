@@ -263,7 +263,6 @@ def test_yaml_config_and_unknown_field(tmp_path):
         make_config(worse)
 
 
-@pytest.mark.slow  # three CLI processes: ~30 s
 def test_cli_errors_are_one_line(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b", "label": "maybe"}\n')

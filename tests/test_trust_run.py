@@ -459,7 +459,7 @@ def straight_run(tiny_llama, data, tmp_path_factory):
 @pytest.mark.parametrize(
     "signals, code", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)]
 )
-@pytest.mark.slow  # a CLI training stopped by signals, then resumed: ~20-35 s
+@pytest.mark.slow  # 40-step CLI trainings stopped by signals, then resumed
 def test_signal_checkpoints_and_resume_matches(
     tiny_llama, data, tmp_path, straight_run, signals, code
 ):
@@ -508,7 +508,6 @@ def test_signal_checkpoints_and_resume_matches(
     assert steps == list(range(1, SIGNAL_ITERS + 1))
 
 
-@pytest.mark.slow  # several CLI processes: ~35 s on a busy 2-core machine
 def test_cli_refusals_are_one_line_exit_2(tiny_llama, data, tmp_path):
     """Through the real command: an existing run, a corrupt checkpoint state, a diverging run."""
     import subprocess
@@ -568,7 +567,6 @@ def test_nan_starting_adapter_is_refused(tiny_llama, data, tmp_path):
         train(cfg_for(tiny_llama, data, tmp_path / "run", init_adapter=str(bad)), **QUIET)
 
 
-@pytest.mark.slow  # CLI processes: ~14 s
 def test_cli_run_whose_every_step_was_skipped_fails_without_an_adapter(tiny_llama, data, tmp_path):
     """Fewer steps than --max-bad-steps, all non-finite (a desirable weight beyond float32):
     before, it exited 0 saying "adapter saved" with the untrained adapter."""
@@ -630,7 +628,6 @@ def test_mlx_writer_on_a_full_disk_is_one_line_and_leaves_no_half_file(
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000004"]
 
 
-@pytest.mark.slow  # CLI trainings: ~11 s each
 @pytest.mark.parametrize("inside", ["run", "checkpoint"])
 def test_cli_overwrite_never_deletes_its_own_starting_adapter(tiny_llama, data, tmp_path, inside):
     """`train --init-adapter X --adapter-path X --overwrite` deleted X, then failed on the
