@@ -14,7 +14,7 @@ import click
 import pytest
 
 COMMANDS = {"cache", "chat", "compare", "convert", "data", "demo", "eval", "generate", "plot",
-            "train"}  # fmt: skip
+            "rounds", "train"}  # fmt: skip
 
 # Runs the CLI with some imports made to fail, as they fail in a partial install
 # (ModuleNotFoundError) or in a module with a bug (ImportError of a name).

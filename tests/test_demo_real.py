@@ -1,5 +1,5 @@
 """`mlx-kto demo --real`: the rating rule, the prompt split and the padded sampler (fast), and a
-tiny run on SmolLM2 (slow)."""
+tiny run of its rounds on SmolLM2 (slow)."""
 
 import json
 from pathlib import Path
@@ -54,20 +54,30 @@ def test_left_padded_sampling_matches_per_length_batches():
 
 @pytest.mark.slow
 def test_real_demo_tiny(smollm2_gguf, tmp_path, monkeypatch):  # noqa: F811
+    """One tiny round through `run_rounds`: the feedback rows carry the rule's labels, the
+    shares are those of the held-out replies on disk, and a second call continues the run in
+    the folder (nothing sampled again) with the same figures."""
     monkeypatch.setenv("MLX_KTO_TEST_ASSETS", str(smollm2_gguf.parent))
     lines = []
-    sizes = RealDemoSizes(train_prompts=8, train_samples=3, heldout_prompts=2,
+    sizes = RealDemoSizes(rounds=1, train_prompts=8, train_samples=3, heldout_prompts=2,
                           heldout_samples=2, max_tokens=6, steps=2, batch_size=4)  # fmt: skip
-    res = run_real_demo(str(tmp_path / "real"), sizes, seed=0, echo=lines.append)
-    assert res["steps"] == 2
-    out = Path(tmp_path / "real")
-    rows = [json.loads(x) for x in (out / "feedback.jsonl").read_text().splitlines()]
+    out = tmp_path / "real"
+    res = run_real_demo(str(out), sizes, seed=0, echo=lines.append)
+    assert res["steps"] == 2 and res["rounds"] == 1
+    rows = [json.loads(x) for x in (out / "round-1" / "feedback.jsonl").read_text().splitlines()]
     assert 0 < len(rows) <= 8 * 3  # empty replies are dropped
     assert all(r["label"] == is_desirable(r["completion"][0]["content"]) for r in rows)
+    assert all(r["meta"]["round"] == 1 and r["meta"]["sampling"]["n"] == 3 for r in rows)
     assert 0 < sum(r["label"] for r in rows) < len(rows)
-    samples = json.loads((out / "samples.json").read_text())
-    assert samples["heldout"] == split_prompts()[1][:2]
-    assert [len(s) for s in samples["before"]] == [2, 2] == [len(s) for s in samples["after"]]
-    assert res["before"] == share(samples["before"]) and res["after"] == share(samples["after"])
+    held = [json.loads((out / f"round-{r}" / "heldout.json").read_text()) for r in (0, 1)]
+    assert held[0]["prompts"] == split_prompts()[1][:2] == held[1]["prompts"]
+    assert [len(s) for s in held[1]["replies"]] == [2, 2]
+    assert (res["before"], res["after"]) == (share(held[0]["replies"]), share(held[1]["replies"]))
+    assert all(0 <= f <= 1 for f in res["facts"])
     assert (Path(res["adapter_path"]) / "adapters.safetensors").is_file()
     assert any("->" in x and "held-out" in x for x in lines), lines
+    assert any(x.startswith("facts kept") for x in lines), lines
+    stamp = (out / "round-1" / "feedback.jsonl").stat().st_mtime_ns
+    again = run_real_demo(str(out), sizes, seed=0, echo=lambda *_: None)
+    assert again["shares"] == res["shares"] and again["facts"] == res["facts"]
+    assert (out / "round-1" / "feedback.jsonl").stat().st_mtime_ns == stamp

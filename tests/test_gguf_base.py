@@ -137,8 +137,16 @@ def test_types_mlx_cannot_read_are_dequantized(tmp_path):
     model32, _, _, _ = load_base(KTOConfig(model=str(path)), log=quiet)
     np.testing.assert_allclose(logits(model32, TOKENS), logits(ref, TOKENS), atol=2e-5, rtol=0)
 
-    # Re-quantizing touches only the dequantized layers.
-    model, _, config = load_gguf(path, quantize=8, q_group_size=64, log=quiet)
+    # The log says what dequantizing costs: the Q6_K tensors as float32 take 4 / (210/256)
+    # times their bytes in the file.
+    q6 = next(m for m in lines if m.startswith("k.gguf: Q6_K"))
+    assert "in the file" in q6 and "in memory" in q6, q6
+    # Re-quantizing touches only the dequantized layers, and says what it saved.
+    lines = []
+    model, _, config = load_gguf(path, quantize=8, q_group_size=64, log=lines.append)
+    (req,) = [m for m in lines if "re-quantized" in m]
+    before, after = (float(x.split()[0]) for x in req.split("weights ")[1].split(" -> "))
+    assert "MLX 8-bit" in req and after < before, req
     assert type(model.model.layers[1].mlp.up_proj).__name__ == "QuantizedLinear"
     assert model.model.layers[1].mlp.up_proj.bits == 8
     assert model.model.layers[1].mlp.gate_proj.bits == 4  # the Q4_1 layer is untouched
@@ -235,3 +243,130 @@ def test_cli_generate_and_data_check_take_a_gguf(tiny_llama, tmp_path):
     data.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": False}) + "\n")
     r = runner.invoke(cli, ["data", "check", str(data), "--model", str(path)])
     assert r.exit_code == 0 and "tokens before truncation: prompt median 7" in r.output, r.output
+
+
+def rewrite_kv(src, dst, changes: dict):
+    """A copy of GGUF `src` with some KVs changed: key -> (value, GGUFValueType[, sub type])
+    or None to drop the key; tensors copied as stored."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key in changes:
+            if changes[key] is not None:
+                w.add_key_value(key, *changes[key])
+            continue
+        sub = f.types[1] if len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), f.types[0], sub)
+    for key, change in changes.items():
+        if key not in r.fields and change is not None:
+            w.add_key_value(key, *change)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "llama32"])
+def test_architectures_load_as_their_mlx_lm_model(tmp_path, family):
+    """Gemma 3, Phi-3 and Llama 3.2 GGUFs (laid out as llama.cpp's converter does) give
+    exactly the logits of the Hugging Face folder they were written from (mlx_lm.load):
+    names, norm offsets, fused tensors, q/k order and the rope scaling are right."""
+    from toy_gguf import toy_arch_model
+
+    base = toy_arch_model(tmp_path / "hf", family)
+    path = write_toy_gguf(base, tmp_path / "m.gguf")
+    model, _, config = load_gguf(path, log=quiet)
+    ref, _ = load(str(base))
+    long = TOKENS + [44, 100, 20, 60, 70, 80, 90, 33, 21, 12]
+    np.testing.assert_array_equal(logits(model, long), logits(ref, long))
+    hf = json.loads((base / "config.json").read_text())
+    keys = {"gemma3": ("sliding_window", "sliding_window_pattern", "rope_local_base_freq",
+                       "query_pre_attn_scalar", "head_dim", "tie_word_embeddings"),
+            "phi3": ("original_max_position_embeddings", "partial_rotary_factor",
+                     "tie_word_embeddings"),
+            "llama32": ("tie_word_embeddings",)}[family]  # fmt: skip
+    for key in keys:
+        assert config[key] == hf[key], key
+    if family == "llama32":
+        fit, want = config["rope_scaling"], hf["rope_scaling"]
+        assert fit["rope_type"] == "llama3" and fit["factor"] == want["factor"]
+        # Only low/orig and high/orig are determined by the factors.
+        for k in ("low_freq_factor", "high_freq_factor"):
+            ratio = fit[k] / fit["original_max_position_embeddings"]
+            assert ratio == pytest.approx(want[k] / want["original_max_position_embeddings"])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "llama32"])
+def test_architectures_train_and_export_for_the_same_file(tmp_path, family):
+    """`mlx-kto train --model FILE.gguf` (2 steps) and `convert to-gguf --base FILE.gguf`,
+    as a user runs them; the LoRA names the file's own tensors (Phi-3: attn_qkv, ffn_up)."""
+    from mlx_kto.export import read_lora_file
+
+    from toy_gguf import toy_arch_model
+
+    path = write_toy_gguf(toy_arch_model(tmp_path / "hf", family), tmp_path / "m.gguf")
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"What color is the sky? {i}", "completion": " It is blue.",
+             "label": i % 2 == 0} for i in range(8)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "mlx_kto.cli"]
+    r = subprocess.run(
+        [*cli, "train", "--model", str(path), "--data", str(data), "--adapter-path", str(run),
+         "--iters", "2", "--batch-size", "2", "--num-layers", "2", "--steps-per-eval", "0",
+         "--no-ref-cache"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([*cli, "convert", "to-gguf", str(run), str(tmp_path / "l.gguf"),
+                        "--base", str(path)], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = set(read_lora_file(tmp_path / "l.gguf").tensors)
+    n = json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"]
+    want = {"phi3": ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]}.get(
+        family, ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    )
+    assert names == {f"blk.{b}.{t}.weight.lora_{ab}" for b in (n - 2, n - 1) for t in want
+                     for ab in "ab"}  # fmt: skip
+
+
+BAD_HEADERS = [  # (key, (value, type), what the line says)
+    ("llama.attention.head_count", (0, gguf.GGUFValueType.UINT32), "= 0 is impossible"),
+    ("llama.attention.head_count_kv", (3, gguf.GGUFValueType.UINT32), "does not divide"),
+    ("llama.block_count", (0, gguf.GGUFValueType.UINT32), "= 0 is impossible"),
+    ("llama.embedding_length", ("64", gguf.GGUFValueType.STRING), "is not an integer"),
+    ("llama.attention.layer_norm_rms_epsilon", (-1.0, gguf.GGUFValueType.FLOAT32),
+     "is impossible"),
+    ("llama.rope.freq_base", (float("nan"), gguf.GGUFValueType.FLOAT32), "not a finite"),
+    ("llama.attention.head_count", ([4, 4], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32),
+     "per-layer list"),
+    ("llama.feed_forward_length", None, "has no llama.feed_forward_length"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "key,change,msg", BAD_HEADERS, ids=[b[0] + str(i) for i, b in enumerate(BAD_HEADERS)]
+)
+def test_impossible_header_values_are_one_line(tiny_llama, tmp_path, key, change, msg):
+    """Issue 24: a GGUF whose head_count is 0 (or any impossible header value) ends train and
+    cache warm with one line naming the file and the key, exit 2, no traceback."""
+    good = write_toy_gguf(tiny_llama, tmp_path / "good.gguf")
+    bad = rewrite_kv(good, tmp_path / "bad.gguf", {key: change})
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "completion": " there", "label": True}) + "\n")
+    for cmd in (["train", "--model", str(bad), "--data", str(data), "--adapter-path",
+                 str(tmp_path / "run")],
+                ["cache", "warm", "--model", str(bad), "--data", str(data), "--ref-cache",
+                 str(tmp_path / "cache")]):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "mlx_kto.cli", *cmd], capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: ") and str(bad) in line and msg in line, line
+        assert key.rpartition(".")[2] in line
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from adapter_fixtures import logits
-from toy_gguf import write_toy_gguf
+from toy_gguf import toy_arch_model, write_toy_gguf
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
@@ -68,6 +68,38 @@ def test_lora_for_a_float_gguf_matches_llama_cpp(tiny_llama, tiny_qwen2, tmp_pat
     np.testing.assert_allclose(got_base, want_base, atol=1e-4, rtol=0)
     assert np.abs(want - want_base).max() > 0.1  # the adapter moves the logits clearly
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+# llama.cpp's CPU GELU (Gemma's MLP) looks its input up in an fp16 table
+# (ggml-cpu/vec.h GGML_GELU_FP16): ~1e-3 off the exact tanh GELU mlx-lm computes.
+ARCH_TOL = {"gemma3": 5e-3, "phi3": 1e-4, "phi4mini": 1e-4, "llama32": 1e-4}
+LONG = [1, 5, 9, 30, 40, 7, 3, 11, 2, 17, 44, 100, 20, 60, 70, 80, 90, 33, 21, 12]
+
+
+@pytest.mark.parametrize("family", list(ARCH_TOL))
+def test_architectures_match_llama_cpp_with_and_without_the_lora(tmp_path, family):
+    """Gemma 3 (norms stored 1 + w, sliding window 4 and global layers, q/k norms, tied),
+    Phi-3 (fused qkv and gate_up: the LoRA goes to attn_qkv / ffn_up as llama.cpp applies
+    it), a Phi-4-mini (partial rotary, LongRoPE: llama.cpp's short factors at a context up
+    to the original length, with its attention factor) and a Llama 3.2 (rope_freqs from llama3 scaling, mattering within 20 tokens here):
+    F32 GGUFs laid out as llama.cpp's converter does, logits against llama.cpp's."""
+    base = write_toy_gguf(toy_arch_model(tmp_path / "hf", family), tmp_path / "b.gguf")
+    src, model = random_adapter(base, tmp_path / "ad")
+    lora = to_gguf(src, tmp_path / "lora.gguf", base=str(base))
+    from mlx_kto.export import read_lora_file
+    from mlx_kto.model.load import reference_mode
+
+    names = set(read_lora_file(lora).tensors)
+    if family.startswith("phi"):
+        assert {"blk.1.attn_qkv.weight.lora_a", "blk.1.ffn_up.weight.lora_b"} <= names
+    with reference_mode(model):
+        want_base = logits(model, LONG)
+    want = logits(model, LONG)
+    got_base, got = llama_logits(base, LONG), llama_logits(base, LONG, lora)
+    tol = ARCH_TOL[family]
+    np.testing.assert_allclose(got_base, want_base, atol=tol, rtol=0)
+    assert np.abs(want - want_base).max() > 0.1  # the adapter moves the logits clearly
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0)
 
 
 def test_lora_for_a_quantized_gguf_moves_llama_cpp_like_mlx(tiny_llama, tmp_path):

@@ -4,6 +4,8 @@ KTO on conversational rows through its ChatML template, the adapter loaded by
 `convert to-gguf --base the.gguf` and applied by llama.cpp over the same file."""
 
 import json
+import subprocess
+import sys
 import time
 
 from mlx_kto.config.core import KTOConfig
@@ -18,7 +20,9 @@ import numpy as np
 import pytest
 from adapter_fixtures import logits
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
+from llama_ref import f32_copy, llama_cpp, llama_logits, random_adapter
 from mlx.utils import tree_map
+from no_torch import mlx_kto, no_torch_env
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +67,20 @@ def test_config_matches_transformers(smollm2_gguf):  # noqa: F811
     assert abs(ours["rms_norm_eps"] - hf.rms_norm_eps) < 1e-12
 
 
-def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F811
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
-    )
+@pytest.fixture(scope="module")
+def smollm2_f32(smollm2_gguf, tmp_path_factory):  # noqa: F811
+    """llama.cpp's own float32 dequantization of the Q4_1 file."""
+    return f32_copy(smollm2_gguf, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
+
+
+def test_train_export_and_run_in_llama_cpp(smollm2_gguf, smollm2_f32, tmp_path):  # noqa: F811
+    """Train 3 steps, export for the same file, and check what any machine reproduces
+    (issue 24: no assertion on where a trajectory goes): whatever adapter training made,
+    llama.cpp with the exported LoRA computes what MLX computes with the adapter (on
+    llama.cpp's float32 copy of the file, to 2e-3); on the Q4_1 file itself llama.cpp's
+    8-bit activations keep it close, not equal. A fixed random adapter (a large effect by
+    construction) makes the comparisons non-vacuous."""
+    llama_cpp()
     from mlx_lm import load
 
     t0 = time.time()
@@ -81,7 +95,10 @@ def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F81
     res = train(cfg, log=lines.append)
     assert res.steps == 3
     assert any("Q4_1: 210 tensors kept quantized" in m for m in lines), lines
-    assert cfg.dtype == "float32"  # the CPU rule: Q4_1 scales are float16
+    # The CPU rule (Q4_1 scales are float16): the run trained in float32, the caller's config
+    # untouched (train works on its own copy).
+    assert json.loads((res.adapter_path / "kto_config.json").read_text())["dtype"] == "float32"
+    assert cfg.dtype is None
     losses = [json.loads(x)["loss"] for x in res.metrics_path.read_text().splitlines()[-3:]]
     assert all(np.isfinite(losses))
     t_train = time.time() - t0
@@ -116,62 +133,69 @@ def test_train_export_and_run_in_llama_cpp(smollm2_gguf, tmp_path):  # noqa: F81
     with reference_mode(model):  # the adapter switched off: the base GGUF model
         want_base = logits(model, tokens)
 
+    # The trained adapter, exported: llama.cpp on the float32 copy = MLX, base and LoRA.
     lora = to_gguf(res.adapter_path, tmp_path / "kto-lora.gguf", base=str(smollm2_gguf))
-    kw = dict(n_ctx=128, n_batch=128, n_threads=2, logits_all=True, verbose=False, seed=0,
-              type_k=0, type_v=0)  # fmt: skip
-    scores = []
-    for extra in ({}, {"lora_path": str(lora)}):
-        llm = llama_cpp.Llama(model_path=str(smollm2_gguf), **kw, **extra)
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokens
-        llm.eval(tokens)
-        scores.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
-        llm.close()
-    got_base, got = scores
+    np.testing.assert_allclose(llama_logits(smollm2_f32, tokens), want_base, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(llama_logits(smollm2_f32, tokens, lora), want, atol=2e-3, rtol=0)
 
-    # Base: llama.cpp's Q4_1 kernels quantize activations to 8 bit, MLX computes the
-    # dequantized weights exactly (test_real_gguf_is_exact...): close, not equal.
+    # A fixed random adapter: a large effect, the same in llama.cpp and MLX.
+    src, rmodel, _ = random_adapter(smollm2_gguf, tmp_path / "rand", num_layers=4, size=0.2)
+    rlora = to_gguf(src, tmp_path / "rand-lora.gguf", base=str(smollm2_gguf))
+    r_want = logits(rmodel, tokens)
+    assert np.abs(r_want - want_base).max() > 0.5
+    np.testing.assert_allclose(llama_logits(smollm2_f32, tokens, rlora), r_want, atol=2e-3, rtol=0)
+
+    # The Q4_1 file itself: llama.cpp's kernels round activations to 8 bits, MLX computes
+    # the dequantized weights exactly: close, not equal; the LoRA's effect likewise.
+    got_base, got = llama_logits(smollm2_gguf, tokens), llama_logits(smollm2_gguf, tokens, rlora)
     assert np.abs(got_base - want_base).mean() < 0.5
     assert (got_base.argmax(-1) == want_base.argmax(-1)).mean() > 0.9
-    effect_mlx, effect_cpp = want - want_base, got - got_base
-    assert np.abs(effect_mlx).max() > 1.0  # KTO moved the logits clearly
-    corr = np.corrcoef(effect_mlx.ravel(), effect_cpp.ravel())[0, 1]
-    assert corr > 0.95, corr
-    # The trained direction: log-prob of the polite reply's tokens rises in both.
-    n_prompt = len(tok.encode(text[: -len(GOOD.format("Water."))], add_special_tokens=False))
-
-    def reply_logp(x):
-        lp = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
-        return sum(lp[i - 1, tokens[i]] for i in range(n_prompt, len(tokens)))
-
-    assert reply_logp(want) > reply_logp(want_base)
-    assert reply_logp(got) > reply_logp(got_base)
-    print(f"train {t_train:.0f}s, total {time.time() - t0:.0f}s, effect corr {corr:.4f}")
+    effect_mlx, effect_cpp = r_want - want_base, got - got_base  # measured: 0.11, corr 0.995
+    assert np.abs(effect_cpp - effect_mlx).mean() < 0.25 * np.abs(effect_mlx).mean()
+    assert np.corrcoef(effect_mlx.ravel(), effect_cpp.ravel())[0, 1] > 0.95
+    print(f"train {t_train:.0f}s, total {time.time() - t0:.0f}s")
 
 
-def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, tmp_path):  # noqa: F811
+def test_mlx_computes_the_dequantized_weights_exactly(smollm2_gguf, smollm2_f32):  # noqa: F811
     """MLX on the Q4_1/Q8_0 file = llama.cpp on its own float32 dequantization of the same
     file (llama_model_quantize to ALL_F32) to 1e-3 (measured 1.2e-4): the quantized layers
     hold llama.cpp's exact values, names/config/q-k order are right. llama.cpp's Q4_1
     kernels themselves differ more (8-bit activations), see the test above."""
-    import ctypes
-
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python not installed (CI builds it: .ci/interop.sh)"
-    )
-    f32 = tmp_path / "smollm2-f32.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = 0, True, 2  # LLAMA_FTYPE_ALL_F32
-    rc = llama_cpp.llama_model_quantize(
-        str(smollm2_gguf).encode(), str(f32).encode(), ctypes.byref(params)
-    )
-    assert rc == 0
     model, tok = load_gguf_for_inference(smollm2_gguf, log=lambda *_: 0)
     chat = [{"role": "user", "content": "Why is the sea salty?"},
             {"role": "assistant", "content": "Rivers carry dissolved minerals into it."}]  # fmt: skip
     tokens = tok.encode(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)
-    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=128, n_batch=128, n_threads=2,
-                          logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)  # fmt: skip
-    llm.eval(tokens)
-    got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    np.testing.assert_allclose(got, logits(model, tokens), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(
+        llama_logits(smollm2_f32, tokens), logits(model, tokens), atol=1e-3, rtol=0
+    )
+
+
+def test_train_and_export_without_torch(smollm2_gguf, tmp_path):  # noqa: F811
+    """README's round trip on a base install (no torch): `mlx-kto train --model FILE.gguf`
+    (2 steps) and `mlx-kto convert to-gguf RUN OUT --base FILE.gguf`, as subprocesses."""
+    env = no_torch_env(tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, json, transformers;"
+         "print(json.dumps([importlib.util.find_spec('torch') is None,"
+         " transformers.utils.is_torch_available()]))"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert probe.returncode == 0 and json.loads(probe.stdout) == [True, False], probe.stderr
+    data = write_chat_feedback(tmp_path / "feedback.jsonl")
+    run = tmp_path / "run"
+    r = mlx_kto("train", "--model", smollm2_gguf, "--data", data, "--adapter-path", run,
+                "--iters", 2, "--batch-size", 2, "--max-length", 48, "--num-layers", 2,
+                "--lora-rank", 4, "--steps-per-eval", 0, "--no-ref-cache", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch" not in r.stderr.lower(), r.stderr[-3000:]
+    assert (run / "adapters.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+    assert any((tmp_path / "cache" / "gguf_tokenizers").iterdir())  # built in that process
+    out = tmp_path / "lora.gguf"
+    r = mlx_kto("convert", "to-gguf", run, out, "--base", smollm2_gguf, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from mlx_kto.export import read_lora_file
+
+    lora = read_lora_file(out)
+    assert lora.kv["general.type"][1] == "adapter"
+    assert sum(n.endswith(".lora_a") for n in lora.tensors) == 2 * 7  # 2 layers x 7 linears

@@ -1,5 +1,6 @@
-"""Command processes keep torch out (mlx_kto/_torchless.py): transformers then never imports
-it, a GGUF's tokenizer is still read (in a child process), and `allow` lifts the mark."""
+"""Command processes keep torch out (mlx_kto/runtime/torchless.py): transformers then never
+imports it, a GGUF's tokenizer is still read (built from the file's metadata, in-process), and
+`allow` lifts the mark."""
 
 import importlib.util
 import json
@@ -45,8 +46,9 @@ def test_keep_out_loads_a_model_without_importing_torch(tiny_llama, tmp_path):
     assert out["ids"] == plain["ids"]
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="transformers reads GGUF tokenizers only with torch")
-def test_gguf_tokenizer_is_read_in_a_child_when_torch_is_kept_out(tiny_llama, tmp_path):
+def test_gguf_tokenizer_is_built_in_process_when_torch_is_kept_out(tiny_llama, tmp_path):
+    """No child process: the tokenizer comes from the GGUF's metadata either way, and the
+    same ids come out with torch kept out and without (where torch is installed)."""
     path = write_toy_gguf(tiny_llama, tmp_path / "m.gguf")
     out = run_py(LOAD.format(keep=True, model=str(path)), tmp_path / "a")
     assert out["kept"] and not out["torch_imported"]
@@ -73,9 +75,26 @@ print(json.dumps({"kept": kept, "hidden": hidden, "after": _torchless.kept_out()
 def test_the_train_command_keeps_torch_out(tmp_path):
     code = """
 import json, runpy, sys
-sys.argv = ["mlx_kto.train", "--help"]  # what `python -m mlx_kto.train --help` runs
+sys.argv = ["mlx_kto.train", "--help"]
 try:
-    runpy.run_module("mlx_kto.train", run_name="__main__")
+    runpy.run_module("mlx_kto.train", run_name="__main__")  # python -m mlx_kto.train --help
+except SystemExit:
+    pass
+print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))
+"""
+    assert run_py(code, tmp_path)["torch"] == "None"
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed here: nothing to keep out")
+def test_the_mlx_kto_entry_point_keeps_torch_out(tmp_path):
+    # The console script does `from mlx_kto.cli import main; main()`: importing the package
+    # must not reach transformers before main marks torch absent.
+    code = """
+import json, sys
+sys.argv = ["mlx-kto", "train", "--help"]
+from mlx_kto.cli import main
+try:
+    main()
 except SystemExit:
     pass
 print(json.dumps({"torch": repr(sys.modules.get("torch", "absent"))}))

@@ -1,5 +1,5 @@
 """`python -m mlx_kto.cli`: the same as `mlx-kto`."""
 
-from mlx_kto.cli.app import main
+from mlx_kto.cli import main
 
 main()

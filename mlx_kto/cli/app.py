@@ -17,6 +17,7 @@ from mlx_kto.cli.deps import invoked, missing_message
 from mlx_kto.cli.generate import generate_command
 from mlx_kto.cli.judge import compare, plot
 from mlx_kto.cli.options import HELP
+from mlx_kto.cli.rounds import rounds
 from mlx_kto.cli.train import build_config, eval_command, train_command
 from mlx_kto.errors import UserError
 from mlx_kto.runtime import torchless as _torchless
@@ -38,7 +39,7 @@ def cli():
 
 for _command in (
     train_command, eval_command, generate_command, data_group, convert, cache, demo, compare,
-    plot, chat,
+    plot, chat, rounds,
 ):  # fmt: skip
     cli.add_command(_command)
 

