@@ -102,8 +102,8 @@ class ChatSession:
         """Text pieces of a sampled reply to `prompt` (a message list ending with the
         user's turn), through the model's chat template and mlx-lm's sampler. Runs on
         the MLX thread (`stream` / `start_stream` put it there)."""
-        # Imported on use: any mlx_lm import loads transformers (~2.5 s, and torch where it
-        # is installed) before a command process can keep torch out (runtime/torchless.py).
+        # Imported on use (measured startup cost): any mlx_lm import loads transformers,
+        # ~1 s at the start of every command (cli/app.py imports this module) otherwise.
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 

@@ -33,8 +33,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 # mlx_lm is imported in the functions that use it (measured startup cost): any mlx_lm import
-# loads transformers (~2.5 s, and torch where installed), and every command process imports
-# this module before it can keep torch out (runtime/torchless.py).
+# loads transformers, ~1 s (2.5 s where torch is installed and not kept out), and every
+# command imports this module at start; only the commands that load a model need it.
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
 

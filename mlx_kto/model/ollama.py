@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_kto.errors import UserError
-from mlx_kto.model.gguf import ARCHES
+from mlx_kto.model.gguf_arch import ARCHES  # the table alone: no MLX at import
 from mlx_kto.model.gguf_reader import meta, read_header
 from mlx_kto.runtime.atomic import atomic_write_bytes
 from mlx_kto.runtime.paths import default_cache_dir
