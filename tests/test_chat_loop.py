@@ -22,6 +22,7 @@ def chat(pexpect, tmp_path, args):
     )
 
 
+@pytest.mark.slow  # two chats and two trainings as commands: ~15 s
 def test_chat_rate_train_chat_again_second_round(tmp_path):
     pexpect = pytest.importorskip(
         "pexpect", reason="pexpect not installed (pip install -e .[test])"

@@ -50,6 +50,7 @@ def lines(fb):
     return [json.loads(line) for line in fb.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a pty chat typed key by key: ~10 s
 def test_typing_the_next_message_right_after_a_rating(run, tmp_path):
     """The issue's sequence: `u` then `do you like dogs?` at once used to flip the
     rating to thumbs down (the `d`), lose the `o` and send `you like dogs?`; messages

@@ -149,6 +149,7 @@ def _active(el, cls):
     return "active" in el.find_element(By.CSS_SELECTOR, f"button.{cls}").get_attribute("class")
 
 
+@pytest.mark.slow  # headless Chromium on a web chat process: ~12 s
 def test_browser_chat_stream_rate_and_undo(server, tmp_path):
     """Send, stream, rate up then down (one live rating), undo, regenerate, a second
     turn, reload (the conversation and rating states survive, rating still works),

@@ -94,3 +94,16 @@ def test_documented_entry_points_import():
 
     assert cli2 is cli and callable(main) and callable(build_config)
     assert train_command is cli.commands["train"]
+
+
+def test_the_cli_starts_without_mlx_lm():
+    """Importing the command line (every command registered) imports no mlx_lm: any mlx_lm
+    import loads transformers, ~1 s of every command's start (more with torch). The commands
+    that load a model import it then."""
+    code = (
+        "import sys, mlx_kto.cli.app\n"
+        "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout

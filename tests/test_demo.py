@@ -1,6 +1,7 @@
 """The embedded demo, its shipped assets and the examples/ folder."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -244,35 +245,78 @@ def test_plot_written_with_matplotlib(tmp_path):
 # the demo itself, shortened
 
 
+def _polite_vs_rude(path: Path) -> Path:
+    """The held-out questions, each answered once politely (thumbs up) and once rudely
+    (thumbs down), with fixed openers and closers: rows whose log-probs show the direction
+    training moved the style, without sampling."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for prompt, answer in task.questions("heldout"):
+            for style in ("polite", "rude"):
+                row = {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [
+                        {"role": "assistant", "content": task.render(answer, style, rng)}
+                    ],
+                    "label": style == "polite",
+                }
+                f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.slow  # 40 training steps and 2 x 40 x 6 sampled replies: ~15-30 s
 def test_quick_demo_raises_the_desirable_share(tmp_path):
-    """The real thing, shortened: sample, train, sample again; the polite share
-    measured by sampling held-out questions must rise clearly."""
+    """The real thing, shortened: sample, train, sample again. The style moves towards
+    polite, measured by log-probs of fixed polite and rude answers to the held-out questions
+    (`mlx-kto eval` on the run: rewards against the base). The sampled shares come from a
+    40-step trajectory and temperature-1 sampling, which another CPU or BLAS need not follow
+    draw for draw: only their consistency and the sign of the change are asserted."""
+    from mlx_kto.cli.app import cli
     from mlx_kto.demo.run import run_demo
 
     lines, logs = [], []
     cfg = KTOConfig(ref_cache=str(tmp_path / "cache"), quiet=True)
     res = run_demo(cfg, out=str(tmp_path / "run"), quick=True, echo=lines.append, log=logs.append)
-    before, after = res.before["polite"], res.after["polite"]
-    assert after >= before + 0.3, (before, after)
-    assert res.eval_metrics["rewards/margins"] > 0
+    # The direction: polite answers gain log-prob against rude ones, by far more than float
+    # noise could move (measured: margin 2.9 at beta 0.5, accuracy 0.97).
+    heldout = _polite_vs_rude(tmp_path / "polite_vs_rude.jsonl")
+    out = CliRunner().invoke(
+        cli, ["eval", "--adapter-path", str(tmp_path / "run"), "--data", str(heldout)]
+    )
+    assert out.exit_code == 0, out.output
+    scores = json.loads(out.output[out.output.index("{") :])
+    assert scores["rows"] == 2 * len(task.questions("heldout"))
+    assert scores["rewards/margins"] > 0.1, scores
+    assert res.eval_metrics["rewards/margins"] > 0  # the held-out feedback rows, too
+    # The sampled shares: fractions of the same samples, reported as saved. Only the sign of
+    # the change is asserted (measured 36% -> 99% polite over 108 samples).
+    assert res.after["polite"] > res.before["polite"], (res.before, res.after)
+    for side in (res.before, res.after):
+        shares = [side[k] for k in (*task.STYLES, "mixed", "empty")]
+        assert all(0 <= x <= 1 for x in shares) and sum(shares) == pytest.approx(1.0)
     run = tmp_path / "run"
     assert (run / "adapters.safetensors").exists() and (run / "adapter_config.json").exists()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == res.steps and "rewards/margins" in records[-1]
     saved = json.loads((run / "demo_results.json").read_text())
-    assert saved["after"]["polite"] == after
+    assert saved["after"]["polite"] == res.after["polite"]
+    assert saved["before"]["polite"] == res.before["polite"]
     text = "\n".join(lines)
     assert "before" in text and "after" in text and "Q: " in text
+    assert f"{res.after['polite']:.1%}" in text
     assert ("plot:" in text) and (res.plot_path is None) == ("skipped" in text)
-    # The diversity line before/after, and the probes logged it during training without
-    # a collapse warning (the demo's settings change the style, not into one fixed answer).
+    # The diversity line before/after, and the probes logged it during training.
     assert "distinct-2" in text and "self-BLEU" in text
     for side in (res.before, res.after):
         assert 0 < side["distinct_2"] <= 1 and 0 <= side["self_bleu"] <= 1
     assert saved["after"]["distinct_2"] == res.after["distinct_2"]
     probed = [r["step"] for r in records if "diversity/distinct_2" in r]
     assert probed == [30, res.steps]
+    # No collapse warning: the demo's settings change the style, not into one fixed answer
+    # (measured: every diversity figure >= 0.8 x the base's; the warning is at 0.5 x).
+    # test_judge_probes.py tests the monitor itself on built samples.
     assert not any("mode collapse" in m for m in logs)
+    assert not any(r.get("diversity/collapse") for r in records)
 
 
 def test_demo_yaml_matches_the_demo_settings():

@@ -20,7 +20,7 @@ from mlx_kto.train.run import train
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_step import _write_feedback
+from feedback_fixtures import write_feedback
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 ROOT = Path(mlx_kto.__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def _flags(d: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("dp") / "train.jsonl"
-    _write_feedback(path, n=48)
+    write_feedback(path, 48, seed=0, numbered=True)
     return path
 
 
@@ -109,7 +109,10 @@ def test_two_ranks_with_mlx_launch_equal_one_process(tiny_llama, data, tmp_path)
     lines = [json.loads(x) for x in (two_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     ones = [json.loads(x) for x in one.metrics_path.read_text().splitlines()]
-    assert max(r["kl"] for r in ones) > 0.1  # z > 0 shaped some updates
+    # z > 0 shaped the later updates, so the comparison covers the KL point's all-reduce: step
+    # 2's kl is the estimate after one update from fixed weights (measured 1.4; float noise
+    # ~1e-6), so "clearly non-zero" holds on any machine, unlike a tuned trajectory bound.
+    assert ones[0]["kl"] < 1e-5 and ones[1]["kl"] > 1e-3, [r["kl"] for r in ones]
     for r, o in zip(lines, ones):
         # rewards/accuracy is left out: before the first update the rewards are 0 up to float
         # noise between batch shapes, and accuracy (a strict > on ties) turns that noise into 0.5.
@@ -199,10 +202,8 @@ def test_ranks_given_other_data_or_settings_stop_with_one_line(tiny_llama, data,
     """Each rank reads its shard of one data order: another copy of the data on one host
     (other rows, even as many) or other flags would train on a mix without a word. Both
     ranks stop before the first step with the same line."""
-    from test_step import _write_feedback
-
     other = tmp_path / "other.jsonl"
-    _write_feedback(other, n=48, seed=7)  # as many rows, other content
+    write_feedback(other, 48, seed=7, numbered=True)  # as many rows, other content
     assert other.read_text() != data.read_text()
     fewer = tmp_path / "fewer.jsonl"
     fewer.write_text("".join(data.read_text().splitlines(keepends=True)[:40]))

@@ -9,28 +9,22 @@ from mlx_kto.train.run import train
 import mlx.core as mx
 import numpy as np
 import pytest
-
-GOOD = [" Sure, I would be happy to help you.", " Of course! Here is what you need to know."]
-BAD = [" Go away, I do not care.", " No. Figure it out yourself."]
+from feedback_fixtures import write_feedback
 
 
 @pytest.fixture(scope="module")
 def dora_run(tiny_llama, tmp_path_factory):
+    """4 DoRA steps at a small constant learning rate, every one on the same balanced batch
+    (4 desirable and 4 undesirable rows): step 2's loss is then the loss of step 1's batch
+    after one update along its gradient (see test_train.py's one_step)."""
     d = tmp_path_factory.mktemp("dora_data")
-    with open(d / "train.jsonl", "w") as f:
-        for i in range(16):
-            good = i % 2 == 0
-            row = {
-                "prompt": f"Tell me about the sea {i}.",
-                "completion": (GOOD if good else BAD)[i % 4 // 2],
-                "label": good,
-            }
-            f.write(json.dumps(row) + "\n")
+    write_feedback(d / "train.jsonl", 8, seed=0, numbered=True)
     out = tmp_path_factory.mktemp("dora_run")
     cfg = make_config(
         None, model=str(tiny_llama), data=str(d / "train.jsonl"), adapter_path=str(out),
-        fine_tune_type="dora", batch_size=4, iters=8, learning_rate=5e-3, lora_rank=4,
-        max_length=64, quiet=True, warmup_steps=1, steps_per_save=0, no_ref_cache=True,
+        fine_tune_type="dora", batch_size=8, iters=4, learning_rate=3e-4, lr_schedule="constant",
+        lora_rank=4, max_length=64, quiet=True, warmup_steps=0, steps_per_save=0,
+        no_ref_cache=True,
     )  # fmt: skip
     return cfg, train(cfg, log=lambda *_: None), d
 
@@ -44,7 +38,9 @@ def test_dora_trains_its_magnitude_and_saves_a_dora_adapter(dora_run):
     assert ms and all(k[:-2] + ".lora_a" in w for k in ms)
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert abs(lines[0]["loss"] - 0.5) < 1e-5  # policy == reference at the start
-    assert lines[-1]["loss"] < lines[0]["loss"]
+    # One small step along the gradient lowers the loss of the batch it saw (first order in
+    # the learning rate; measured 0.5 -> 0.482, float noise ~1e-6).
+    assert lines[1]["loss"] < lines[0]["loss"] - 1e-4, [r["loss"] for r in lines]
 
 
 def test_dora_reference_is_the_base_model(dora_run, tiny_llama):

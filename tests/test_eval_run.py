@@ -8,7 +8,7 @@ from mlx_kto.train.run import train
 
 import pytest
 from click.testing import CliRunner
-from test_train import write_feedback
+from feedback_fixtures import write_feedback
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from mlx_kto.runtime.atomic import (
 )
 
 import pytest
-from test_train import quick_cfg, write_feedback
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
@@ -35,10 +34,9 @@ def _expect(p: Path, mask: int) -> None:
     assert _mode(p) == want, f"{p}: {oct(_mode(p))} != {oct(want)}"
 
 
-def test_training_outputs_follow_umask(umask, tiny_llama, tmp_path):
+def test_training_outputs_follow_umask(umask, feedback_file, quick_config, tmp_path):
     from mlx_kto.train.run import train
 
-    write_feedback(tmp_path / "d.jsonl", 12, seed=0)
     out = tmp_path / "run"
     # A checkpoint half-written by a killed run (its pid is gone) is removed by the next save.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -46,8 +44,7 @@ def test_training_outputs_follow_umask(umask, tiny_llama, tmp_path):
     stale = out / "checkpoints" / f".step_0000001.tmp-{dead}-0badc0de"
     stale.mkdir(parents=True)
     (stale / "adapters.safetensors").write_bytes(b"half")
-    train(quick_cfg(tiny_llama, tmp_path / "d.jsonl", out, iters=2, steps_per_save=1),
-          log=lambda *_: None)  # fmt: skip
+    train(quick_config(feedback_file, out, iters=2, steps_per_save=1), log=lambda *_: None)
     files = [out / "adapters.safetensors", out / "adapter_config.json", out / "kto_config.json"]
     ckpts = sorted((out / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step_0000001", "step_0000002"]

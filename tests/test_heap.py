@@ -64,7 +64,7 @@ def test_training_releases_memory_once_training_is_over(tiny_llama, tmp_path, mo
     from mlx_kto.train import run as train_mod
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import write_feedback
+    from feedback_fixtures import write_feedback
 
     write_feedback(tmp_path / "train.jsonl", 16, seed=0)
 

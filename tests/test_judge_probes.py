@@ -113,10 +113,9 @@ def test_collapsed_samples_trigger_the_warning_once(monkeypatch):
 
     for module in (sample_module, probes_module):  # wherever probes.py takes it from
         monkeypatch.setattr(module, "sample_replies", sample_replies, raising=False)
-    monkeypatch.setattr(
-        "mlx_kto.model.load.reference_mode", lambda *a, **k: contextlib.nullcontext()
-    )
-    monkeypatch.setattr(probes_module, "reference_mode", contextlib.nullcontext, raising=False)
+    no_adapter = lambda *a, **k: contextlib.nullcontext()  # noqa: E731
+    monkeypatch.setattr("mlx_kto.model.load.reference_mode", no_adapter)
+    monkeypatch.setattr(probes_module, "reference_mode", no_adapter, raising=False)
     cfg = KTOConfig(
         diversity_every=1, diversity_prompts=4, diversity_samples=3, diversity_max_tokens=16,
         collapse_threshold=0.5, steps_per_save=0,

@@ -1,7 +1,6 @@
 """Long rows are cut from a prefix of their text, with the ids full tokenization gives."""
 
 import random
-import time
 
 from mlx_kto.data.rows import Example
 from mlx_kto.data.tokenize import CHARS_PER_TOKEN, SAFETY_TOKENS, tokenize_examples
@@ -76,12 +75,13 @@ def test_a_20mb_completion_is_cut_cheaply(tokenizer):
 
     big = " " + "the sky is blue " * (20_000_000 // 16)
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    t0 = time.perf_counter()
     rows, stats = tokenize_examples([Example("Hi:", big, True)], Spy(), max_length=64)
-    dt = time.perf_counter() - t0
     assert stats.n_truncated == 1 and len(rows[0].tokens) == 64
-    assert max(seen) < 100_000  # never the whole 20 MB text
-    assert dt < 5, dt
+    # The work is bounded by max_length, not by the text: the prompt, then one prefix of
+    # CHARS_PER_TOKEN * (64 + SAFETY_TOKENS) characters (grown 4x only if it falls short).
+    # Structural, unlike a wall-clock bound that a busy or slow machine breaks.
+    assert len(seen) <= 3, seen
+    assert sum(seen) < 4 * CHARS_PER_TOKEN * (64 + SAFETY_TOKENS) + 100, seen
     # Full tokenization of the row took 3.8 GB; the process peak barely moves now.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0 < 300_000
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from adapter_fixtures import logits
 from assets_smollm2 import smollm2_gguf  # noqa: F401  (fixture)
+from feedback_fixtures import write_chat_feedback
 from ollama_store import add_model, write_manifest
 from toy_gguf import write_toy_gguf
 
@@ -200,6 +201,7 @@ def test_a_broken_store_through_the_cli(kind, toy, tmp_path):
     assert not (tmp_path / "run" / "adapters.safetensors").exists()
 
 
+@pytest.mark.slow  # every command as a process: ~40 s
 def test_every_command_takes_an_ollama_name(toy, store_env, tmp_path):
     """train (2 steps), eval (the run's model), generate, cache warm, data check, chat's
     loader: through `ollama:toy:latest`, as with the .gguf file itself."""
@@ -370,8 +372,6 @@ def test_the_round_trip_on_smollm2_from_an_ollama_store(smollm2_gguf, tmp_path):
     the blob with adapter.gguf, moving the logits as MLX's adapter moves them."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
     from mlx_kto.model.load import load_gguf_for_inference, reference_mode
-
-    from test_real_smollm2 import write_chat_feedback
 
     store = tmp_path / "store"
     blob = add_model(store, "smollm2:135m", smollm2_gguf)

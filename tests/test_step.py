@@ -2,7 +2,6 @@
 same update as one micro-batch of 8 (gradients and adapters), with the reference cache cold and
 warm; the split of global batches; the config rules for micro-batch 1."""
 
-import json
 import random
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
@@ -23,6 +22,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from feedback_fixtures import write_feedback
 from mlx.utils import tree_flatten, tree_unflatten
 
 
@@ -120,24 +120,12 @@ def test_per_micro_batch_estimate_differs(setup):
     assert diff > 1e-2
 
 
-def _write_feedback(path, n=48, seed=0):
-    rng = random.Random(seed)
-    good = [" Sure, I would be happy to help you.", " Of course! Here is what you need."]
-    bad = [" Go away, I do not care.", " No. Figure it out yourself."]
-    with open(path, "w") as f:
-        for i in range(n):
-            label = i % 2 == 0
-            prompt = f"Tell me about the {rng.choice(['sky', 'sea', 'cat', 'hat'])} {i}."
-            row = {"prompt": prompt, "completion": rng.choice(good if label else bad)}
-            f.write(json.dumps({**row, "label": label}) + "\n")
-
-
 @pytest.mark.parametrize("cache", ["cold", "warm"])
 def test_trained_adapter_same_for_1x8_and_8x1(tiny_llama, tmp_path, cache):
     """Three AdamW steps of train(): micro-batch 1 x 8 gives the adapter of micro-batch 8 x 1
     (the data order is one of global batches, so both read the same rows per step)."""
     data = tmp_path / "train.jsonl"
-    _write_feedback(data)
+    write_feedback(data, 48, seed=0, numbered=True)
 
     def run(name, micro, accum, ref_cache):
         cfg = make_config(

@@ -1,10 +1,11 @@
 """End-to-end training: learning, adapters mlx-lm can load, reference = base, resume, CLI."""
 
 import json
-import random
+import shutil
 import subprocess
 import sys
 
+from mlx_kto.cli.app import cli
 from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.errors import UserError
 from mlx_kto.train.run import train
@@ -13,75 +14,65 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from feedback_fixtures import quick_cfg, write_feedback
 
-GOOD = [" Sure, I would be happy to help you.", " Of course! Here is what you need to know."]
-BAD = [" Go away, I do not care.", " No. Figure it out yourself."]
-TOPICS = ["sky", "sea", "cat", "hat", "story", "poem", "answer", "homework", "grass", "light"]
-
-
-def write_feedback(path, n, seed):
-    """Separable synthetic feedback: polite completions good, rude ones bad."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            topic = " ".join(rng.sample(TOPICS, 2))
-            label = i % 2 == 0
-            completion = rng.choice(GOOD if label else BAD)
-            f.write(
-                json.dumps(
-                    {
-                        "prompt": f"Tell me about the {topic}.",
-                        "completion": completion,
-                        "label": label,
-                    }
-                )
-                + "\n"
-            )
+# Float32 noise on a sequence log-prob (~-100) between batch shapes, BLAS builds and thread
+# counts is ~1e-5; one update of an 8-row batch at lr 1e-4 moves the rewards (beta 0.1) by
+# ~2e-2 (margins 2.2e-2, loss 0.5 -> 0.4972 when measured). Assertions sit between the two.
+NOISE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("feedback")
-    write_feedback(d / "train.jsonl", 64, seed=0)
-    write_feedback(d / "valid.jsonl", 16, seed=1)
-    return d
-
-
-def quick_cfg(model, data, out, **kw):
-    base = dict(
-        model=str(model),
-        data=str(data),
-        adapter_path=str(out),
-        batch_size=4,
-        iters=30,
-        learning_rate=2e-3,
-        lora_rank=4,
-        lora_alpha=8.0,
-        steps_per_eval=0,
-        steps_per_save=10,
-        max_length=64,
-        quiet=True,
-        seed=0,
-        warmup_steps=3,
-    )
-    base.update(kw)
-    return make_config(None, **base)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_llama, data_dir, tmp_path_factory):
+def trained(tiny_llama, feedback_dir, tmp_path_factory):
+    """A short run (8 steps of 4 rows) with a final eval on valid.jsonl: an adapter that has
+    moved, for the tests that need one."""
     out = tmp_path_factory.mktemp("run")
-    cfg = quick_cfg(tiny_llama, data_dir, out)
+    cfg = quick_cfg(tiny_llama, feedback_dir, out, iters=8, steps_per_save=4)
     return cfg, train(cfg, log=lambda *_: None)
 
 
-def test_learning_separates_rewards_on_held_out(trained):
-    _, result = trained
-    ev = result.eval_metrics
-    # Held-out desirable rows gain reward, undesirable rows lose it.
-    assert ev["rewards/chosen"] > ev["rewards/rejected"], ev
-    assert ev["rewards/margins"] > 0.05, ev
-    assert ev["rewards/accuracy"] > 0.8, ev
+@pytest.fixture(scope="module")
+def one_step(tiny_llama, tmp_path_factory):
+    """One optimizer step at a small learning rate on one balanced batch (4 desirable and 4
+    undesirable rows, weights 1), whose valid split is that same batch.
+
+    Before the step the policy is the reference: every reward is 0 and the loss is 0.5. The
+    step follows the gradient of the loss, so to first order in the learning rate it raises
+    desirable rewards against undesirable ones and lowers the loss on the batch it saw (the
+    KL point z cancels to first order in a balanced batch). Measured: the margin is linear in
+    the learning rate to 0.2% up to lr 1e-3, so at 1e-4 the second-order terms are negligible
+    and this holds on every machine: no trajectory is involved."""
+    d = tmp_path_factory.mktemp("one_batch")
+    write_feedback(d / "train.jsonl", 8, seed=0, numbered=True)
+    shutil.copy(d / "train.jsonl", d / "valid.jsonl")
+    held = write_feedback(tmp_path_factory.mktemp("held") / "held_out.jsonl", 16, seed=1)
+    cfg = quick_cfg(
+        tiny_llama, d, tmp_path_factory.mktemp("one_step"), iters=1, batch_size=8,
+        learning_rate=1e-4, warmup_steps=0, lr_schedule="constant", steps_per_save=0,
+    )  # fmt: skip
+    return cfg, train(cfg, log=lambda *_: None), held
+
+
+def _eval(*args) -> dict:
+    """`mlx-kto eval ARGS` (in-process) -> the scores it prints."""
+    out = CliRunner().invoke(cli, ["eval", *args])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.output[out.output.index("{") :])
+
+
+def test_a_step_separates_rewards_on_its_batch_and_on_held_out_rows(one_step):
+    _, result, held = one_step
+    (first,) = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference before it
+    assert abs(first["rewards/margins"]) < 1e-5
+    ev = result.eval_metrics  # after the step, on the rows it trained on
+    assert ev["loss"] < 0.5 - NOISE, ev
+    assert ev["rewards/chosen"] - ev["rewards/rejected"] > NOISE, ev
+    assert ev["rewards/margins"] > NOISE, ev
+    # Held-out rows (other prompts, the same kinds of reply) move the same way: a first-order
+    # effect of one step from fixed weights (measured 80% of the batch's), not a trajectory.
+    scores = _eval("--adapter-path", str(result.adapter_path), "--data", str(held))
+    assert scores["rows"] == 16 and scores["rewards/margins"] > NOISE, scores
 
 
 def test_metrics_jsonl_has_every_step(trained):
@@ -100,9 +91,10 @@ def test_metrics_jsonl_has_every_step(trained):
         assert key in lines[-1]
     # A side's metrics appear only on steps whose batch had rows of that side.
     assert any("logps/chosen" in r for r in lines) and any("logps/rejected" in r for r in lines)
-    # Step 0 has r = 0 for every row, so the first loss is 0.5 (weights 1) up to the first update.
+    # Step 0 has r = 0 for every row, so the first loss is 0.5 (weights 1) up to the first
+    # update (that the loss then falls: test_a_step_separates_rewards_on_its_batch...).
     assert abs(lines[0]["loss"] - 0.5) < 1e-5
-    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert all(np.isfinite(r["loss"]) for r in lines)
 
 
 def test_adapter_loads_in_mlx_lm_and_changes_outputs(trained, tiny_llama):
@@ -143,15 +135,25 @@ def test_reference_is_base_model(tiny_llama):
     assert len(tree_flatten(model.trainable_parameters())) > 0
 
 
-def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
-    """Resuming from the step-10 checkpoint of a 20-step run reproduces its final adapter."""
+def test_resume_continues_exactly(tiny_llama, feedback_dir, tmp_path):
+    """Resuming from the step-4 checkpoint of an 8-step run reproduces its final adapter."""
     from mlx_kto.train.checkpoint import list_checkpoints
 
-    straight = train(quick_cfg(tiny_llama, data_dir, tmp_path / "a", iters=20), log=lambda *_: None)
+    straight = train(
+        quick_cfg(tiny_llama, feedback_dir, tmp_path / "a", iters=8, steps_per_save=4),
+        log=lambda *_: None,
+    )
     ckpts = list_checkpoints(tmp_path / "a")
-    assert [c.name for c in ckpts] == ["step_0000010", "step_0000020"]
+    assert [c.name for c in ckpts] == ["step_0000004", "step_0000008"]
     resumed = train(
-        quick_cfg(tiny_llama, data_dir, tmp_path / "c", iters=20, resume=str(ckpts[0])),
+        quick_cfg(
+            tiny_llama,
+            feedback_dir,
+            tmp_path / "c",
+            iters=8,
+            steps_per_save=4,
+            resume=str(ckpts[0]),
+        ),
         log=lambda *_: None,
     )
     a = mx.load(str(straight.adapter_path / "adapters.safetensors"))
@@ -162,13 +164,13 @@ def test_resume_continues_exactly(tiny_llama, data_dir, tmp_path):
     steps = [
         json.loads(x)["step"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert steps == list(range(11, 21))
+    assert steps == list(range(5, 9))
 
 
-def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
+def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, feedback_dir, tmp_path):
     cfg = quick_cfg(
         tiny_qwen2,
-        data_dir / "train.jsonl",
+        feedback_dir / "train.jsonl",
         tmp_path,
         iters=4,
         batch_size=1,
@@ -181,14 +183,14 @@ def test_qwen2_and_apo_zero_with_batch_one(tiny_qwen2, data_dir, tmp_path):
     assert res.final_metrics["kl"] == 0.0
 
 
-def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path):
+def test_quantized_base_and_init_adapter(tiny_llama, feedback_dir, trained, tmp_path):
     """QLoRA (8-bit base) trains; starting from an adapter makes that adapter the reference."""
     _, first = trained
-    cfg = quick_cfg(tiny_llama, data_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
+    cfg = quick_cfg(tiny_llama, feedback_dir, tmp_path / "q", iters=2, quantize=8, q_group_size=32)
     assert train(cfg, log=lambda *_: None).steps == 2
     cfg = quick_cfg(
         tiny_llama,
-        data_dir,
+        feedback_dir,
         tmp_path / "i",
         iters=1,
         learning_rate=1e-12,
@@ -202,7 +204,7 @@ def test_quantized_base_and_init_adapter(tiny_llama, data_dir, trained, tmp_path
 
 
 def test_train_leaves_the_callers_config_unchanged(
-    tiny_llama, data_dir, trained, tmp_path, monkeypatch
+    tiny_llama, feedback_dir, trained, tmp_path, monkeypatch
 ):
     """train() works on its own copy: a starting adapter (its LoRA settings), relative paths
     (made absolute), resuming (model, data and run folder from the checkpoint) change the
@@ -213,7 +215,7 @@ def test_train_leaves_the_callers_config_unchanged(
 
     _, first = trained  # a rank-4 adapter
     monkeypatch.chdir(tmp_path)
-    rel_data = os.path.relpath(data_dir, tmp_path)
+    rel_data = os.path.relpath(feedback_dir, tmp_path)
     cfg = quick_cfg(
         tiny_llama, rel_data, "run", iters=2, lora_rank=8, init_adapter=str(first.adapter_path)
     )
@@ -221,7 +223,7 @@ def test_train_leaves_the_callers_config_unchanged(
     train(cfg, log=lambda *_: None)
     assert cfg == before
     saved = json.loads((tmp_path / "run" / "kto_config.json").read_text())
-    assert saved["lora_rank"] == 4 and saved["data"] == str(data_dir.resolve())
+    assert saved["lora_rank"] == 4 and saved["data"] == str(feedback_dir.resolve())
 
     resume = dataclasses.replace(
         cfg, model=None, data=None, adapter_path=KTOConfig().adapter_path, iters=3,
@@ -286,8 +288,6 @@ def test_cli_errors_are_one_line(tmp_path, tiny_llama):
 
 
 def test_python_m_train_matches_cli_help():
-    from mlx_kto.cli.app import cli
-
     out = CliRunner().invoke(cli, ["train", "--help"]).output
     for flag in (
         "--beta",
@@ -304,24 +304,12 @@ def test_python_m_train_matches_cli_help():
     assert p.returncode == 0 and "--beta" in p.stdout
 
 
-def test_eval_command_scores_trained_adapter(trained, tiny_llama, data_dir):
-    from mlx_kto.cli.app import cli
-
-    _, result = trained
-    out = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "--model",
-            str(tiny_llama),
-            "--adapter-path",
-            str(result.adapter_path),
-            "--data",
-            str(data_dir),
-            "--max-length",
-            "64",
-        ],
-    )
-    assert out.exit_code == 0, out.output
-    scores = json.loads(out.output[out.output.index("{") :])
-    assert scores["rows"] == 16 and scores["rewards/margins"] > 0.05
+def test_eval_command_equals_the_final_eval_and_scores_the_step(one_step):
+    """`mlx-kto eval RUN` scores as the trainer's final eval did (settings from the run's
+    kto_config.json), so it shows the step's known direction: margin up, loss down."""
+    _, result, _ = one_step
+    scores = _eval("--adapter-path", str(result.adapter_path))
+    assert scores["rows"] == 8
+    for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl"):
+        assert scores[key] == pytest.approx(result.eval_metrics[key], rel=1e-4, abs=1e-6), key
+    assert scores["rewards/margins"] > NOISE and scores["loss"] < 0.5 - NOISE

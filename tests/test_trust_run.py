@@ -15,7 +15,7 @@ from mlx_kto.train.run import train
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_train import quick_cfg, write_feedback
+from feedback_fixtures import quick_cfg, write_feedback
 
 QUIET = dict(log=lambda *_: None)
 
@@ -459,6 +459,7 @@ def straight_run(tiny_llama, data, tmp_path_factory):
 @pytest.mark.parametrize(
     "signals, code", [(["SIGINT"], 130), (["SIGTERM"], 143), (["SIGINT", "SIGINT"], 130)]
 )
+@pytest.mark.slow  # 40-step CLI trainings stopped by signals, then resumed
 def test_signal_checkpoints_and_resume_matches(
     tiny_llama, data, tmp_path, straight_run, signals, code
 ):

@@ -102,7 +102,9 @@ def chat(
         os._exit(130)
     try:
         if web:
-            from mlx_kto.collect.web.server import serve  # optional: starlette, uvicorn
+            # Imported on use: starlette and uvicorn are optional for a partial install
+            # (cli/deps.py names them when missing); only --web needs them.
+            from mlx_kto.collect.web.server import serve
 
             serve(session, host=host, port=port, echo=click.echo)
         else:

@@ -17,8 +17,6 @@ from mlx_kto.model.load import load_base, load_init_adapter
 from mlx_kto.runtime.paths import DEMO_ASSETS
 
 import mlx.core as mx
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
 
 
 @dataclass
@@ -104,6 +102,11 @@ class ChatSession:
         """Text pieces of a sampled reply to `prompt` (a message list ending with the
         user's turn), through the model's chat template and mlx-lm's sampler. Runs on
         the MLX thread (`stream` / `start_stream` put it there)."""
+        # Imported on use (measured startup cost): any mlx_lm import loads transformers,
+        # ~1 s at the start of every command (cli/app.py imports this module) otherwise.
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
         s = self.sampling
         if s.seed is not None:  # reproducible, yet each reply its own draw
             mx.random.seed(s.seed + self._n_generated)

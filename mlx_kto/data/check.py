@@ -12,7 +12,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mlx_kto.data.rows import Example, find_split_files, parse_row
+from mlx_kto.data.feedback import drop_retracted
+from mlx_kto.data.load import is_saved_dataset, source_splits
+from mlx_kto.data.rows import Example, _read_rows, examples_from_rows, find_split_files, parse_row
+from mlx_kto.data.tokenize import balance_report, encode_example, tokenize_examples
 from mlx_kto.errors import UserError
 
 BOUNDARY = "<<<COMPLETION>>>"  # printed where the rated completion starts
@@ -38,9 +41,6 @@ def row_shape(row: Any) -> str:
 def raw_splits(data: str, split: str | None = None) -> dict[str, tuple[str, str, list]]:
     """{split: (source kind, source, raw (row, where) pairs)} of a file, folder, save_to_disk
     folder or hub id, read the way data.load_splits reads them."""
-    from mlx_kto.data.load import is_saved_dataset, source_splits
-    from mlx_kto.data.rows import _read_rows
-
     raw = source_splits(data, split)
     if raw is not None:
         kind = (
@@ -74,8 +74,6 @@ def shape_counts(rows: list) -> tuple[Counter, Counter]:
 def render_example(ex: Example, tokenizer) -> tuple[str, int, int]:
     """(text with BOUNDARY at the prompt/completion split, prompt tokens, completion tokens),
     untruncated, exactly as training tokenizes the row."""
-    from mlx_kto.data.tokenize import encode_example
-
     prompt_ids, completion_ids, _ = encode_example(ex, tokenizer)
     text = tokenizer.decode(prompt_ids) + BOUNDARY + tokenizer.decode(completion_ids)
     return text, len(prompt_ids), len(completion_ids)
@@ -89,8 +87,6 @@ def truncation_lines(
     examples: list[Example], tokenizer, max_length: int, max_prompt_length: int | None
 ) -> list[str]:
     """Token lengths before truncation and what max_length / max_prompt_length do to them."""
-    from mlx_kto.data.tokenize import tokenize_examples
-
     full, _ = tokenize_examples(examples, tokenizer, None, None)
     if not full:
         return ["tokens: no usable rows (every completion is empty after tokenization)"]
@@ -132,10 +128,6 @@ def data_check_lines(
 ) -> list[str]:
     """The report `mlx-kto data check` prints (see module docstring). `fields`: a
     columns.FieldMap (--label-field, ...), applied before anything is counted."""
-    from mlx_kto.data.feedback import drop_retracted
-    from mlx_kto.data.rows import examples_from_rows
-    from mlx_kto.data.tokenize import balance_report
-
     lines: list[str] = []
     for name, (kind, source, rows) in raw_splits(str(data), split).items():
         rows = drop_retracted(rows)

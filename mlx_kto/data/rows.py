@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_kto.data.content_parts import flatten_message
+from mlx_kto.data.feedback import drop_retracted
 from mlx_kto.data.load import EXTENSIONS, TABLE_EXTENSIONS, read_table_rows, source_splits
 from mlx_kto.errors import UserError
 
@@ -377,8 +378,6 @@ def examples_from_rows(
     examples: list[Example] = []
     any_paired = False
     first_kind: tuple[bool, str] | None = None  # (conversational, where) of the first row
-    from mlx_kto.data.feedback import drop_retracted
-
     for row, where in drop_retracted(rows):
         if fields is not None:  # a columns.FieldMap (--label-field, ...)
             row = fields.apply(row, where)

@@ -21,7 +21,11 @@ from collections.abc import Callable
 
 from mlx_kto.errors import UserError
 from mlx_kto.judge.plot import plot_after_training
+from mlx_kto.judge.sample import sample_replies, summarize
+from mlx_kto.model.load import reference_mode
 from mlx_kto.train.run import Extras
+
+from tqdm import tqdm
 
 PREFIX = "diversity/"
 BASE_PREFIX = "diversity/base/"
@@ -66,8 +70,6 @@ class DiversityProbe:
         self.warned = False
 
     def measure(self) -> dict:
-        from mlx_kto.judge.sample import sample_replies, summarize
-
         samples = sample_replies(
             self.model,
             self.tokenizer,
@@ -81,8 +83,6 @@ class DiversityProbe:
 
     def start(self) -> dict:
         """The base model's figures (adapter bypassed), measured once."""
-        from mlx_kto.model.load import reference_mode
-
         with reference_mode(self.model, self.frozen):
             self.base = self.measure()
         self._log(f"diversity of the base ({len(self.prompt_ids)} prompts): {_fmt(self.base)}")
@@ -114,12 +114,7 @@ class DiversityProbe:
                 )
 
     def _log(self, msg: str) -> None:
-        try:  # print above a running progress bar instead of through it
-            from tqdm import tqdm
-
-            with tqdm.external_write_mode():
-                self.log(msg)
-        except ImportError:
+        with tqdm.external_write_mode():  # above a running progress bar, not through it
             self.log(msg)
 
 

@@ -12,16 +12,29 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlx_kto.config.core import KTOConfig
+from mlx_kto.config.core import QUANT_GROUP_SIZES, KTOConfig
 from mlx_kto.errors import UserError
 from mlx_kto.model.adapter_fit import mismatch_error
+from mlx_kto.model.chat_template import set_chat_template
+from mlx_kto.model.gguf import load_gguf
 from mlx_kto.model.lmstudio import is_lmstudio_ref, resolve_lmstudio
+from mlx_kto.model.lora_keys import expand_lora_keys
 from mlx_kto.model.ollama import is_gguf_file, is_ollama_ref, provenance, resolve_ollama
-from mlx_kto.runtime.atomic import atomic_write_bytes, check_safetensors_size, write_errors
+from mlx_kto.runtime.atomic import (
+    atomic_write_bytes,
+    atomic_write_with,
+    check_safetensors_size,
+    write_errors,
+)
+from mlx_kto.runtime.qmatmul import use_blas_for_quantized
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+# mlx_lm is imported in the functions that use it (measured startup cost): any mlx_lm import
+# loads transformers, ~1 s (2.5 s where torch is installed and not kept out), and every
+# command imports this module at start; only the commands that load a model need it.
 
 LORA_PARAM_NAMES = ("lora_a", "lora_b")
 
@@ -71,8 +84,6 @@ def load_base(cfg: KTOConfig, log=None):
         raise UserError("--model (model): no model given (--model PATH_OR_HUB_ID)")
     path = resolve_model_path(cfg.model)
     if is_gguf_file(path):
-        from mlx_kto.model.gguf import load_gguf
-
         model, tokenizer, config = load_gguf(path, cfg.quantize, cfg.q_group_size, log=log)
         _set_template(tokenizer, cfg)
         cfg_dtype_from_device(cfg, model, log)
@@ -107,8 +118,6 @@ def load_base(cfg: KTOConfig, log=None):
 def check_group_size(model: nn.Module, group_size: int) -> None:
     """mlx-lm leaves a layer unquantized when its input size is not a multiple of the group
     size, without a word; refuse, naming a group size that fits every layer."""
-    from mlx_kto.config.core import QUANT_GROUP_SIZES
-
     dims = {
         name: m.weight.shape[-1]
         for name, m in model.named_modules()
@@ -165,8 +174,6 @@ def check_lora_keys(model: nn.Module, keys: list[str] | None, num_layers: int) -
 
 def _set_template(tokenizer, cfg: KTOConfig) -> None:
     if getattr(cfg, "chat_template", None):  # --chat-template
-        from mlx_kto.model.chat_template import set_chat_template
-
         set_chat_template(tokenizer, cfg.chat_template)
 
 
@@ -186,8 +193,6 @@ def cfg_dtype_from_device(cfg: KTOConfig, model: nn.Module, log) -> None:
 def load_gguf_for_inference(path: Path, adapter_path: str | None = None, log=None):
     """(model, tokenizer) of a .gguf base plus an optional mlx-lm adapter, in eval mode:
     what `mlx_lm.load(folder, adapter_path=...)` gives for a folder."""
-    from mlx_kto.model.gguf import load_gguf
-
     from mlx_lm.tuner.utils import load_adapters
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -204,16 +209,12 @@ def load_gguf_for_inference(path: Path, adapter_path: str | None = None, log=Non
 
 
 def _blas_for_quantized(model: nn.Module, log) -> None:
-    from mlx_kto.runtime.qmatmul import use_blas_for_quantized
-
     if n := use_blas_for_quantized(model):
         log(f"CPU device: {n} quantized layers multiply through BLAS (dequantized per call; "
             "MLX's CPU quantized kernel is ~8x slower; MLX_KTO_CPU_QMM=1 keeps it)")  # fmt: skip
 
 
 def _cast_tree(tree, dtype):
-    from mlx.utils import tree_map
-
     return tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v, tree)
 
 
@@ -236,8 +237,6 @@ def apply_lora(model: nn.Module, cfg: KTOConfig) -> nn.Module:
         raise UserError(
             f"--num-layers (num_layers): {cfg.num_layers} > the model's {n_blocks} blocks"
         )
-    from mlx_kto.model.lora_keys import expand_lora_keys
-
     cfg.lora_keys = expand_lora_keys(model, cfg.lora_keys)  # PEFT short names -> paths
     check_lora_keys(model, cfg.lora_keys, cfg.num_layers)
     linear_to_lora_layers(
@@ -375,8 +374,6 @@ def reference_mode(model: nn.Module, frozen: dict[str, mx.array] | None = None):
 
 
 def _unflatten(flat: dict[str, mx.array]):
-    from mlx.utils import tree_unflatten
-
     return tree_unflatten(list(flat.items()))
 
 
@@ -389,7 +386,6 @@ def all_finite(tree) -> bool:
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
     """mx.save_safetensors through a temp file + rename (never a half-written file)."""
-    from mlx_kto.runtime.atomic import atomic_write_with
 
     def write(p):
         mx.save_safetensors(str(p), arrays, metadata=metadata or {})

@@ -11,6 +11,8 @@ hot path is unchanged. Target positions are t-1 for a completion token at t, as 
 
 from __future__ import annotations
 
+from mlx_kto.model.logprobs import default_chunk_size, hidden_states, lm_head, vocab_size
+
 import mlx.core as mx
 
 ROWS_PER_CHUNK = 4  # rows per forward: bounds the [rows, T, V] float32 logits held at once
@@ -20,8 +22,6 @@ def logit_stats(model, tokens: mx.array, mask: mx.array, labels: mx.array) -> di
     """{logits/chosen, logits/rejected, entropy} of the policy on one batch (no gradient).
     tokens, mask [B, T] (mask: completion tokens), labels [B] (True = chosen). A side with
     no rows is left out, as TRL logs nothing for it."""
-    from mlx_kto.model.logprobs import default_chunk_size, hidden_states, lm_head, vocab_size
-
     head = lm_head(model)
     sums = {"chosen": 0.0, "rejected": 0.0, "entropy": 0.0}
     counts = {"chosen": 0.0, "rejected": 0.0, "entropy": 0.0}

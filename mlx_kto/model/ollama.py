@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_kto.errors import UserError
+from mlx_kto.model.gguf_arch import ARCHES  # the table alone: no MLX at import
+from mlx_kto.model.gguf_reader import meta, read_header
 from mlx_kto.runtime.atomic import atomic_write_bytes
 from mlx_kto.runtime.paths import default_cache_dir
 
@@ -223,11 +225,6 @@ def resolve_ollama(ref: str, verify: bool = True) -> OllamaModel:
 
 def _check_architecture(blob: Path, name: OllamaName) -> None:
     """Refuse up front, by the name the user typed, a GGUF architecture we cannot load."""
-    # imported on use: model.gguf loads MLX, which importers of this module (the
-    # reference fingerprint) do not otherwise need at import time
-    from mlx_kto.model.gguf import ARCHES
-    from mlx_kto.model.gguf_reader import meta, read_header
-
     arch = meta(read_header(blob), "general.architecture")
     if arch not in ARCHES:
         raise UserError(
