@@ -13,6 +13,8 @@ from mlx_kto.cli.options import HELP, _option_for
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
 from mlx_kto.rounds.config import TRAIN_DEFAULTS, RoundsConfig, resume_config, rounds_config
+from mlx_kto.rounds.loop import run_rounds
+from mlx_kto.train.guard import Interrupted
 
 import click
 
@@ -103,9 +105,6 @@ def rounds(model, out, resume, **flags):
 
 
 def _run(cfg: RoundsConfig, resume: bool, log) -> None:
-    from mlx_kto.rounds.loop import run_rounds
-    from mlx_kto.train.guard import Interrupted
-
     again = f"mlx-kto rounds --resume {shlex.quote(str(Path(cfg.out).resolve()))}"
     try:
         run_rounds(cfg, resume=resume, log=log, echo=click.echo)

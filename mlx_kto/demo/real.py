@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
 from mlx_kto.judge.sample import Prompt
 from mlx_kto.rounds import rounds_config, run_rounds
@@ -124,7 +125,6 @@ def rule(prompt: str, reply: str) -> bool:
 
 def facts_kept(gguf: Path, adapter: str | None, seed: int) -> float:
     """Share of FACTS answered right (greedy replies of FACTS_MAX_TOKENS) by base + adapter."""
-    from mlx_kto.config.core import KTOConfig
 
     model, tok = load_policy(KTOConfig(model=str(gguf)), adapter)
     got = sample(model, tok, [Prompt(q) for q, _ in FACTS], 1,

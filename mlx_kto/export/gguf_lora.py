@@ -18,6 +18,7 @@ from mlx_kto.errors import UserError
 from mlx_kto.export._io import check_out_file
 from mlx_kto.export.adapters import read_adapter
 from mlx_kto.export.base import BaseModel, check_adapter, load_base
+from mlx_kto.export.gguf_base import describe
 from mlx_kto.runtime.atomic import atomic_write_with
 
 import numpy as np
@@ -204,8 +205,6 @@ def to_gguf(
     if not base_ref:
         raise UserError(f"{adapter_dir}: adapter_config.json has no 'model'; pass --base")
     if str(base_ref).lower().endswith(".gguf"):  # the exact GGUF file: its names and shapes
-        from mlx_kto.export.gguf_base import describe
-
         info, base_tensors, arch, permute = describe(base_ref)
     else:
         info = load_base(base_ref)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mlx_kto.errors import UserError
 from mlx_kto.model.ollama import is_gguf_file
 from mlx_kto.reference.fingerprint import Fingerprint, weights_digest
 from mlx_kto.runtime.paths import default_cache_dir
@@ -311,7 +312,6 @@ def cache_source(root: str | Path | None) -> str:
 
 def check_cache_root(root: str | Path | None) -> None:
     """UserError if the cache folder (or a parent) is an existing non-folder."""
-    from mlx_kto.errors import UserError
 
     path = Path(root).expanduser() if root else default_cache_dir()
     for p in [path, *path.parents]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from mlx_kto.errors import UserError
+from mlx_kto.model.gguf import MAPPING_VERSION
 from mlx_kto.model.ollama import is_gguf_file
 
 SCHEMA = "mlx_kto.reference.scorer/1"  # bump when sequence_logps or the reference mode changes
@@ -69,8 +70,6 @@ def weights_digest(model_path: str | Path, memo: FileMemo | None = None) -> str:
     one) and the version of our GGUF -> MLX mapping."""
     folder = Path(model_path)
     if folder.is_file() and is_gguf_file(folder):  # by magic too: an Ollama blob has no suffix
-        from mlx_kto.model.gguf import MAPPING_VERSION
-
         h = hashlib.blake2b(digest_size=32)
         h.update(f"{MAPPING_VERSION}\0{file_digest(folder, memo)}\0".encode())
         return h.hexdigest()

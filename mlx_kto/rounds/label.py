@@ -18,9 +18,11 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mlx_kto.config.core import KTOConfig
 from mlx_kto.errors import UserError
 from mlx_kto.judge.judges import ModelJudge
 from mlx_kto.judge.sample import Prompt, prompt_ids
+from mlx_kto.model.load import load_base
 
 import numpy as np
 
@@ -126,8 +128,6 @@ class RubricJudge(ModelJudge):
 
 def load_rubric_judge(model: str, rubric: str, dtype: str | None = None) -> RubricJudge:
     """The judge model of `--judge-model M --rubric TEXT`, loaded as training loads models."""
-    from mlx_kto.config.core import KTOConfig
-    from mlx_kto.model.load import load_base
 
     jm, jt, _, _ = load_base(KTOConfig(model=model, dtype=dtype), log=lambda *_: None)
     jm.eval()
