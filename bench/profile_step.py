@@ -127,7 +127,7 @@ def child(args) -> None:
         b
         for _, _, b in iterate_batches(
             rows, args.batch_size, seed=0, pad_multiple=16, with_kl=True, loop=False,
-            packing=args.packing,
+            packing=args.packing, pass_tokens=args.pass_tokens,
         )
     ]  # fmt: skip
     ns = argparse.Namespace(
@@ -137,7 +137,7 @@ def child(args) -> None:
         run, _, scorers = kto_runner(model_path, ns, Path(tmp), max_length)
         scorer = scorers["kto_warm"]
         # no cache: every call is a reference forward
-        plain = type(scorer)(scorer.model, packing=args.packing)
+        plain = type(scorer)(scorer.model, packing=args.packing, pass_tokens=args.pass_tokens)
         flops = FlopModel(scorer.model)
 
         def one(b):
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a GGUF file or model folder (default: fixture)")
     ap.add_argument("--max-tokens", type=int, default=512, help="--model rows: longest row")
     ap.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--pass-tokens", type=int, default=1024, help="tokens per packed pass")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -223,6 +224,8 @@ def main() -> None:
         "--max-tokens",
         str(args.max_tokens),
         "--packing" if args.packing else "--no-packing",
+        "--pass-tokens",
+        str(args.pass_tokens),
     ]
     cmd += ["--model", args.model] if args.model else []  # fmt: skip
     if args.no_perf or shutil.which("perf") is None:

@@ -13,9 +13,11 @@ from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import make_batch
 from mlx_kto.data.packing import (
     first_fit_decreasing,
+    pack_passes,
     pack_rows_of,
     pack_sequences,
     plan_packs,
+    split_passes,
 )
 from mlx_kto.data.tokenize import Row, assign_kl_partners
 from mlx_kto.model.load import apply_lora, load_base
@@ -121,6 +123,32 @@ def test_plan_packs_places_every_sequence_once_within_capacity():
     assert first_fit_decreasing([5, 9, 3, 4], 10) == [[1], [0, 3], [2]]
 
 
+def test_split_passes_keeps_each_pass_within_budget():
+    rng = random.Random(2)
+    for _ in range(200):
+        n = rng.randint(1, 24)
+        lengths = [min(512, max(2, int(rng.lognormvariate(5.0, 0.8)))) for _ in range(n)]
+        budget = rng.choice([0, 64, 256, 1024, 4096])
+        passes = split_passes(lengths, budget)
+        assert sorted(i for p in passes for i in p) == list(range(n))  # each once
+        assert all(p == sorted(p) for p in passes)
+        if budget == 0 or sum(lengths) <= budget:
+            assert len(passes) == 1
+            continue
+        for p in passes:  # within budget, or one sequence longer than the budget alone
+            assert sum(lengths[i] for i in p) <= budget or len(p) == 1
+        short = [n for n in lengths if n <= budget]
+        assert len(passes) >= len(lengths) - len(short) + -(-sum(short) // budget)
+    assert split_passes([500, 500, 10, 10], 512) == [[0, 2], [1, 3]]  # balanced, not first-fit
+    assert split_passes([900, 100, 100], 512) == [[0], [1, 2]]  # too long: alone
+    # a pass's targets keep their index in the micro-batch: other rows sum to 0 there
+    seqs = [[1] * n for n in (40, 30, 20, 10)]
+    packs = pack_passes(seqs, [1] * 4, pad_multiple=8, groups=2, budget=50)
+    assert [sorted(r for row in pk.pack_rows for r in row) for pk in packs] == [[0, 3], [1, 2]]
+    assert [pk.real for pk in packs] == [50, 50] and all(pk.n_rows == 4 for pk in packs)
+    assert set(np.array(packs[0].tgt_row).ravel().tolist()) == {-1, 0, 3}
+
+
 def test_packing_leaves_little_padding_on_lognormal_lengths():
     """Micro-batches of 8 with log-normal prompt and completion lengths up to 512 (as real
     feedback): right-padding computes about twice the real tokens, packing a few % more."""
@@ -218,20 +246,24 @@ def test_packed_logps_and_gradients_equal_padded(family_models, family, streams,
 
 @pytest.mark.parametrize("streams, fast", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-def test_step_loss_and_gradient_equal_padded(family_models, compile_, streams, fast):
+@pytest.mark.parametrize("pass_tokens", [0, 100], ids=["one-pass", "passes"])
+def test_step_loss_and_gradient_equal_padded(family_models, compile_, streams, fast, pass_tokens):
     """One micro-batch through make_step_fns (reference, KL forward, gradient pass), packed
-    and padded: same reference and KL log-probs per row, same loss, same gradient."""
+    (in one pass, or in passes of at most 100 tokens) and padded: same reference and KL
+    log-probs per row, same loss, same gradient."""
     model, cfg = family_models["llama"]
     cfg = KTOConfig(**{**cfg.to_dict(), "compile": compile_}).validate()
     rows = _rows(8, seed=3)
     out = {}
     for packing in (False, True):
-        batch = make_batch(rows, list(range(8)), packing=packing)
+        batch = make_batch(rows, list(range(8)), packing=packing, pass_tokens=pass_tokens)
         assert (batch.packed is not None and batch.kl_packed is not None) == packing
+        if packing:
+            assert (len(batch.packed) > 2 and len(batch.kl_packed) > 2) == (pass_tokens > 0)
         opt = optim.AdamW(learning_rate=1e-3)
         opt.init(model.trainable_parameters())
         fns = make_step_fns(model, opt, cfg, 1.0)
-        scorer = ReferenceScorer(model, compile=compile_, packing=packing)
+        scorer = ReferenceScorer(model, compile=compile_, packing=packing, pass_tokens=pass_tokens)
         with fast_paths(model, streams=streams, fast_exp=fast):
             ref, ref_kl = scorer(batch)
             kl = fns.kl_forward(model, batch)
@@ -249,7 +281,8 @@ def test_step_loss_and_gradient_equal_padded(family_models, compile_, streams, f
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
     assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-7)
     _close_grads(grad, want_grad)
-    assert packed_computed < 0.8 * padded_computed
+    # each pass rounds its rows up to 16 positions: short passes pad a little more
+    assert packed_computed < (0.8 if pass_tokens == 0 else 0.9) * padded_computed
 
 
 @pytest.mark.parametrize("streams, fast", PATHS, ids=PATH_IDS)
@@ -346,3 +379,41 @@ def test_packed_and_padded_runs_train_the_same_adapter(tiny_llama, tmp_path):
     assert set(packed) == set(padded)
     for k in padded:
         np.testing.assert_allclose(np.array(packed[k]), np.array(padded[k]), rtol=0, atol=1e-5)
+
+
+def test_passes_and_grad_checkpoint_bound_the_step_memory(tmp_path):
+    """`mlx-kto train` on long rows: the step's peak (metrics.jsonl) falls with --pass-tokens,
+    and --grad-checkpoint lowers it again (the last pass's gradient is evaluated before the
+    update: evaluated together, every checkpointed block's activations stayed alive)."""
+    model = build_model(
+        tmp_path / "m", family="llama", seed=0, hidden_size=256, intermediate_size=768,
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    rng = random.Random(0)
+    words = "the sky sea cat hat story poem answer grass light is blue green".split()
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(8):
+            prompt = " ".join(rng.choice(words) for _ in range(60))
+            completion = " ".join(rng.choice(words) for _ in range(300))
+            f.write(json.dumps({"prompt": prompt, "completion": completion, "label": i % 2 == 0}))
+            f.write("\n")
+    peaks = {}
+    for name, extra in (
+        ("one pass", ["--pass-tokens", "0"]),
+        ("passes", ["--pass-tokens", "600"]),
+        ("passes + checkpoint", ["--pass-tokens", "600", "--grad-checkpoint"]),
+    ):
+        out = tmp_path / name.replace(" ", "_")
+        args = [
+            "--model", str(model), "--data", str(tmp_path / "train.jsonl"), "--adapter-path",
+            str(out), "--batch-size", "8", "--iters", "1", "--lora-rank", "4",
+            "--steps-per-eval", "0", "--max-length", "512", "--quiet", "--no-ref-cache", *extra,
+        ]  # fmt: skip
+        p = subprocess.run(
+            [sys.executable, "-m", "mlx_kto.train", *args], capture_output=True, text=True
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        peaks[name] = max(m["peak_memory_gb"] for m in metrics if "peak_memory_gb" in m)
+    assert peaks["passes"] < 0.6 * peaks["one pass"], peaks
+    assert peaks["passes + checkpoint"] < 0.7 * peaks["passes"], peaks

@@ -30,6 +30,7 @@ _INT_MINIMA = {
     "steps_per_save": 0,
     "keep_checkpoints": 0,
     "pad_multiple": 1,
+    "pass_tokens": 0,
     "wired_limit_mb": 1,
     "cache_limit_mb": 0,
 }
@@ -38,6 +39,7 @@ _INT_HINTS = {
     "steps_per_save": " (0 = only at the end)",
     "keep_checkpoints": " (0 = keep all)",
     "pad_multiple": " (1 = no padding beyond the longest row)",
+    "pass_tokens": " (0 = the whole micro-batch in one pass)",
 }
 
 

@@ -180,6 +180,12 @@ class KTOConfig:
         "attention kept inside each sequence: no padding is computed, the numbers are the "
         "padded ones (--no-packing pads every sequence to the longest).",
     )
+    pass_tokens: int = _f(
+        1024,
+        "Run a packed micro-batch in passes of at most this many tokens, each evaluated "
+        "before the next: a step holds one pass's activations, not the whole micro-batch's "
+        "(the same gradient; 0 = one pass). Lower it to fit less memory.",
+    )
     wired_limit_mb: int | None = _f(
         None, "Metal wired memory limit in MB (default: mlx-lm's recommended limit)."
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mlx_kto.data.packing import Packed, pack_rows_of
+from mlx_kto.data.packing import Packed, pack_passes
 from mlx_kto.runtime.streams import default_streams
 
 import mlx.core as mx
@@ -40,17 +40,22 @@ class Batch:
     # Target positions before this one (in tokens[:, 1:], the same for the KL sequences) hold
     # no completion token in any row: the LM head can skip them (a multiple of HEAD_ALIGN).
     head_start: int = 0
-    packed: Packed | None = None  # the sequences packed, or None
-    kl_packed: Packed | None = None  # the KL sequences packed, or None
+    packed: list[Packed] | None = None  # the sequences packed, pass by pass, or None
+    kl_packed: list[Packed] | None = None  # the KL sequences packed, pass by pass, or None
 
     @property
     def computed(self) -> int:
         """Token positions the policy's passes compute (main and KL; padding included)."""
-        main = self.packed.computed if self.packed is not None else self.tokens.size
+        main = computed(self.packed) if self.packed is not None else self.tokens.size
         kl = 0
         if self.kl_tokens is not None:
-            kl = self.kl_packed.computed if self.kl_packed is not None else self.kl_tokens.size
+            kl = computed(self.kl_packed) if self.kl_packed is not None else self.kl_tokens.size
         return main + kl
+
+
+def computed(passes: list[Packed]) -> int:
+    """Token positions the dense layers compute over a packed micro-batch's passes."""
+    return sum(p.computed for p in passes)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -75,19 +80,21 @@ def make_batch(
     pad_id: int = 0,
     with_kl=True,
     packing: bool = False,
+    pass_tokens: int = 0,
 ) -> Batch:
     """Collate rows[index] into a Batch (padding to a multiple limits compiled shapes). With
-    `packing`, also the packed forms of its sequences and KL sequences, each where it saves
-    at least 1 - PACK_WORTH of the padded tokens."""
+    `packing`, also the packed forms of its sequences and KL sequences, in passes of at most
+    `pass_tokens` tokens (0 = one pass), each where `worth_packing`."""
     sel = [rows[i] for i in index]
     starts = [len(r.prompt_ids) for r in sel]
     packed = kl_packed = None
     if packing:
         groups = default_streams()  # packs run side by side on the row streams
-        packed = pack_rows_of([r.tokens for r in sel], starts, pad_multiple, pad_id, groups)
+        seqs = [r.tokens for r in sel]
+        packed = pack_passes(seqs, starts, pad_multiple, pad_id, groups, pass_tokens)
         if with_kl:
             seqs = [r.kl_tokens for r in sel]
-            kl_packed = pack_rows_of(seqs, starts, pad_multiple, pad_id, groups)
+            kl_packed = pack_passes(seqs, starts, pad_multiple, pad_id, groups, pass_tokens)
     tokens, mask = _pack([r.tokens for r in sel], starts, pad_multiple, pad_id)
     kl_tokens = kl_mask = None
     if with_kl:
@@ -96,13 +103,21 @@ def make_batch(
     ntoks = sum(len(r.tokens) for r in sel)
     # The first completion token at position s is the target of position s - 1.
     head_start = max(0, min(starts) - 1) // HEAD_ALIGN * HEAD_ALIGN
-    if packed is not None and packed.computed > PACK_WORTH * tokens.size:
+    if not worth_packing(packed, tokens):
         packed = None
-    if kl_packed is not None and kl_packed.computed > PACK_WORTH * kl_tokens.size:
+    if not worth_packing(kl_packed, kl_tokens):
         kl_packed = None
     return Batch(
         tokens, mask, kl_tokens, kl_mask, labels, list(index), ntoks, head_start, packed, kl_packed
     )
+
+
+def worth_packing(passes: list[Packed] | None, padded: mx.array | None) -> bool:
+    """Run the packed form: it saves padding (PACK_WORTH), or it runs in several passes (the
+    padded micro-batch would hold every sequence's activations at once)."""
+    if passes is None:
+        return False
+    return len(passes) > 1 or computed(passes) <= PACK_WORTH * padded.size
 
 
 def _length(row) -> int:
@@ -147,6 +162,7 @@ def iterate_batches(
     min_size: int = 2,
     loop: bool = True,
     packing: bool = False,
+    pass_tokens: int = 0,
 ):
     """Yield (epoch, batch_index, Batch) forever (or one pass when loop=False),
     starting at a saved data position."""
@@ -154,7 +170,11 @@ def iterate_batches(
     while True:
         order = batch_order(rows, batch_size, seed, epoch, shuffle, min_size)
         while b < len(order):
-            yield epoch, b, make_batch(rows, order[b], pad_multiple, pad_id, with_kl, packing)
+            yield (
+                epoch,
+                b,
+                make_batch(rows, order[b], pad_multiple, pad_id, with_kl, packing, pass_tokens),
+            )
             b += 1
         if not loop:
             return

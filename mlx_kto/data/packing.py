@@ -106,7 +106,8 @@ def pack_sequences(
     """Lay `seqs` out as `plan` (rows -> packs -> sequences, from `plan_packs`), each row's
     packs end to end: sequence i's completion is seqs[i][starts[i]:]; its first token is
     never a target (nothing before it in its segment predicts it, as position 0 of a padded
-    row)."""
+    row). The plan may hold a subset of `seqs` (one pass, `pack_passes`): targets keep their
+    sequence's index in `seqs`, so the per-sequence sums of a pass are 0 for the others."""
     lens = [len(s) for s in seqs]
     R = len(plan)
     T = _round_up(max(sum(lens[i] for p in row for i in p) for row in plan), pad_multiple)
@@ -143,7 +144,8 @@ def pack_sequences(
         if mine:
             tgt[:, r, : len(mine)] = np.array(mine, dtype=np.int32).T
     arrays = [mx.array(a) for a in (tokens, positions, win_idx, win_seg, inv, *tgt)]
-    return Packed(*arrays, len(seqs), order, sum(lens), R * T)
+    real = sum(lens[i] for row in plan for pack in row for i in pack)
+    return Packed(*arrays, len(seqs), order, real, R * T)
 
 
 def pack_rows_of(
@@ -156,3 +158,49 @@ def pack_rows_of(
     """`plan_packs` then `pack_sequences` on `groups` rows: the packed form of `seqs`."""
     plan = plan_packs([len(s) for s in seqs], pad_multiple, groups)
     return pack_sequences(seqs, starts, plan, pad_multiple, pad_id)
+
+
+def split_passes(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence indices in passes of at most `budget` tokens each (0 = one pass): a sequence
+    longer than the budget alone, the others in as few passes as fit, near-equal in tokens
+    (longest first onto the lightest pass; one more pass while one is over budget). Indices
+    ascend inside a pass."""
+    n_seq = len(lengths)
+    if budget <= 0 or sum(lengths) <= budget or n_seq < 2:
+        return [list(range(n_seq))]
+    alone = [[i] for i in range(n_seq) if lengths[i] > budget]
+    rest = sorted((i for i in range(n_seq) if lengths[i] <= budget), key=lambda i: (-lengths[i], i))
+    n = -(-sum(lengths[i] for i in rest) // budget)
+    while rest:
+        passes: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        for i in rest:
+            p = min(range(n), key=lambda p: (load[p], p))
+            passes[p].append(i)
+            load[p] += lengths[i]
+        if max(load) <= budget:
+            break
+        n += 1
+    else:
+        passes = []
+    return sorted([sorted(p) for p in passes if p] + alone)
+
+
+def pack_passes(
+    seqs: list[list[int]],
+    starts: list[int],
+    pad_multiple: int = 16,
+    pad_id: int = 0,
+    groups: int = 1,
+    budget: int = 0,
+) -> list[Packed]:
+    """The packed form of `seqs` in passes of at most `budget` tokens (`split_passes`), each
+    on `groups` rows. A pass is run and evaluated before the next, so a gradient pass holds
+    the activations of `budget` tokens, not of the whole micro-batch."""
+    lens = [len(s) for s in seqs]
+    out = []
+    for idx in split_passes(lens, budget):
+        local = plan_packs([lens[i] for i in idx], pad_multiple, groups)
+        plan = [[[idx[j] for j in pack] for pack in row] for row in local]
+        out.append(pack_sequences(seqs, starts, plan, pad_multiple, pad_id))
+    return out

@@ -21,7 +21,7 @@ import sqlite3
 import time
 
 from mlx_kto.data.batches import Batch
-from mlx_kto.data.packing import pack_rows_of
+from mlx_kto.data.packing import pack_passes
 from mlx_kto.model.load import reference_mode
 from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.model.packed import can_pack, compiled_packed_logps, packed_sequence_logps
@@ -69,20 +69,25 @@ def reference_packed_forward(
     starts: list[int],
     frozen: dict[str, mx.array] | None = None,
     forward=None,
+    pass_tokens: int = 0,
 ) -> mx.array:
     """`reference_forward` of sequences `seqs` (token lists, completion from `starts`) packed
-    without padding (data/packing.py); [len(seqs)] float32. `forward(pk, n_rows)` (e.g.
+    without padding (data/packing.py), in passes of at most `pass_tokens` tokens evaluated
+    one after another (0 = one pass); [len(seqs)] float32. `forward(pk, n_rows)` (e.g.
     `compiled_packed_logps(model)`, only ever called in reference mode) replaces the eager
     `packed_sequence_logps`."""
     groups = max(1, active_streams())  # packs run side by side on the row streams
-    pk = pack_rows_of([list(map(int, s)) for s in seqs], starts, groups=groups)
+    seqs = [list(map(int, s)) for s in seqs]
+    passes = pack_passes(seqs, starts, groups=groups, budget=pass_tokens)
     with reference_mode(model, frozen):
-        if forward is None:
-            out = packed_sequence_logps(model, pk.arrays(), pk.n_rows)
-        else:
-            out = forward(pk.arrays(), pk.n_rows)
-        out = mx.stop_gradient(out)
-        mx.eval(out)
+        out = None
+        for pk in passes:
+            if forward is None:
+                part = packed_sequence_logps(model, pk.arrays(), pk.n_rows)
+            else:
+                part = forward(pk.arrays(), pk.n_rows)
+            out = mx.stop_gradient(part if out is None else out + part)  # [len(seqs)]
+            mx.eval(out)  # one pass's activations at a time
     return out
 
 
@@ -119,6 +124,7 @@ class ReferenceScorer:
         fingerprint: Fingerprint | str | None = None,
         compile: bool = True,
         packing: bool = False,
+        pass_tokens: int = 0,
     ):
         if cache is not None and fingerprint is None:
             raise ValueError("a RefCache needs the reference fingerprint")
@@ -126,6 +132,7 @@ class ReferenceScorer:
         # Compiled (fused elementwise ops), traced and called only inside reference_mode.
         self._forward = compiled_sequence_logps(model) if compile else None
         self.packing = packing and can_pack(model)
+        self.pass_tokens = pass_tokens  # packed forwards run in passes of this many tokens
         self._packed_forward = compiled_packed_logps(model) if compile and self.packing else None
         self.frozen = frozen
         self.cache = cache
@@ -179,7 +186,7 @@ class ReferenceScorer:
         if self.packing and all(s[3] for s in spans):
             out = reference_packed_forward(
                 self.model, [s[0] for s in spans], [s[2] for s in spans], self.frozen,
-                self._packed_forward,
+                self._packed_forward, self.pass_tokens,
             )  # fmt: skip
             return np.array(out)
         T = max(len(s[0]) for s in spans)
@@ -255,9 +262,11 @@ def make_scorer(
 ) -> ReferenceScorer:
     """The scorer a run uses: cached under cfg.ref_cache (or the default folder) unless
     cfg.no_ref_cache. A cache that cannot be opened is reported and skipped."""
-    packing = getattr(cfg, "packing", False)
+    packing = dict(
+        packing=getattr(cfg, "packing", False), pass_tokens=getattr(cfg, "pass_tokens", 0)
+    )
     if cfg.no_ref_cache:
-        return ReferenceScorer(model, frozen, compile=cfg.compile, packing=packing)
+        return ReferenceScorer(model, frozen, compile=cfg.compile, **packing)
     check_cache_root(cfg.ref_cache)  # a misconfigured location is an error, not a warning
     try:
         cache = RefCache(cfg.ref_cache, log=log)
@@ -265,10 +274,10 @@ def make_scorer(
             model_path, cfg.quantize, cfg.q_group_size, cfg.dtype, cfg.init_adapter, memo=cache
         )
         scorer = ReferenceScorer(
-            model, frozen, cache=cache, fingerprint=fp, compile=cfg.compile, packing=packing
+            model, frozen, cache=cache, fingerprint=fp, compile=cfg.compile, **packing
         )
     except (OSError, sqlite3.Error) as e:
         log(f"warning: reference cache unavailable ({e}); computing reference log-probs uncached")
-        return ReferenceScorer(model, frozen, compile=cfg.compile, packing=packing)
+        return ReferenceScorer(model, frozen, compile=cfg.compile, **packing)
     log(f"reference cache: {cache.root} (fingerprint {fp.id[:12]})")
     return scorer

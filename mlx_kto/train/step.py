@@ -79,7 +79,9 @@ def iterate_steps(
         while b < len(order):
             shards = split_global_batch(order[b], dist.size, cfg.batch_size)
             mine = [
-                make_batch(rows, idx, cfg.pad_multiple, pad_id, with_kl, cfg.packing)
+                make_batch(
+                    rows, idx, cfg.pad_multiple, pad_id, with_kl, cfg.packing, cfg.pass_tokens
+                )
                 for idx in shards[dist.rank]
             ]
             yield StepData(epoch, b, shards, mine)
