@@ -123,7 +123,7 @@ def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled
 
     def step(passes: list[Packed], labels, ref, z, weight, prev_grad, do_update: bool):
         pols, order, grad = [], [], None
-        for k, packed in enumerate(passes):
+        for packed in passes:
             pol, rows, g = run_pass(packed, labels, ref, z, weight, len(passes) > 1)
             grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
             pols.append(pol)
