@@ -71,7 +71,7 @@ def first_row_logits(model_dir: str, ids_path: str, n_tokens: int) -> dict:
 def _count_tokens(counts: dict) -> None:
     """Count computed and real token positions of the policy's passes (each micro-batch's
     main and KL sequences, padded or packed) and of the reference forwards."""
-    from mlx_kto.data.packing import pack_passes
+    from mlx_kto.data.packing import pack_passes, passes_computed
     from mlx_kto.reference import scorer
     from mlx_kto.runtime.streams import active_streams
     from mlx_kto.train import step
@@ -101,7 +101,7 @@ def _count_tokens(counts: dict) -> None:
         counts["ref_real"] += sum(len(s) for s in seqs)
         groups = max(1, active_streams())  # as the scorer packs them
         passes = pack_passes([list(s) for s in seqs], starts, groups=groups, budget=pass_tokens)
-        counts["ref_computed"] += sum(p.computed for p in passes)
+        counts["ref_computed"] += passes_computed(passes)
         return ref_packed(model, seqs, starts, frozen, forward, pass_tokens)
 
     step.make_batch = counted_batch

@@ -143,10 +143,16 @@ def test_split_passes_keeps_each_pass_within_budget():
     assert split_passes([900, 100, 100], 512) == [[0], [1, 2]]  # too long: alone
     # a pass's targets keep their index in the micro-batch: other rows sum to 0 there
     seqs = [[1] * n for n in (40, 30, 20, 10)]
-    packs = pack_passes(seqs, [1] * 4, pad_multiple=8, groups=2, budget=50)
-    assert [sorted(r for row in pk.pack_rows for r in row) for pk in packs] == [[0, 3], [1, 2]]
-    assert [pk.real for pk in packs] == [50, 50] and all(pk.n_rows == 4 for pk in packs)
-    assert set(np.array(packs[0].tgt_row).ravel().tolist()) == {-1, 0, 3}
+    passes = pack_passes(seqs, [1] * 4, pad_multiple=8, groups=2, budget=50)
+    assert [[pk.pack_rows for pk in pieces] for pieces in passes] == [
+        [[[0]], [[3]]],
+        [[[1]], [[2]]],
+    ]
+    assert [[pk.real for pk in pieces] for pieces in passes] == [[40, 10], [30, 20]]
+    # each piece only as long as its own sequences (rounded to pad_multiple)
+    assert [[pk.computed for pk in pieces] for pieces in passes] == [[40, 16], [32, 24]]
+    assert all(pk.n_rows == 4 for pieces in passes for pk in pieces)
+    assert set(np.array(passes[0][1].tgt_row).ravel().tolist()) == {-1, 3}
 
 
 def test_packing_leaves_little_padding_on_lognormal_lengths():
@@ -260,6 +266,8 @@ def test_step_loss_and_gradient_equal_padded(family_models, compile_, streams, f
         assert (batch.packed is not None and batch.kl_packed is not None) == packing
         if packing:
             assert (len(batch.packed) > 2 and len(batch.kl_packed) > 2) == (pass_tokens > 0)
+            sizes = [len(pieces) for pieces in batch.packed]  # a piece per row stream
+            assert set(sizes) <= {1, 2} and 2 in sizes
         opt = optim.AdamW(learning_rate=1e-3)
         opt.init(model.trainable_parameters())
         fns = make_step_fns(model, opt, cfg, 1.0)
@@ -346,8 +354,9 @@ def _write_feedback(path, n=48, seed=0):
 
 @pytest.mark.slow
 def test_packed_and_padded_runs_train_the_same_adapter(tiny_llama, tmp_path):
-    """`python -m mlx_kto.train` for 10 steps with --packing and with --no-packing (the flag
-    the config field gives): the same adapter to 1e-5."""
+    """`python -m mlx_kto.train` for 10 steps with --packing, with --no-packing (the flag
+    the config field gives) and packed in passes of at most 64 tokens: the same adapter to
+    1e-5."""
     data = tmp_path / "train.jsonl"
     _write_feedback(data)
     # the rows really pack: most micro-batches of 8 save more than 1 - PACK_WORTH
@@ -358,8 +367,8 @@ def test_packed_and_padded_runs_train_the_same_adapter(tiny_llama, tmp_path):
     batches = [make_batch(rows, list(range(i, i + 8)), packing=True) for i in range(0, 48, 8)]
     assert sum(b.packed is not None for b in batches) >= 4
     adapters = {}
-    for flag in ("--packing", "--no-packing"):
-        out = tmp_path / flag.strip("-")
+    for flag in ("--packing", "--no-packing", "--pass-tokens=64"):
+        out = tmp_path / flag.strip("-").replace("=", "")
         args = [
             "--model", str(tiny_llama), "--data", str(data), "--adapter-path", str(out),
             "--batch-size", "8", "--iters", "10", "--learning-rate", "1e-3",
@@ -372,8 +381,13 @@ def test_packed_and_padded_runs_train_the_same_adapter(tiny_llama, tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         adapters[flag] = mx.load(str(out / "adapters.safetensors"))
         state = read_state(find_checkpoint(out))
-        assert state["config"]["packing"] == (flag == "--packing")
+        assert state["config"]["packing"] == (flag != "--no-packing")
+        assert state["config"]["pass_tokens"] == (64 if flag == "--pass-tokens=64" else 1024)
     packed, padded = adapters["--packing"], adapters["--no-packing"]
+    for k in padded:  # passes of 64 tokens: several per micro-batch
+        np.testing.assert_allclose(
+            np.array(adapters["--pass-tokens=64"][k]), np.array(packed[k]), rtol=0, atol=1e-5
+        )
     moved = max(float(mx.abs(v).max()) for k, v in padded.items() if "lora_b" in k)
     assert moved > 1e-3  # the adapter really moved
     assert set(packed) == set(padded)

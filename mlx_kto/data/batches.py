@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mlx_kto.data.packing import Packed, pack_passes
+from mlx_kto.data.packing import Packed, pack_passes, passes_computed
 from mlx_kto.runtime.streams import default_streams
 
 import mlx.core as mx
@@ -40,22 +40,20 @@ class Batch:
     # Target positions before this one (in tokens[:, 1:], the same for the KL sequences) hold
     # no completion token in any row: the LM head can skip them (a multiple of HEAD_ALIGN).
     head_start: int = 0
-    packed: list[Packed] | None = None  # the sequences packed, pass by pass, or None
-    kl_packed: list[Packed] | None = None  # the KL sequences packed, pass by pass, or None
+    # the sequences packed, or None: passes, each one single-row piece per row stream
+    packed: list[list[Packed]] | None = None
+    kl_packed: list[list[Packed]] | None = None  # the KL sequences, the same way
 
     @property
     def computed(self) -> int:
         """Token positions the policy's passes compute (main and KL; padding included)."""
-        main = computed(self.packed) if self.packed is not None else self.tokens.size
+        main = passes_computed(self.packed) if self.packed is not None else self.tokens.size
         kl = 0
         if self.kl_tokens is not None:
-            kl = computed(self.kl_packed) if self.kl_packed is not None else self.kl_tokens.size
+            kl = self.kl_tokens.size
+            if self.kl_packed is not None:
+                kl = passes_computed(self.kl_packed)
         return main + kl
-
-
-def computed(passes: list[Packed]) -> int:
-    """Token positions the dense layers compute over a packed micro-batch's passes."""
-    return sum(p.computed for p in passes)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -112,12 +110,12 @@ def make_batch(
     )
 
 
-def worth_packing(passes: list[Packed] | None, padded: mx.array | None) -> bool:
+def worth_packing(passes: list[list[Packed]] | None, padded: mx.array | None) -> bool:
     """Run the packed form: it saves padding (PACK_WORTH), or it runs in several passes (the
     padded micro-batch would hold every sequence's activations at once)."""
     if passes is None:
         return False
-    return len(passes) > 1 or computed(passes) <= PACK_WORTH * padded.size
+    return len(passes) > 1 or passes_computed(passes) <= PACK_WORTH * padded.size
 
 
 def _length(row) -> int:

@@ -193,14 +193,27 @@ def pack_passes(
     pad_id: int = 0,
     groups: int = 1,
     budget: int = 0,
-) -> list[Packed]:
+) -> list[list[Packed]]:
     """The packed form of `seqs` in passes of at most `budget` tokens (`split_passes`), each
-    on `groups` rows. A pass is run and evaluated before the next, so a gradient pass holds
-    the activations of `budget` tokens, not of the whole micro-batch."""
+    pass `groups` single-row pieces of near-equal length (`plan_packs`), one per row stream,
+    each only as long as its own sequences (no row is padded to another's length). A pass
+    is run and evaluated before the next, so a gradient pass holds the activations of
+    `budget` tokens, not of the whole micro-batch."""
     lens = [len(s) for s in seqs]
     out = []
     for idx in split_passes(lens, budget):
-        local = plan_packs([lens[i] for i in idx], pad_multiple, groups)
-        plan = [[[idx[j] for j in pack] for pack in row] for row in local]
-        out.append(pack_sequences(seqs, starts, plan, pad_multiple, pad_id))
+        rows = plan_packs([lens[i] for i in idx], pad_multiple, groups)
+        out.append(
+            [
+                pack_sequences(
+                    seqs, starts, [[[idx[j] for j in p] for p in row]], pad_multiple, pad_id
+                )
+                for row in rows
+            ]
+        )
     return out
+
+
+def passes_computed(passes: list[list[Packed]]) -> int:
+    """Token positions the dense layers compute over a packed micro-batch's passes."""
+    return sum(piece.computed for pieces in passes for piece in pieces)

@@ -171,33 +171,46 @@ def _packed_logps(model, pk: dict, n_rows: int, chunk_size, for_grad: bool) -> m
 
 
 def packed_sequence_logps(
-    model, pk: dict, n_rows: int, chunk_size: int | None = None, *, for_grad: bool = False
+    model,
+    pk: dict | list[dict],
+    n_rows: int,
+    chunk_size: int | None = None,
+    *,
+    for_grad: bool = False,
 ) -> mx.array:
     """Per-sequence completion log-prob sums [n_rows] float32 of packed sequences
-    (`Packed.arrays()`), equal to `sequence_logps` of the same sequences padded:
+    (`Packed.arrays()`, or a list of them: the pieces of one pass, data/packing.py
+    `pack_passes`), equal to `sequence_logps` of the same sequences padded:
 
         seq_logp[b] = sum_{(p, m) : tgt_row[p, m] = b} log softmax(logits[p, tgt_pos[p, m]])[tgt_ids[p, m]]
 
     Differentiable; for_grad and chunk_size as in `sequence_logps`. Inside
-    `cpu_row_parallel` the rows are spread over the row streams and their sums added."""
-    R, M = pk["tgt_ids"].shape
-    if chunk_size is None:
-        chunk_size = default_chunk_size(R, vocab_size(model))
-    groups = row_groups(R)
-    if len(groups) < 2:
-        return _packed_logps(model, pk, n_rows, chunk_size, for_grad)
+    `cpu_row_parallel` the pieces (or a Packed's rows) run on the row streams, their sums
+    added."""
+    if isinstance(pk, dict):
+        groups = row_groups(pk["tgt_ids"].shape[0])
+        pieces = (
+            [pk] if len(groups) < 2 else [{k: v[a:b] for k, v in pk.items()} for a, b in groups]
+        )
+    else:
+        pieces = pk
+    streams = row_streams() if mx.default_device() == mx.cpu else []
     out = None
-    for stream, (a, b) in zip(row_streams(), groups):
-        with mx.stream(stream):
-            part = _packed_logps(
-                model, {k: v[a:b] for k, v in pk.items()}, n_rows, chunk_size, for_grad
-            )
+    for k, piece in enumerate(pieces):
+        R = piece["tgt_ids"].shape[0]
+        chunk = chunk_size or default_chunk_size(R, vocab_size(model))
+        if len(streams) > 1:
+            with mx.stream(streams[k % len(streams)]):
+                part = _packed_logps(model, piece, n_rows, chunk, for_grad)
+        else:
+            part = _packed_logps(model, piece, n_rows, chunk, for_grad)
         out = part if out is None else out + part
     return out
 
 
 def compiled_packed_logps(model: nn.Module) -> Callable[[dict, int], mx.array]:
-    """`fn(pk, n_rows) -> [n_rows]`: `packed_sequence_logps` for forward-only passes, compiled
+    """`fn(pk, n_rows) -> [n_rows]` (pk: a Packed's arrays or a pass's pieces):
+    `packed_sequence_logps` for forward-only passes, compiled
     with the model's parameters as inputs (one trace per shape and fastops mode). As with
     `compiled_sequence_logps`, the LoRA scale and train/eval mode of the first trace are
     baked in: make one per mode (reference, KL)."""

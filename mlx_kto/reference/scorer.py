@@ -81,11 +81,12 @@ def reference_packed_forward(
     passes = pack_passes(seqs, starts, groups=groups, budget=pass_tokens)
     with reference_mode(model, frozen):
         out = None
-        for pk in passes:
+        for pieces in passes:
+            arrays = [p.arrays() for p in pieces]  # one piece per row stream
             if forward is None:
-                part = packed_sequence_logps(model, pk.arrays(), pk.n_rows)
+                part = packed_sequence_logps(model, arrays, len(seqs))
             else:
-                part = forward(pk.arrays(), pk.n_rows)
+                part = forward(arrays, len(seqs))
             out = mx.stop_gradient(part if out is None else out + part)  # [len(seqs)]
             mx.eval(out)  # one pass's activations at a time
     return out

@@ -24,7 +24,7 @@ from mlx_kto.data.batches import Batch
 from mlx_kto.data.packing import Packed
 from mlx_kto.model.packed import can_pack, compiled_packed_logps, packed_sequence_logps
 from mlx_kto.runtime import fastops
-from mlx_kto.runtime.streams import row_groups, row_streams, rows_unsplit
+from mlx_kto.runtime.streams import row_streams, rows_unsplit
 from mlx_kto.train.loss import kto_loss
 
 import mlx.core as mx
@@ -33,31 +33,22 @@ import numpy as np
 from mlx.utils import tree_map
 
 
-def pack_groups(packed: Packed) -> list[tuple[int, int, list[int]]]:
-    """(first packed row, end row, their sequences) per row stream: contiguous ranges of the
-    packed rows (`row_groups`)."""
-    return [
-        (a, b, [r for rows in packed.pack_rows[a:b] for r in rows])
-        for a, b in row_groups(len(packed.pack_rows))
-    ]
-
-
-def _sub(pk: dict, a: int, b: int, rows: list[int], n_rows: int) -> dict:
-    """Packs a:b of `pk`, their target rows renumbered 0..len(rows)-1 in `rows` order."""
+def _sub(pk: dict, rows: list[int], n_rows: int) -> dict:
+    """A piece's arrays, its target rows renumbered 0..len(rows)-1 in `rows` order."""
     local = np.full(n_rows + 1, -1, dtype=np.int32)  # [n_rows + 1]: slot -1 stays -1
     local[rows] = np.arange(len(rows))
-    out = {k: v[a:b] for k, v in pk.items()}
-    out["tgt_row"] = mx.array(local[np.array(out["tgt_row"])])  # [b - a, M]
+    out = dict(pk)
+    out["tgt_row"] = mx.array(local[np.array(out["tgt_row"])])  # [1, M]
     return out
 
 
-def passes_logps(logps: Callable, passes: list[Packed]) -> mx.array:
-    """Per-sequence log-probs [n_rows] of packed passes, no gradient: `logps(pk, n_rows)`
+def passes_logps(logps: Callable, passes: list[list[Packed]]) -> mx.array:
+    """Per-sequence log-probs [n_rows] of packed passes, no gradient: `logps(pieces, n_rows)`
     per pass (0 for the sequences of other passes), summed; each pass evaluated before the
     next but the last (its activations freed before the next pass's are made)."""
     out = None
-    for k, packed in enumerate(passes):
-        part = logps(packed.arrays(), packed.n_rows)  # [n_rows]
+    for k, pieces in enumerate(passes):
+        part = logps([p.arrays() for p in pieces], pieces[0].n_rows)  # [n_rows]
         out = part if out is None else out + part
         if k < len(passes) - 1:
             mx.eval(out)
@@ -94,37 +85,35 @@ def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled
             )
         return made[key]
 
-    def run_pass(packed: Packed, labels, ref, z, weight, split: bool):
-        """(per-sequence log-probs [len(rows)], their batch rows, gradient) of one pass."""
-        pk, B = packed.arrays(), packed.n_rows
-        streams = row_streams()
-        groups = pack_groups(packed) if len(streams) > 1 else []
-        if len(groups) < 2 and not split:
-            pol, grad = group_fn(mx.default_stream(mx.default_device()))(
-                pk, B, labels, ref, z, weight
-            )
+    def run_pass(pieces: list[Packed], labels, ref, z, weight, split: bool):
+        """(per-sequence log-probs of the pass's sequences, their batch rows, gradient): each
+        piece on its own row stream, with its own compiled forward + backward."""
+        B = pieces[0].n_rows
+        default = mx.default_stream(mx.default_device())
+        if len(pieces) == 1 and not split:
+            pol, grad = group_fn(default)(pieces[0].arrays(), B, labels, ref, z, weight)
             return pol, list(range(B)), grad
-        if len(groups) < 2:
-            streams = [mx.default_stream(mx.default_device())]
-            groups = [(0, len(packed.pack_rows), [r for rs in packed.pack_rows for r in rs])]
+        streams = row_streams() or [default]
         pols, grad, order = [], None, []
         with rows_unsplit():
-            for stream, (a, b, rows) in zip(streams, groups):
+            for k, piece in enumerate(pieces):
+                rows = [r for rs in piece.pack_rows for r in rs]
                 idx = mx.array(rows)
+                stream = streams[k % len(streams)]
                 with mx.stream(stream):
                     scale = weight * (len(rows) / B)  # [] float32
                     pol, g = group_fn(stream)(
-                        _sub(pk, a, b, rows, B), len(rows), labels[idx], ref[idx], z, scale
+                        _sub(piece.arrays(), rows, B), len(rows), labels[idx], ref[idx], z, scale
                     )
                 pols.append(pol)
                 order += rows
                 grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
         return mx.concatenate(pols), order, grad
 
-    def step(passes: list[Packed], labels, ref, z, weight, prev_grad, do_update: bool):
+    def step(passes: list[list[Packed]], labels, ref, z, weight, prev_grad, do_update: bool):
         pols, order, grad = [], [], None
-        for packed in passes:
-            pol, rows, g = run_pass(packed, labels, ref, z, weight, len(passes) > 1)
+        for pieces in passes:
+            pol, rows, g = run_pass(pieces, labels, ref, z, weight, len(passes) > 1)
             grad = g if grad is None else tree_map(lambda x, y: x + y, grad, g)
             pols.append(pol)
             order += rows
