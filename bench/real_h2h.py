@@ -196,6 +196,7 @@ def parse_args(argv):
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the test asset)")
     p.add_argument("--hf", default=None, help="an HF folder to use instead of the GGUF")
     p.add_argument("--no-packing", action="store_true", help="the mlx-kto side pads")
+    p.add_argument("--pass-tokens", type=int, default=None, help="mlx-kto's --pass-tokens")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-mlx", action="store_true")
     p.add_argument("--trl-venv", type=Path, default=Path(os.environ.get(
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             "--lora-rank", 8, "--lora-alpha", 16, "--seed", args.seed, "--steps-per-eval", 0,
             "--quiet", "--no-packing" if args.no_packing else "--packing",
         ]  # fmt: skip
+        if args.pass_tokens is not None:
+            train_args += ["--pass-tokens", args.pass_tokens]
         proc = run_child("mlx-kto", [py_mlx, mlx_runner, "train", "--out", out, "--", *train_args],
                          run_dir / "mlx.log", env_mlx)  # fmt: skip
         rec = read_json(out)

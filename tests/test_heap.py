@@ -59,21 +59,6 @@ def test_release_hands_the_kept_heap_back(lora_model):
     assert kept - after > 100, (kept, after)
 
 
-@linux
-def test_bound_trims_only_past_the_reserve(lora_model):
-    """Between steps `bound` keeps up to its limit of free heap and hands the rest back."""
-    model, _ = lora_model
-    with fast_paths(model):
-        _heap.release()
-        _churn(n=64)  # 128 MB freed into the heap
-        free = _heap.free_bytes()
-        assert free is not None and free > 100 << 20
-        assert not _heap.bound(limit=free + (1 << 20))  # within the reserve: kept
-        kept = _rss_mb()
-        assert _heap.bound(limit=16 << 20)
-        assert kept - _rss_mb() > 100 and _heap.free_bytes() < free
-
-
 def test_training_releases_memory_once_training_is_over(tiny_llama, tmp_path, monkeypatch):
     from mlx_kto.config.core import make_config
     from mlx_kto.train import run as train_mod

@@ -14,9 +14,7 @@ $MLX_KTO_MALLOC_TUNE=0 switches this off.
 With glibc keeping that reserve, MLX's own CPU buffer cache on top of it only holds a second
 one (~30 MB on the bench step, no faster: bench/RESULTS.md), so the CPU fast paths turn it off
 (`mlx_cache_off`), and a finished run hands the whole reserve back (`release`) before it saves,
-evaluates and plots: the process's peak resident size is then the training's own. Between
-steps, free heap beyond `KEEP_FREE_MAX` goes back too (`bound`): with packed passes of varying
-shapes the kept blocks stop fitting later requests and would only pile up.
+evaluates and plots: the process's peak resident size is then the training's own.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit (4 MiB * sizeof(long))
 TRIM_THRESHOLD = (1 << 31) - 1
 DEFAULTS = {M_MMAP_THRESHOLD: 128 << 10, M_TRIM_THRESHOLD: 128 << 10}
-KEEP_FREE_MAX = 512 << 20  # free heap kept between steps (`bound`)
 
 tuned = False
 
@@ -90,38 +87,6 @@ def release() -> bool:
     if libc is None or not hasattr(libc, "malloc_trim"):
         return False
     return bool(libc.malloc_trim(0))
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def free_bytes() -> int | None:
-    """Bytes glibc holds free in its heaps (mallinfo2's fordblks), None where unknown."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _Mallinfo2
-    return int(libc.mallinfo2().fordblks)
-
-
-def bound(limit: int = KEEP_FREE_MAX) -> bool:
-    """Between steps: when glibc holds more than `limit` bytes free (`tune` keeps every freed
-    block), hand the free pages back (malloc_trim). Steps of varying shapes (packed passes of
-    real feedback) leave freed blocks that fit no later request; kept, they grew a 30-step
-    SmolLM2 run to 5.0 GB resident for 2.2 GB of MLX arrays. True when it trimmed."""
-    if not tuned:
-        return False
-    free = free_bytes()
-    if free is None or free <= limit:
-        return False
-    return bool(_libc().malloc_trim(0))
 
 
 def untune() -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from mlx_kto.model.load import save_adapter
 from mlx_kto.model.logit_stats import logit_stats
-from mlx_kto.runtime import heap
 from mlx_kto.runtime.atomic import append_line
 from mlx_kto.train import stepfns
 from mlx_kto.train.callbacks import ref_step_stats, show_bar, throughput
@@ -138,7 +137,6 @@ def _one_step(run: Run, fns: StepFns, steps, out: Progress) -> tuple[dict, StepD
     data = next(steps)
     with_kl = cfg.loss_type == "kto"
     agg, norm, ntoks = run_step(data, scorer, fns, run.model, run.optimizer, cfg, dist, with_kl)
-    heap.bound()  # free heap beyond a reserve goes back: resident memory stays the step's
     state.epoch, state.batch = data.epoch, data.index + 1
     if data.index + 1 == out.per_epoch:  # an epoch ended: report its reference-pass work
         out.epoch_done(data.epoch)
