@@ -74,6 +74,17 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return packs
 
 
+def _balance(lengths: list[int], items, n: int) -> tuple[list[list[int]], list[int]]:
+    """`items` onto n bins, longest first onto the lightest (ties by index): (bins, loads)."""
+    bins: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(items, key=lambda i: (-lengths[i], i)):
+        b = min(range(n), key=lambda b: (load[b], b))
+        bins[b].append(i)
+        load[b] += lengths[i]
+    return bins, load
+
+
 def plan_packs(lengths: list[int], pad_multiple: int = 16, lines: int = 1) -> list:
     """Where each sequence goes: rows -> packs (attention windows) -> sequence indices.
     Sequences onto `lines` rows, longest first onto the shortest row (rows of near-equal
@@ -83,12 +94,7 @@ def plan_packs(lengths: list[int], pad_multiple: int = 16, lines: int = 1) -> li
     if not lengths:
         return []
     cap = _round_up(max(lengths), pad_multiple)
-    rows: list[list[int]] = [[] for _ in range(min(lines, len(lengths)))]
-    total = [0] * len(rows)
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = min(range(len(rows)), key=lambda r: (total[r], r))
-        rows[r].append(i)
-        total[r] += lengths[i]
+    rows, _ = _balance(lengths, range(len(lengths)), min(lines, len(lengths)))
     plan = []
     for row in rows:
         packs = first_fit_decreasing([lengths[i] for i in row], cap)
@@ -169,15 +175,10 @@ def split_passes(lengths: list[int], budget: int) -> list[list[int]]:
     if budget <= 0 or sum(lengths) <= budget or n_seq < 2:
         return [list(range(n_seq))]
     alone = [[i] for i in range(n_seq) if lengths[i] > budget]
-    rest = sorted((i for i in range(n_seq) if lengths[i] <= budget), key=lambda i: (-lengths[i], i))
+    rest = [i for i in range(n_seq) if lengths[i] <= budget]
     n = -(-sum(lengths[i] for i in rest) // budget)
     while rest:
-        passes: list[list[int]] = [[] for _ in range(n)]
-        load = [0] * n
-        for i in rest:
-            p = min(range(n), key=lambda p: (load[p], p))
-            passes[p].append(i)
-            load[p] += lengths[i]
+        passes, load = _balance(lengths, rest, n)
         if max(load) <= budget:
             break
         n += 1
