@@ -17,6 +17,7 @@ from mlx_kto.data.packing import (
     pack_rows_of,
     pack_sequences,
     plan_packs,
+    plan_passes,
     split_passes,
 )
 from mlx_kto.data.tokenize import Row, assign_kl_partners
@@ -141,18 +142,48 @@ def test_split_passes_keeps_each_pass_within_budget():
         assert len(passes) >= len(lengths) - len(short) + -(-sum(short) // budget)
     assert split_passes([500, 500, 10, 10], 512) == [[0, 2], [1, 3]]  # balanced, not first-fit
     assert split_passes([900, 100, 100], 512) == [[0], [1, 2]]  # too long: alone
+
+
+def test_plan_passes_balances_the_streams_within_the_budget():
+    rng = random.Random(3)
+    for _ in range(300):
+        n = rng.randint(1, 24)
+        lengths = [min(512, max(2, int(rng.lognormvariate(5.0, 0.8)))) for _ in range(n)]
+        budget = rng.choice([0, 64, 256, 1024, 4096])
+        groups = rng.choice([1, 2, 3])
+        passes = plan_passes(lengths, budget, groups)
+        assert sorted(i for p in passes for q in p for i in q) == list(range(n))  # each once
+        assert all(q == sorted(q) and q for p in passes for q in p)
+        assert all(len(p) <= groups for p in passes)
+        for p in passes:  # within budget, or one sequence longer than the budget alone
+            assert (
+                budget == 0
+                or sum(lengths[i] for q in p for i in q) <= budget
+                or (len(p) == 1 and len(p[0]) == 1)
+            )
+        if budget == 0:
+            assert len(passes) == 1
+        if groups == 2 and budget in (0, 4096) and n > 1 and sum(lengths) <= budget // 2:
+            # one pass: two pieces, the streams' totals one sequence apart at most
+            (p,) = passes
+            size = [sum(lengths[i] for i in q) for q in p]
+            assert len(p) == 2 and abs(size[0] - size[1]) <= max(lengths)
+    # each stream's share first, then cut: passes pair pieces of near-equal length
+    assert plan_passes([500, 480, 300, 290, 200, 190], 1024, 2) == [[[0], [2, 4]], [[3, 5], [1]]]
+    # pieces that together exceed the budget (longer than budget / groups) run apart
+    assert plan_passes([40, 30, 20, 10], 50, 2) == [[[0]], [[1]], [[3], [2]]]
+    assert plan_passes([40, 30, 20, 10], 50, 1) == [[[0, 3]], [[1, 2]]]
     # a pass's targets keep their index in the micro-batch: other rows sum to 0 there
     seqs = [[1] * n for n in (40, 30, 20, 10)]
+    passes = pack_passes(seqs, [1] * 4, pad_multiple=8, groups=2, budget=100)
+    assert [[pk.pack_rows for pk in pieces] for pieces in passes] == [[[[0, 3]], [[1, 2]]]]
+    assert [[pk.real for pk in pieces] for pieces in passes] == [[50, 50]]
     passes = pack_passes(seqs, [1] * 4, pad_multiple=8, groups=2, budget=50)
-    assert [[pk.pack_rows for pk in pieces] for pieces in passes] == [
-        [[[0]], [[3]]],
-        [[[1]], [[2]]],
-    ]
-    assert [[pk.real for pk in pieces] for pieces in passes] == [[40, 10], [30, 20]]
+    assert [[pk.real for pk in pieces] for pieces in passes] == [[40], [30], [10, 20]]
     # each piece only as long as its own sequences (rounded to pad_multiple)
-    assert [[pk.computed for pk in pieces] for pieces in passes] == [[40, 16], [32, 24]]
+    assert [[pk.computed for pk in pieces] for pieces in passes] == [[40], [32], [16, 24]]
     assert all(pk.n_rows == 4 for pieces in passes for pk in pieces)
-    assert set(np.array(passes[0][1].tgt_row).ravel().tolist()) == {-1, 3}
+    assert set(np.array(passes[2][0].tgt_row).ravel().tolist()) == {-1, 3}
 
 
 def test_packing_leaves_little_padding_on_lognormal_lengths():

@@ -4,7 +4,7 @@ table is that table."""
 import re
 from pathlib import Path
 
-from mlx_kto.runtime import switches
+from mlx_kto.runtime import switches, tape
 from mlx_kto.runtime.switches import SWITCHES, Switch, markdown_table
 
 import pytest
@@ -66,3 +66,22 @@ def test_switch_reading(monkeypatch):
     assert s.flag() is True
     monkeypatch.setenv(s.name, "yes")
     assert s.is_set() and s.flag() is None
+
+
+def test_tape_width_is_set_for_training_but_not_for_checkpointing(monkeypatch):
+    """runtime/tape.py: a training run on Linux widens MLX's tape unless it checkpoints; the
+    user's own $MLX_BFS_MAX_WIDTH stands; $MLX_KTO_TAPE_WIDTH overrides both."""
+    monkeypatch.setattr(tape.platform, "system", lambda: "Linux")
+    for var in (tape.MLX_VAR, "MLX_KTO_TAPE_WIDTH"):
+        monkeypatch.setenv(var, "1")  # restored (or removed) after the test, whatever widen sets
+        monkeypatch.delenv(var)
+    assert tape.widen(grad_checkpoint=True) is None
+    assert tape.widen() == str(tape.WIDTH)
+    monkeypatch.setenv(tape.MLX_VAR, "50")
+    assert tape.widen() == "50"
+    monkeypatch.setenv("MLX_KTO_TAPE_WIDTH", "300")
+    assert tape.widen(grad_checkpoint=True) == "300"
+    monkeypatch.delenv("MLX_KTO_TAPE_WIDTH")
+    monkeypatch.delenv(tape.MLX_VAR)
+    monkeypatch.setattr(tape.platform, "system", lambda: "Darwin")
+    assert tape.widen() is None

@@ -67,6 +67,14 @@ MALLOC_TUNE = Switch(
     "fresh pages fault in slowly; glibc keeping freed blocks makes each step reuse warm pages "
     "(0 returns memory to the system sooner; runtime/heap.py)",
 )
+TAPE_WIDTH = Switch(
+    "MLX_KTO_TAPE_WIDTH",
+    "N >= 1 (20 = MLX's default)",
+    "8192 for a training run on Linux without --grad-checkpoint, unless $MLX_BFS_MAX_WIDTH is set",
+    "MLX lays a narrow evaluation tape out depth-first, one row stream's gradient pass ahead of "
+    "the other's, and the other stream idles (1.4 cores of 2); a wide tape interleaves them "
+    "(runtime/tape.py)",
+)
 CPU_QMM = Switch(
     "MLX_KTO_CPU_QMM",
     "1",
@@ -140,6 +148,7 @@ SWITCHES: tuple[Switch, ...] = (
     FAST_EXP,
     GROUPED_STEP,
     MALLOC_TUNE,
+    TAPE_WIDTH,
     CPU_QMM,
     OPENBLAS,
     NO_OPENBLAS,

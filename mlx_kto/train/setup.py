@@ -25,6 +25,7 @@ from mlx_kto.model.load import (
     trainable_lora,
 )
 from mlx_kto.reference.scorer import make_scorer
+from mlx_kto.runtime import tape
 from mlx_kto.runtime.atomic import write_json
 from mlx_kto.train.callbacks import CallbackList, make_reporters
 from mlx_kto.train.checkpoint import find_checkpoint, load_checkpoint, read_state
@@ -86,6 +87,7 @@ def begin(
         cfg = from_checkpoint(cfg, ckpt, saved)
     run_dir = resolve_run_dir(cfg, ckpt, dist.is_main)
     cfg = absolute_paths(cfg)
+    tape.widen(cfg.grad_checkpoint)  # before the run's first evaluation (runtime/tape.py)
     mx.random.seed(cfg.seed)
     set_memory_limits(cfg)
     # Before loading: a missing package (wandb, tensorboard) fails fast.
