@@ -2,7 +2,9 @@
 
 import json
 
-from mlx_kto.model.logit_stats import logit_stats
+from mlx_kto.data.packing import pack_passes
+from mlx_kto.model.logit_stats import logit_stats, packed_logit_stats
+from mlx_kto.runtime.streams import cpu_row_parallel
 
 import mlx.core as mx
 import numpy as np
@@ -68,7 +70,7 @@ def test_kto_metrics_jsonl_has_trl_logit_keys(tiny_llama, tmp_path):
 
 def test_position_chunks_give_the_same_stats(lora_model, monkeypatch):
     """Large vocabularies go through the head a few positions at a time: same numbers."""
-    import mlx_kto.model.logprobs as lp
+    import mlx_kto.model.logit_stats as ls
 
     model, _ = lora_model
     rng = np.random.default_rng(1)
@@ -76,7 +78,35 @@ def test_position_chunks_give_the_same_stats(lora_model, monkeypatch):
     mask = mx.array(np.arange(40)[None, :].repeat(3, 0) >= 10)
     labels = mx.array([True, False, True])
     whole = logit_stats(model, tokens, mask, labels)
-    monkeypatch.setattr(lp, "default_chunk_size", lambda b, v: 7)
+    monkeypatch.setattr(ls, "default_chunk_size", lambda b, v: 7)
     chunked = logit_stats(model, tokens, mask, labels)
     for k in whole:
         assert chunked[k] == pytest.approx(whole[k], rel=1e-5)
+
+
+@pytest.mark.parametrize("budget,streams", [(0, 1), (0, 2), (40, 2), (25, 1)])
+def test_packed_stats_equal_the_padded_ones(lora_model, monkeypatch, budget, streams):
+    """A packed micro-batch's stats (in passes, pieces on the row streams, the head in chunks
+    of positions) are the padded forward's."""
+    import mlx_kto.model.logit_stats as ls
+
+    model, _ = lora_model
+    rng = np.random.default_rng(2)
+    lengths, starts = [12, 30, 7, 22, 16, 9], [4, 10, 1, 8, 15, 3]
+    seqs = [rng.integers(3, 60, size=n).tolist() for n in lengths]
+    T = max(lengths)
+    tokens = np.zeros((len(seqs), T), dtype=np.int32)
+    mask = np.zeros((len(seqs), T), dtype=bool)
+    for b, (s, st) in enumerate(zip(seqs, starts)):
+        tokens[b, : len(s)] = s
+        mask[b, st : len(s)] = True
+    labels = mx.array([True, False, False, True, True, False])
+    want = logit_stats(model, mx.array(tokens), mx.array(mask), labels)
+    monkeypatch.setattr(ls, "default_chunk_size", lambda b, v: 5)  # several head chunks
+    passes = pack_passes(seqs, starts, pad_multiple=8, groups=streams, budget=budget)
+    assert (len(passes) > 1) == (budget > 0)
+    with cpu_row_parallel(streams):
+        got = packed_logit_stats(model, [[p.arrays() for p in ps] for ps in passes], labels)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k

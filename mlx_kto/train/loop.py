@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from mlx_kto.model.load import save_adapter
-from mlx_kto.model.logit_stats import logit_stats
+from mlx_kto.model.logit_stats import logit_stats, packed_logit_stats
+from mlx_kto.model.packed import can_pack
 from mlx_kto.runtime.atomic import append_line
 from mlx_kto.train import stepfns
 from mlx_kto.train.callbacks import ref_step_stats, show_bar, throughput
@@ -171,7 +172,11 @@ def _report(run: Run, record: dict, data: StepData, out: Progress) -> None:
         # TRL's logits/chosen, logits/rejected, entropy: an extra no-grad forward on the
         # step's last micro-batch, on reporting steps only (logit_stats.py)
         b = data.batches[-1]
-        record.update(logit_stats(run.model, b.tokens, b.mask, b.labels))
+        if b.packed is not None and can_pack(run.model):
+            passes = [[p.arrays() for p in pieces] for pieces in b.packed]
+            record.update(packed_logit_stats(run.model, passes, b.labels))
+        else:
+            record.update(logit_stats(run.model, b.tokens, b.mask, b.labels))
     if cfg.steps_per_eval and run.valid_rows and step % cfg.steps_per_eval == 0:
         ev = evaluate(
             run.model, run.valid_rows, cfg, run.scorer, run.desirable_weight,
