@@ -1,7 +1,10 @@
 """One table lists every MLX_KTO_* environment switch (runtime/switches.py), and the README's
 table is that table."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from mlx_kto.runtime import switches, tape
@@ -73,15 +76,30 @@ def test_tape_width_is_set_for_training_but_not_for_checkpointing(monkeypatch):
     user's own $MLX_BFS_MAX_WIDTH stands; $MLX_KTO_TAPE_WIDTH overrides both."""
     monkeypatch.setattr(tape.platform, "system", lambda: "Linux")
     for var in (tape.MLX_VAR, "MLX_KTO_TAPE_WIDTH"):
-        monkeypatch.setenv(var, "1")  # restored (or removed) after the test, whatever widen sets
+        monkeypatch.setenv(var, "1")  # restored (or removed) after the test
         monkeypatch.delenv(var)
-    assert tape.widen(grad_checkpoint=True) is None
-    assert tape.widen() == str(tape.WIDTH)
+    assert tape.width_for(grad_checkpoint=True) is None
+    assert tape.width_for() == str(tape.WIDTH)
     monkeypatch.setenv(tape.MLX_VAR, "50")
-    assert tape.widen() == "50"
+    assert tape.width_for() is None  # the user's own
     monkeypatch.setenv("MLX_KTO_TAPE_WIDTH", "300")
-    assert tape.widen(grad_checkpoint=True) == "300"
+    assert tape.width_for(grad_checkpoint=True) == "300"
     monkeypatch.delenv("MLX_KTO_TAPE_WIDTH")
     monkeypatch.delenv(tape.MLX_VAR)
     monkeypatch.setattr(tape.platform, "system", lambda: "Darwin")
-    assert tape.widen() is None
+    assert tape.width_for() is None
+
+
+def test_widen_leaves_no_width_for_child_processes():
+    """A training process sets the width for its own MLX only: a checkpointed run it starts
+    must not inherit a wide tape (it would undo checkpointing; the memory test in
+    tests/test_packing.py failed that way when run after an in-process training test)."""
+    code = (
+        "import os, platform; from mlx_kto.runtime import tape; "
+        "platform.system = lambda: 'Linux'; "
+        "print(tape.widen(), os.environ.get(tape.MLX_VAR))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (tape.MLX_VAR, "MLX_KTO_TAPE_WIDTH")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tape.WIDTH), "None"]

@@ -12,9 +12,10 @@ gradient passes, with the same MLX peak and RSS (bench/RESULTS.md).
 A wide tape also runs every checkpointed block's recomputation early, which undoes
 --grad-checkpoint (one pass of 512-token rows: MLX peak 0.070 GB narrow, 0.119 GB wide, 0.114
 without checkpointing), and a checkpointed run uses one row stream anyway: such a run keeps
-MLX's width. MLX reads the variable once, at the first evaluation of the process, so a
-training run sets it before its model loads (train/setup.py `begin`); in a process that has
-evaluated something already it changes nothing. Standard library only.
+MLX's width. MLX reads the variable once, at the process's first evaluation: a training run
+sets it before its model loads (train/setup.py `begin`), evaluates once, and puts the
+environment back, so that no process it starts (a checkpointed run among them) inherits the
+width. In a process that has evaluated something already it changes nothing.
 """
 
 from __future__ import annotations
@@ -24,16 +25,36 @@ import platform
 
 from mlx_kto.runtime.switches import TAPE_WIDTH
 
+import mlx.core as mx
+
 MLX_VAR = "MLX_BFS_MAX_WIDTH"
 WIDTH = 8192  # above the ~850 gradient leaves of a two-stream pass on a 30-layer model
 
 
-def widen(grad_checkpoint: bool = False) -> str | None:
-    """Set $MLX_BFS_MAX_WIDTH for this process (Linux, where the CPU row streams run; not for a
-    checkpointed run) unless the user set it; $MLX_KTO_TAPE_WIDTH overrides the width.
-    Returns the value in effect (None: MLX's default)."""
+def width_for(grad_checkpoint: bool = False) -> str | None:
+    """The width a run sets: $MLX_KTO_TAPE_WIDTH, else 8192 on Linux (where the CPU row
+    streams run) for a run without checkpointing; None where the user set $MLX_BFS_MAX_WIDTH
+    or MLX's default stays."""
     if TAPE_WIDTH.is_set():
-        os.environ[MLX_VAR] = str(int(TAPE_WIDTH.raw()))
-    elif platform.system() == "Linux" and not grad_checkpoint:
-        os.environ.setdefault(MLX_VAR, str(WIDTH))
-    return os.environ.get(MLX_VAR)
+        return str(int(TAPE_WIDTH.raw()))
+    if os.environ.get(MLX_VAR) or grad_checkpoint or platform.system() != "Linux":
+        return None
+    return str(WIDTH)
+
+
+def widen(grad_checkpoint: bool = False) -> str | None:
+    """Give this process's MLX the width `width_for` says (read at its first evaluation, which
+    this makes), leaving the environment as it was. Returns the width set, or None."""
+    width = width_for(grad_checkpoint)
+    if width is None:
+        return None
+    prev = os.environ.get(MLX_VAR)
+    os.environ[MLX_VAR] = width
+    try:
+        mx.eval(mx.array(0) + 1)  # an op to evaluate: MLX reads the variable here, once
+    finally:
+        if prev is None:
+            os.environ.pop(MLX_VAR, None)
+        else:
+            os.environ[MLX_VAR] = prev
+    return width
