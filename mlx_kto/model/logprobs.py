@@ -22,7 +22,7 @@ from functools import partial
 
 from mlx_kto.model import head_logps
 from mlx_kto.model.head_logps import ahead_chunk_size
-from mlx_kto.runtime import fastops
+from mlx_kto.runtime import traces
 from mlx_kto.runtime.streams import (  # noqa: F401  (moved to runtime/streams.py; old import path)
     active_streams,
     cpu_row_parallel,
@@ -247,7 +247,7 @@ def compiled_sequence_logps(model: nn.Module, pad_multiple: int = 16) -> Callabl
 
         return fn
 
-    fn = fastops.per_mode(make)  # one trace cache inside `fastops.fast_ops`, one outside
+    fn = traces.bounded(make)  # per shape and fastops mode (inside `fast_ops` or not)
 
     def call(tokens: mx.array, mask: mx.array) -> mx.array:
         T = tokens.shape[1]

@@ -33,9 +33,9 @@ from mlx_kto.model.logprobs import (
     lm_head_logps,
     vocab_size,
 )
-from mlx_kto.runtime import fastops
+from mlx_kto.runtime import fastops, traces
 from mlx_kto.runtime.fastattn import windowed_attention
-from mlx_kto.runtime.streams import row_groups, row_streams
+from mlx_kto.runtime.streams import row_groups, row_streams, rows_unsplit
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -210,10 +210,12 @@ def packed_sequence_logps(
 
 def compiled_packed_logps(model: nn.Module) -> Callable[[dict, int], mx.array]:
     """`fn(pk, n_rows) -> [n_rows]` (pk: a Packed's arrays or a pass's pieces):
-    `packed_sequence_logps` for forward-only passes, compiled
-    with the model's parameters as inputs (one trace per shape and fastops mode). As with
-    `compiled_sequence_logps`, the LoRA scale and train/eval mode of the first trace are
-    baked in: make one per mode (reference, KL)."""
+    `packed_sequence_logps` for forward-only passes, compiled with the model's parameters as
+    inputs. Each piece of a pass is its own call on its row stream, so a trace covers one
+    piece's shape, not a pass's combination of shapes (fewer traces, each half the size:
+    runtime/traces.py keeps the most recently used). As with `compiled_sequence_logps`, the
+    LoRA scale and train/eval mode of the first trace are baked in: make one per mode
+    (reference, KL)."""
     state = [model.state, mx.random.state]
 
     def make():
@@ -223,4 +225,21 @@ def compiled_packed_logps(model: nn.Module) -> Callable[[dict, int], mx.array]:
 
         return fn
 
-    return fastops.per_mode(make)
+    fn = traces.bounded(make)
+
+    def call(pk: dict | list[dict], n_rows: int) -> mx.array:
+        if isinstance(pk, dict):
+            return fn(pk, n_rows)
+        streams = row_streams() if mx.default_device() == mx.cpu else []
+        out = None
+        with rows_unsplit():  # each piece whole on its own stream
+            for k, piece in enumerate(pk):
+                if len(streams) > 1:
+                    with mx.stream(streams[k % len(streams)]):
+                        part = fn(piece, n_rows)  # [n_rows]
+                else:
+                    part = fn(piece, n_rows)
+                out = part if out is None else out + part
+        return out
+
+    return call

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mlx_kto.runtime.fastattn import (  # noqa: F401  (the ops, under their documented names)
@@ -55,31 +55,15 @@ _ACTIVE = [False]
 
 
 def active() -> bool:
-    """True inside `fast_ops` (compiled functions keep one trace per mode: `per_mode`)."""
+    """True inside `fast_ops` (compiled functions keep one trace per mode: runtime/traces.py)."""
     return _ACTIVE[0]
-
-
-def per_mode(make: Callable[[], Callable]) -> Callable:
-    """A function that calls `make()`'s result for the current mode (inside `fast_ops` or
-    not), making it on first use: for compiled functions, whose traces keep the ops they were
-    traced with. `make` must build a new function object each call (MLX keys its trace cache
-    by the Python function)."""
-    made: dict[bool, Callable] = {}
-
-    def call(*args, **kwargs):
-        mode = active()
-        if mode not in made:
-            made[mode] = make()
-        return made[mode](*args, **kwargs)
-
-    return call
 
 
 @contextmanager
 def fast_ops(model, enable: bool | None = None) -> Iterator[bool]:
     """Within the context (when `wanted()`, or `enable`), the model's mlx-lm module uses
     `attention` and `swiglu` above. Yields whether the fast ops are on. Compiled functions
-    keep the ops they were traced with: wrap them in `per_mode`. Re-entrant."""
+    keep the ops they were traced with: make them with `traces.bounded`. Re-entrant."""
     enable = wanted() if enable is None else enable
     if not enable or _ACTIVE[0]:
         yield _ACTIVE[0]

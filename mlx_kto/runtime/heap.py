@@ -77,6 +77,24 @@ def mlx_cache_restore(prev: int | None) -> None:
         mx.set_cache_limit(prev)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def in_use() -> int | None:
+    """Bytes of heap in use (glibc's mallinfo2, all arenas, mmapped blocks included), or None
+    where that cannot be read (not glibc, glibc before 2.33)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return int(m.uordblks + m.hblkhd)
+
+
 def release() -> bool:
     """Hand freed memory back to the system: MLX's buffer cache, then every free page of
     glibc's heap (malloc_trim). For the end of a run; True when glibc trimmed."""

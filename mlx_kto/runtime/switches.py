@@ -75,6 +75,13 @@ TAPE_WIDTH = Switch(
     "the other's, and the other stream idles (1.4 cores of 2); a wide tape interleaves them "
     "(runtime/tape.py)",
 )
+TRACES = Switch(
+    "MLX_KTO_TRACES",
+    "MB >= 0 (0 = unbounded)",
+    "128 MB of traces per compiled function, the least recently used dropped",
+    "mx.compile keeps a trace (5-18 MB of heap on SmolLM2) per input shape and drops none; "
+    "packed batches bring new shapes nearly every step (runtime/traces.py)",
+)
 CPU_QMM = Switch(
     "MLX_KTO_CPU_QMM",
     "1",
@@ -149,6 +156,7 @@ SWITCHES: tuple[Switch, ...] = (
     GROUPED_STEP,
     MALLOC_TUNE,
     TAPE_WIDTH,
+    TRACES,
     CPU_QMM,
     OPENBLAS,
     NO_OPENBLAS,

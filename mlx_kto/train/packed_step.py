@@ -23,7 +23,7 @@ from functools import partial
 from mlx_kto.data.batches import Batch
 from mlx_kto.data.packing import Packed
 from mlx_kto.model.packed import can_pack, compiled_packed_logps, packed_sequence_logps
-from mlx_kto.runtime import fastops
+from mlx_kto.runtime import traces
 from mlx_kto.runtime.streams import row_streams, rows_unsplit
 from mlx_kto.train.loss import kto_loss
 
@@ -73,17 +73,11 @@ def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled
         (_, pol), grad = value_and_grad(model, pk, n_rows, labels, ref, z, scale)
         return pol, grad
 
-    made: dict[tuple, Callable] = {}  # one trace cache per (stream, fastops mode)
-
-    def group_fn(stream) -> Callable:
-        if not compiled:
-            return eager
-        key = (repr(stream), fastops.active())
-        if key not in made:
-            made[key] = partial(mx.compile, inputs=state, outputs=state)(
-                lambda *a: eager(*a)  # a new function object per key: its own traces
-            )
-        return made[key]
+    # one trace per (stream, fastops mode, shape), the least recently used dropped
+    traced = traces.bounded(
+        lambda: partial(mx.compile, inputs=state, outputs=state)(lambda *a: eager(*a))
+    )
+    group_fn = traced if compiled else eager
 
     def run_pass(pieces: list[Packed], labels, ref, z, weight, split: bool):
         """(per-sequence log-probs of the pass's sequences, their batch rows, gradient): each
@@ -91,7 +85,7 @@ def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled
         B = pieces[0].n_rows
         default = mx.default_stream(mx.default_device())
         if len(pieces) == 1 and not split:
-            pol, grad = group_fn(default)(pieces[0].arrays(), B, labels, ref, z, weight)
+            pol, grad = group_fn(pieces[0].arrays(), B, labels, ref, z, weight)
             return pol, list(range(B)), grad
         streams = row_streams() or [default]
         pols, grad, order = [], None, []
@@ -102,7 +96,7 @@ def packed_grad_step(model: nn.Module, loss_kw: dict, finish: Callable, compiled
                 stream = streams[k % len(streams)]
                 with mx.stream(stream):
                     scale = weight * (len(rows) / B)  # [] float32
-                    pol, g = group_fn(stream)(
+                    pol, g = group_fn(
                         _sub(piece.arrays(), rows, B), len(rows), labels[idx], ref[idx], z, scale
                     )
                 pols.append(pol)

@@ -12,7 +12,7 @@ from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import Batch
 from mlx_kto.model.logprobs import compiled_sequence_logps, sequence_logps
 from mlx_kto.reference.scorer import ReferenceScorer
-from mlx_kto.runtime import fastops
+from mlx_kto.runtime import traces
 from mlx_kto.runtime.streams import active_streams, row_groups, row_streams, rows_unsplit
 from mlx_kto.runtime.switches import GROUPED_STEP
 from mlx_kto.train import packed_step
@@ -135,7 +135,7 @@ def make_step_fns(
             # A new function object per mode: MLX keys its compiled traces by the function.
             return partial(mx.compile, inputs=cstate, outputs=cstate)(lambda *a: eager_step(*a))
 
-        compiled_step = fastops.per_mode(make_compiled)
+        compiled_step = traces.bounded(make_compiled)
 
         def step(*args):
             # Rows on several CPU streams: the eager step keeps both cores busy where the
@@ -200,7 +200,7 @@ def _grouped(step, model: nn.Module, loss_kw: dict, finish) -> Callable:
 
         return group
 
-    made: dict[tuple, Callable] = {}  # one trace cache per (stream, fastops mode)
+    group = traces.bounded(make)  # per (stream, fastops mode, shape)
 
     def grouped(tokens, mask, labels, ref, z, weight, head_start, prev_grad, do_update):
         B = tokens.shape[0]
@@ -213,12 +213,9 @@ def _grouped(step, model: nn.Module, loss_kw: dict, finish) -> Callable:
         pols, grad = [], None
         with rows_unsplit():
             for stream, (a, b) in zip(streams, groups):
-                key = (repr(stream), fastops.active())
-                if key not in made:
-                    made[key] = make()
                 with mx.stream(stream):
                     scale = weight * ((b - a) / B)  # [] float32
-                    pol, g = made[key](
+                    pol, g = group(
                         tokens[a:b], mask[a:b], labels[a:b], ref[a:b], z, scale, head_start
                     )
                 pols.append(pol)

@@ -1,0 +1,124 @@
+"""runtime/traces.py: compiled functions that keep at most `keep` traces."""
+
+import gc
+
+import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto.runtime import fastops, traces
+
+import mlx.core as mx
+import pytest
+
+KB256 = traces.MIN_TRACE
+
+
+@pytest.fixture
+def unmeasured(monkeypatch):
+    """Heap not measurable: each trace counts as an eighth of the budget (at least 256 KB)."""
+    monkeypatch.setattr(traces.heap, "in_use", lambda: None)
+
+
+def _maker(made: list):
+    """A `make` whose every function holds its own 4 MB array (freed with the function)."""
+
+    def make():
+        own = mx.ones((1 << 20,), dtype=mx.float32)  # [1M] float32: 4 MB
+        mx.eval(own)
+        made.append(1)
+        return mx.compile(lambda x, n: (x * 2 + own[: x.shape[0]]).sum() + n)
+
+    return make
+
+
+def test_one_trace_per_signature_and_the_least_recently_used_dropped(unmeasured):
+    made = []
+    fn = traces.bounded(_maker(made), budget=2 * KB256)  # room for two
+    a, b, c = mx.ones((3,)), mx.ones((4,)), mx.ones((5,))
+    assert fn(a, 1).item() == 10.0
+    assert fn(a, 1).item() == 10.0  # same shape, same constant: the same trace
+    assert (fn.traced, fn.dropped) == (1, 0)
+    fn(a, 2)  # a Python scalar is a constant of the trace: a new one
+    fn(a, 1)  # now the most recent
+    fn(b, 1)  # full: (a, 2) is the least recently used
+    assert (fn.traced, fn.dropped, len(made)) == (3, 1, 3)
+    fn(a, 1)  # still kept
+    assert fn.traced == 3
+    fn(a, 2)  # dropped before: traced again
+    fn(c, 1)
+    assert (fn.traced, fn.dropped) == (5, 3)
+    assert len(fn.fns) == 2
+
+
+def test_dropped_functions_free_what_they_hold(unmeasured):
+    """A dropped compiled function is released (MLX erases its traces with it): memory held
+    by 10 shapes' functions stays that of `keep` of them."""
+    gc.collect()
+    before = mx.get_active_memory()
+    fn = traces.bounded(_maker([]), budget=2 * KB256)
+    for n in range(1, 11):
+        mx.eval(fn(mx.ones((n,)), 0))
+    gc.collect()
+    held = mx.get_active_memory() - before
+    assert 2 * 4 << 20 <= held < 3 * 4 << 20
+    del fn
+    gc.collect()
+    assert mx.get_active_memory() - before < 4 << 20
+
+
+def test_budget_zero_is_unbounded_and_the_switch_sets_the_budget(monkeypatch):
+    fn = traces.bounded(_maker([]), budget=0)
+    for n in range(1, 13):
+        fn(mx.ones((n,)), 0)
+    assert (fn.traced, fn.dropped, len(fn.fns)) == (12, 0, 12)
+    monkeypatch.setenv("MLX_KTO_TRACES", "3")
+    assert traces.bounded(_maker([])).budget == 3 << 20
+    monkeypatch.setenv("MLX_KTO_TRACES", "many")
+    assert traces.bounded(_maker([])).budget == traces.BUDGET_MB << 20
+
+
+@pytest.mark.skipif(traces.heap.in_use() is None, reason="the heap is measured through glibc")
+def test_traces_are_measured_and_kept_within_the_budget():
+    """A trace of a 3000-op graph holds a few MB of heap: measured, and no more of them kept
+    than the budget holds."""
+
+    def make():
+        def chain(x):
+            for _ in range(1000):
+                x = mx.sin(x) * 1.0001 + 0.5
+            return x
+
+        return mx.compile(chain)
+
+    fn = traces.bounded(make, budget=8 << 20)
+    for n in range(1, 9):
+        mx.eval(fn(mx.ones((n,))))
+    sizes = [size for _, size in fn.fns.values()]
+    assert all(size > 1 << 20 for size in sizes)  # ~3000 graph nodes each
+    assert fn.held == sum(sizes) <= 8 << 20
+    assert fn.dropped == 8 - len(sizes) > 0
+
+
+def test_mode_and_stream_are_part_of_the_key(monkeypatch):
+    fn = traces.bounded(_maker([]))
+    x = mx.ones((3,))
+    fn(x, 0)
+    monkeypatch.setattr(fastops, "_ACTIVE", [True])  # inside `fast_ops`: ops differ
+    fn(x, 0)
+    monkeypatch.setattr(fastops, "_ACTIVE", [False])
+    with mx.stream(mx.new_stream(mx.cpu)):
+        fn(x, 0)
+    fn(x, 0)
+    assert fn.traced == 3
+
+
+@pytest.mark.parametrize(
+    "tree, other",
+    [
+        ({"a": mx.zeros((2, 3))}, {"a": mx.zeros((3, 2))}),
+        ([mx.zeros((2,))], (mx.zeros((2,)),)),
+        (mx.zeros((2,), dtype=mx.int32), mx.zeros((2,), dtype=mx.float32)),
+        ([1, None], [1, 2]),
+    ],
+)
+def test_signature_tells_apart_what_mlx_retraces_on(tree, other):
+    assert traces.signature(tree) != traces.signature(other)
+    assert traces.signature(tree) == traces.signature(tree)
