@@ -5,6 +5,7 @@
     options: --rows 120 --epochs 2 --batch-size 8 --max-tokens 512 --lr 5e-5 --seed 0
              --gguf FILE | --hf DIR   the model (default: SmolLM2's GGUF, MLX_KTO_TEST_ASSETS)
              --no-packing             the mlx-kto side pads (for a before/after of packing)
+             --pass-tokens N, --grad-checkpoint   the mlx-kto side's memory options
              --skip-trl / --skip-mlx, --trl-venv DIR, --root DIR   as bench/h2h.py
 
 The model: SmolLM2-135M-Instruct in float32 (30 blocks, 49k vocabulary, tied head), an HF
@@ -197,6 +198,7 @@ def parse_args(argv):
     p.add_argument("--hf", default=None, help="an HF folder to use instead of the GGUF")
     p.add_argument("--no-packing", action="store_true", help="the mlx-kto side pads")
     p.add_argument("--pass-tokens", type=int, default=None, help="mlx-kto's --pass-tokens")
+    p.add_argument("--grad-checkpoint", action="store_true", help="mlx-kto's --grad-checkpoint")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--skip-mlx", action="store_true")
     p.add_argument("--trl-venv", type=Path, default=Path(os.environ.get(
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
           "load_avg_1m": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
           "quick": args.quick, "rows": args.rows, "epochs": args.epochs, "max_tokens": args.max_tokens,
           "batch_size": args.batch_size, "steps": n_steps, "packing": not args.no_packing,
-          "run_dir": str(run_dir)}, sink)  # fmt: skip
+          "grad_checkpoint": args.grad_checkpoint, "run_dir": str(run_dir)}, sink)  # fmt: skip
 
     py_trl = None if args.skip_trl else trl_python(args.trl_venv)
     py_mlx = sys.executable
@@ -286,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         ]  # fmt: skip
         if args.pass_tokens is not None:
             train_args += ["--pass-tokens", args.pass_tokens]
+        if args.grad_checkpoint:
+            train_args += ["--grad-checkpoint"]
         proc = run_child("mlx-kto", [py_mlx, mlx_runner, "train", "--out", out, "--", *train_args],
                          run_dir / "mlx.log", env_mlx)  # fmt: skip
         rec = read_json(out)

@@ -1,12 +1,23 @@
 """runtime/traces.py: compiled functions that keep at most `keep` traces."""
 
 import gc
+import random
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
+from mlx_kto.config.core import KTOConfig
+from mlx_kto.data.batches import make_batch
+from mlx_kto.data.tokenize import Row, assign_kl_partners
+from mlx_kto.model.load import apply_lora, load_base
 from mlx_kto.runtime import fastops, traces
+from mlx_kto.runtime.fastpaths import fast_paths
+from mlx_kto.train.loop import make_step_fns
 
 import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten
+from toy import build_model
 
 KB256 = traces.MIN_TRACE
 
@@ -122,3 +133,50 @@ def test_mode_and_stream_are_part_of_the_key(monkeypatch):
 def test_signature_tells_apart_what_mlx_retraces_on(tree, other):
     assert traces.signature(tree) != traces.signature(other)
     assert traces.signature(tree) == traces.signature(tree)
+
+
+def _rows(n, seed, vocab=500):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 50))]
+        rows.append(Row(prompt, completion, label=i % 3 != 1))
+    assign_kl_partners(rows, seed=seed, max_length=128)
+    return rows
+
+
+def test_a_step_traced_again_after_its_trace_was_dropped_computes_the_same(monkeypatch, tmp_path):
+    """With room for one trace per function, a packed step's KL forward and gradient pass
+    drop a shape's trace for the next one, trace it again when it comes back, and compute
+    what they computed the first time."""
+    made = []
+    real = traces.bounded
+    monkeypatch.setattr(traces, "bounded", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setenv("MLX_KTO_TRACES", "0.01")  # 10 KB: one trace kept per function
+    path = build_model(tmp_path / "llama", family="llama", seed=0)
+    cfg = KTOConfig(model=str(path), lora_rank=4, seed=0).validate()
+    model, _, _, _ = load_base(cfg)
+    apply_lora(model, cfg)
+    model.train()
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.init(model.trainable_parameters())
+    fns = make_step_fns(model, opt, cfg, 1.0)
+    batches = [make_batch(_rows(8, seed), list(range(8)), packing=True) for seed in (1, 2, 1)]
+    out = []
+    with fast_paths(model):
+        for batch in batches:
+            kl = fns.kl_forward(model, batch)
+            ref = mx.zeros_like(kl)
+            loss, _, grad, _ = fns.grad_step(batch, ref, mx.array(0.1), mx.array(1.0), None, False)
+            mx.eval(kl, loss, grad)
+            out.append((np.array(kl), float(loss), dict(tree_flatten(grad))))
+    assert made and all(b.budget == int(0.01 * (1 << 20)) for b in made)
+    used = [b for b in made if b.traced]
+    assert len(used) >= 2 and all(b.dropped > 0 and len(b.fns) == 1 for b in used)
+    (kl1, loss1, grad1), (kl2, _, _), (kl3, loss3, grad3) = out
+    assert not np.allclose(kl1, kl2)  # the second batch is another one
+    np.testing.assert_allclose(kl3, kl1, rtol=1e-6, atol=1e-6)
+    assert loss3 == pytest.approx(loss1, rel=1e-6)
+    for k in grad1:
+        np.testing.assert_allclose(np.array(grad3[k]), np.array(grad1[k]), rtol=1e-5, atol=1e-7)
