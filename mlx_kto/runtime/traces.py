@@ -1,4 +1,4 @@
-"""Compiled functions that keep a bounded number of traces.
+"""Compiled functions whose traces stay within a heap budget.
 
 `mx.compile` keeps one trace per input signature (shapes, dtypes, constants, default stream)
 for as long as the compiled function lives, and drops none. A trace holds the whole simplified
