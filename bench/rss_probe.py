@@ -112,7 +112,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--every", type=float, default=0.02, help="seconds between samples")
-    p.add_argument("--extra", default="", help="more train flags for the h2h command, e.g. '--no-compile'")
+    p.add_argument(
+        "--extra", default="", help="more train flags for the h2h command, e.g. '--no-compile'"
+    )
     p.add_argument("--series", type=float, default=0.0, help="also print a sample every S seconds")
     a = p.parse_args(argv)
     if not sys.platform.startswith("linux"):
@@ -150,7 +152,16 @@ def main() -> None:
             for s in samples:
                 if s["t"] >= next_t:
                     rec = {k: round(v, 1) for k, v in s.items() if k != "t"}
-                    print(json.dumps({"bench": "rss_probe", "at": "series", "t_s": round(s["t"] - t0, 1), **rec}))
+                    print(
+                        json.dumps(
+                            {
+                                "bench": "rss_probe",
+                                "at": "series",
+                                "t_s": round(s["t"] - t0, 1),
+                                **rec,
+                            }
+                        )
+                    )
                     next_t = s["t"] + a.series
         for what, key in (("rss_peak", "vmrss_mb"), ("mlx_active_peak", "mlx_active_mb")):
             s = max(samples, key=lambda s: s[key])
