@@ -45,24 +45,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_tokenizer
-from toy import build_model
+from toy import build_model, mixed_rows
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3"]
 # (row streams, fastops' arithmetic attention and SwiGLU): the CPU fast paths off and on
 PATHS = [(1, False), (2, True)]
 PATH_IDS = ["plain", "fast-paths"]
-
-
-def _rows(n=8, seed=0, vocab=500):
-    """Rows of mixed lengths: prompts 2-40 tokens, completions 1-50."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
-        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 50))]
-        rows.append(Row(prompt, completion, label=i % 3 != 1))
-    assign_kl_partners(rows, seed=seed, max_length=128)
-    return rows
 
 
 def _padded(seqs, starts):
@@ -253,7 +241,7 @@ def test_pack_windows_mask_is_block_diagonal_causal():
 def test_packed_logps_and_gradients_equal_padded(family_models, family, streams, fast):
     model, _ = family_models[family]
     assert can_pack(model)
-    rows = _rows(7, seed=FAMILIES.index(family))
+    rows = mixed_rows(7, seed=FAMILIES.index(family))
     seqs, starts = [r.tokens for r in rows], [len(r.prompt_ids) for r in rows]
     toks, mask = _padded(seqs, starts)
     pk = pack_rows_of(seqs, starts, groups=2)
@@ -290,7 +278,7 @@ def test_step_loss_and_gradient_equal_padded(family_models, compile_, streams, f
     log-probs per row, same loss, same gradient."""
     model, cfg = family_models["llama"]
     cfg = KTOConfig(**{**cfg.to_dict(), "compile": compile_}).validate()
-    rows = _rows(8, seed=3)
+    rows = mixed_rows(8, seed=3)
     out = {}
     for packing in (False, True):
         batch = make_batch(rows, list(range(8)), packing=packing, pass_tokens=pass_tokens)
@@ -331,7 +319,7 @@ def test_reference_cache_is_shared_between_packed_and_padded(
     """The reference cache's batched forward packs its misses; the keys are content, so a
     packed scorer reads what a padded one stored, and both store the same values."""
     model, _ = family_models["qwen2"]
-    rows = _rows(8, seed=4)
+    rows = mixed_rows(8, seed=4)
     fp = Fingerprint("ab" * 16)
     scores = {}
     with fast_paths(model, streams=streams, fast_exp=fast):

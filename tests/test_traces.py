@@ -1,12 +1,10 @@
 """runtime/traces.py: compiled functions that keep at most `keep` traces."""
 
 import gc
-import random
 
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import make_batch
-from mlx_kto.data.tokenize import Row, assign_kl_partners
 from mlx_kto.model.load import apply_lora, load_base
 from mlx_kto.runtime import fastops, traces
 from mlx_kto.runtime.fastpaths import fast_paths
@@ -17,7 +15,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from toy import build_model
+from toy import build_model, mixed_rows
 
 KB256 = traces.MIN_TRACE
 
@@ -135,17 +133,6 @@ def test_signature_tells_apart_what_mlx_retraces_on(tree, other):
     assert traces.signature(tree) == traces.signature(tree)
 
 
-def _rows(n, seed, vocab=500):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
-        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 50))]
-        rows.append(Row(prompt, completion, label=i % 3 != 1))
-    assign_kl_partners(rows, seed=seed, max_length=128)
-    return rows
-
-
 def test_a_step_traced_again_after_its_trace_was_dropped_computes_the_same(monkeypatch, tmp_path):
     """With room for one trace per function, a packed step's KL forward and gradient pass
     drop a shape's trace for the next one, trace it again when it comes back, and compute
@@ -162,7 +149,7 @@ def test_a_step_traced_again_after_its_trace_was_dropped_computes_the_same(monke
     opt = optim.AdamW(learning_rate=1e-3)
     opt.init(model.trainable_parameters())
     fns = make_step_fns(model, opt, cfg, 1.0)
-    batches = [make_batch(_rows(8, seed), list(range(8)), packing=True) for seed in (1, 2, 1)]
+    batches = [make_batch(mixed_rows(8, seed), list(range(8)), packing=True) for seed in (1, 2, 1)]
     out = []
     with fast_paths(model):
         for batch in batches:

@@ -9,7 +9,10 @@ here is deterministic given the seed.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+
+from mlx_kto.data.tokenize import Row, assign_kl_partners
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
@@ -175,3 +178,16 @@ def build_model(
     with open(out_dir / "config.json", "w") as f:
         json.dump(cfg, f, indent=2)
     return out_dir
+
+
+def mixed_rows(n: int = 8, seed: int = 0, vocab: int = 500) -> list:
+    """Feedback rows of mixed lengths (prompts 2-40 tokens, completions 1-50, one in three
+    undesirable) with KL partners: the packing and trace tests' micro-batches."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 50))]
+        rows.append(Row(prompt, completion, label=i % 3 != 1))
+    assign_kl_partners(rows, seed=seed, max_length=128)
+    return rows
