@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import re
 import sys
@@ -34,21 +33,9 @@ from mlx_kto.runtime import torchless as _torchless  # noqa: E402
 _torchless.keep_out()  # as the command does
 
 import mlx_kto  # noqa: E402,F401  (OpenBLAS before mlx.core)
+from mlx_kto.runtime.heap import mallinfo  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-    ]
-
-
-def _mallinfo():
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2
 
 
 def _status() -> dict:
@@ -61,7 +48,7 @@ def _status() -> dict:
     return out
 
 
-def sample(mallinfo) -> dict:
+def sample() -> dict:
     m = mallinfo()
     mb = 2**20
     s = _status()
@@ -117,12 +104,11 @@ def main() -> None:
     )
     p.add_argument("--series", type=float, default=0.0, help="also print a sample every S seconds")
     a = p.parse_args(argv)
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or mallinfo() is None:
         sys.exit("rss_probe: Linux only (reads /proc and glibc's mallinfo2)")
     from mlx_kto.cli.app import run as run_cli
     from mlx_kto.cli.train import train_command
 
-    mallinfo = _mallinfo()
     with tempfile.TemporaryDirectory(prefix="mlx_kto_rss_") as tmp:
         if train_args is None:
             train_args = h2h_args(a.rows, a.epochs, Path(tmp)) + a.extra.split()
@@ -130,7 +116,7 @@ def main() -> None:
 
         def run():
             while not done.is_set():
-                s = sample(mallinfo)
+                s = sample()
                 samples.append(s)
                 if s["vmrss_mb"] > at_peak["rss"] + 4:  # a new high: what is resident now
                     at_peak.update(rss=s["vmrss_mb"], maps=mappings())

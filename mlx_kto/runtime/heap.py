@@ -84,15 +84,20 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def in_use() -> int | None:
-    """Bytes of heap in use (glibc's mallinfo2, all arenas, mmapped blocks included), or None
-    where that cannot be read (not glibc, glibc before 2.33)."""
+def mallinfo() -> _MallInfo2 | None:
+    """glibc's mallinfo2 (all arenas), or None where it cannot be read (not glibc, glibc
+    before 2.33)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
-    m = libc.mallinfo2()
-    return int(m.uordblks + m.hblkhd)
+    return libc.mallinfo2()
+
+
+def in_use() -> int | None:
+    """Bytes of heap in use (mmapped blocks included), or None (`mallinfo`)."""
+    m = mallinfo()
+    return None if m is None else int(m.uordblks + m.hblkhd)
 
 
 def release() -> bool:
