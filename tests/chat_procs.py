@@ -59,7 +59,7 @@ class WebChat:
         self.proc = subprocess.Popen(
             mlx_kto() + ["chat", "--web", "--port", "0"] + [str(a) for a in args],
             cwd=cwd,
-            env=cli_env(),
+            env={**cli_env(), "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps every thread's stack
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -97,8 +97,13 @@ class WebChat:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                # A hang: have faulthandler print where each thread is (into .stderr), then kill.
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         for t in self._threads:
             t.join(timeout=5)
         return self.proc.returncode

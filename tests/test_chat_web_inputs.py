@@ -303,7 +303,7 @@ def test_ctrl_c_while_a_reply_streams_stops_the_server_at_once(tmp_path):
         pytest.fail("every reply ended by itself within 5 tokens")
     start = time.monotonic()
     chat.proc.send_signal(signal.SIGINT)
-    assert chat.stop() == 0, chat.stderr
+    assert chat.stop() == 0, chat.stderr + "".join(chat.out)
     assert time.monotonic() - start < 15
     reader.join(10)
     assert events[-1] == "done" and events.count("token") < 2000
