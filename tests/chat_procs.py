@@ -90,23 +90,38 @@ class WebChat:
             raise AssertionError(f"no URL printed:\n{''.join(self.out)}\n{''.join(self.err)}")
         self.base = f"http://127.0.0.1:{self.port}"
 
-    def stop(self) -> int:
-        """Ctrl-C, as a user stops it; returns the exit code."""
+    def stop(self) -> int | None:
+        """Ctrl-C, as a user stops it; returns the exit code (see `wait`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
+        return self.wait(30)
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the process ends, or None when it is still running after
+        `timeout` s: a hang, so faulthandler prints where each thread is (into `.stderr`)
+        before the process is killed."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                # A hang: have faulthandler print where each thread is (into .stderr), then kill.
-                self.proc.send_signal(signal.SIGABRT)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                self.proc.kill()
+                self.proc.wait()
+            self._join()
+            return None
+        self._join()
+        return self.proc.returncode
+
+    def _join(self) -> None:
         for t in self._threads:
             t.join(timeout=5)
-        return self.proc.returncode
+
+    @property
+    def log(self) -> str:
+        """What it printed: stderr, then stdout."""
+        return self.stderr + "".join(self.out)
 
     @property
     def stderr(self) -> str:

@@ -7,10 +7,11 @@ from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.batches import make_batch
 from mlx_kto.model.load import apply_lora, load_base
 from mlx_kto.runtime import fastops, traces
-from mlx_kto.runtime.fastpaths import fast_paths
+from mlx_kto.runtime.fastpaths import CHECKPOINT_TRACES_MB, checkpoint_paths, fast_paths
 from mlx_kto.train.loop import make_step_fns
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -82,6 +83,31 @@ def test_budget_zero_is_unbounded_and_the_switch_sets_the_budget(monkeypatch):
     assert traces.bounded(_maker([])).budget == 3 << 20
     monkeypatch.setenv("MLX_KTO_TRACES", "many")
     assert traces.bounded(_maker([])).budget == traces.BUDGET_MB << 20
+
+
+def test_a_checkpointed_run_keeps_fewer_traces_and_smaller_passes(monkeypatch, unmeasured):
+    """--grad-checkpoint: CHECKPOINT_TRACES_MB per function inside the run's fast paths, read
+    when a function traces (functions are made before the run enters them); the switch still
+    decides where set; passes of 512 tokens unless --pass-tokens is given."""
+    monkeypatch.delenv("MLX_KTO_TRACES", raising=False)
+    cfg = KTOConfig(grad_checkpoint=True)
+    opts = checkpoint_paths(cfg)
+    assert opts["traces_mb"] == CHECKPOINT_TRACES_MB < traces.BUDGET_MB
+    assert checkpoint_paths(KTOConfig()) == {}
+    fn = traces.bounded(_maker([]))
+    assert fn.budget == traces.BUDGET_MB << 20
+    with fast_paths(nn.Linear(2, 2), **opts):
+        assert fn.budget == CHECKPOINT_TRACES_MB << 20
+        for n in range(1, 21):  # each counts as an eighth of the budget: 8 kept
+            fn(mx.ones((n,)), 0)
+        assert len(fn.fns) == 8 and fn.held <= CHECKPOINT_TRACES_MB << 20
+        monkeypatch.setenv("MLX_KTO_TRACES", "1")
+        assert fn.budget == 1 << 20
+    monkeypatch.delenv("MLX_KTO_TRACES")
+    assert fn.budget == traces.BUDGET_MB << 20
+    assert (cfg.pass_budget, KTOConfig().pass_budget) == (512, 1024)
+    assert KTOConfig(grad_checkpoint=True, pass_tokens=0).pass_budget == 0
+    assert KTOConfig(pass_tokens=300).pass_budget == 300
 
 
 @pytest.mark.skipif(traces.heap.in_use() is None, reason="the heap is measured through glibc")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from mlx_kto.collect.session import ChatSession, Reply
+from mlx_kto.collect.worker import StopFlag
 from mlx_kto.errors import UserError
 
 KEYS_HELP = "[u] thumbs up  [d] thumbs down  [r] regenerate  [Enter] go on unrated  [q] quit"
@@ -84,7 +85,7 @@ def _no_echo():
 
 
 @contextmanager
-def _ctrl_c_stops(stop: threading.Event):
+def _ctrl_c_stops(stop: StopFlag):
     """Inside: Ctrl-C sets `stop` instead of raising KeyboardInterrupt at whatever line
     runs, so a reply stops cleanly (the generation thread ends at its next token)."""
     if threading.current_thread() is not threading.main_thread():
@@ -140,7 +141,7 @@ def _answer(session: ChatSession, rated: list[Reply], echo, read_key) -> str:
     ("go on") or quits ("quit")."""
     while True:  # one reply, possibly regenerated
         prompt = list(session.messages)
-        stop = threading.Event()
+        stop = StopFlag()  # set by a signal handler: no lock (collect/worker.py)
         pieces: list[str] = []
         failed = None
         with _ctrl_c_stops(stop):  # also covers the moment the reply ends and the menu shows

@@ -3,13 +3,12 @@ turning a rated reply into a feedback row. Shared by the terminal and web chats.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mlx_kto.collect.worker import Emit, MLXThread
+from mlx_kto.collect.worker import Emit, MLXThread, StopFlag
 from mlx_kto.config.core import KTOConfig
 from mlx_kto.data.feedback import append_row, rating_row, retraction_row
 from mlx_kto.errors import UserError
@@ -122,12 +121,12 @@ class ChatSession:
             if r.text:
                 yield r.text
 
-    def stream(self, prompt: list[dict], stop: threading.Event | None = None) -> Iterator[str]:
+    def stream(self, prompt: list[dict], stop: StopFlag | None = None) -> Iterator[str]:
         """The reply's pieces on the calling thread, generated on the MLX thread; ends
         early once `stop` is set."""
-        return self.worker.stream(lambda: self.generate(prompt), stop or threading.Event())
+        return self.worker.stream(lambda: self.generate(prompt), stop or StopFlag())
 
-    def start_stream(self, prompt: list[dict], stop: threading.Event, emit: Emit):
+    def start_stream(self, prompt: list[dict], stop: StopFlag, emit: Emit):
         """Generate on the MLX thread, handing events to `emit` (see MLXThread)."""
         return self.worker.start_stream(lambda: self.generate(prompt), stop, emit)
 

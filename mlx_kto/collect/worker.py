@@ -18,6 +18,24 @@ from typing import Any
 Emit = Callable[[str, Any], None]  # ("piece", text) | ("end", None) | ("error", exception)
 
 
+class StopFlag:
+    """A request to stop a reply, safe to set from a signal handler: `set` takes no lock.
+    (`threading.Event.set` takes its Condition's lock; a second Ctrl-C landing inside the
+    first one's `set` ran the handler again on the same thread, which then waited for that
+    lock forever.) Polled with `is_set`; nothing waits on it."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True  # one store: atomic under the GIL, and re-entrant
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class MLXThread:
     """A single daemon worker thread; calls and streams run on it one after another.
     (Daemon: Ctrl-C while a model loads exits at once instead of waiting for the load.)"""
@@ -47,7 +65,7 @@ class MLXThread:
         return self.submit(lambda: fn(*args, **kwargs)).result()
 
     def start_stream(
-        self, pieces: Callable[[], Iterable[str]], stop: threading.Event, emit: Emit
+        self, pieces: Callable[[], Iterable[str]], stop: StopFlag, emit: Emit
     ) -> Future:
         """Iterate `pieces()` on the MLX thread, handing each piece to `emit` (called on
         the MLX thread; it must only hand off, e.g. put on a queue). Stops before the
@@ -67,7 +85,7 @@ class MLXThread:
         return self.submit(work)
 
     def stream(
-        self, pieces: Callable[[], Iterable[str]], stop: threading.Event, poll: float = 0.1
+        self, pieces: Callable[[], Iterable[str]], stop: StopFlag, poll: float = 0.1
     ) -> Iterator[str]:
         """`start_stream` for a blocking caller: yields the pieces on the calling thread
         and returns when the reply ends or once `stop` is set (without waiting for the

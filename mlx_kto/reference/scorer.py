@@ -264,7 +264,7 @@ def make_scorer(
     """The scorer a run uses: cached under cfg.ref_cache (or the default folder) unless
     cfg.no_ref_cache. A cache that cannot be opened is reported and skipped."""
     packing = dict(
-        packing=getattr(cfg, "packing", False), pass_tokens=getattr(cfg, "pass_tokens", 0)
+        packing=getattr(cfg, "packing", False), pass_tokens=getattr(cfg, "pass_budget", 0)
     )
     if cfg.no_ref_cache:
         return ReferenceScorer(model, frozen, compile=cfg.compile, **packing)

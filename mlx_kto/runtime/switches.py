@@ -78,7 +78,8 @@ TAPE_WIDTH = Switch(
 TRACES = Switch(
     "MLX_KTO_TRACES",
     "MB >= 0 (0 = unbounded)",
-    "128 MB of traces per compiled function, the least recently used dropped",
+    "128 MB of traces per compiled function (32 with --grad-checkpoint), the least recently "
+    "used dropped",
     "mx.compile keeps a trace (5-18 MB of heap on SmolLM2) per input shape and drops none; "
     "packed batches bring new shapes nearly every step (runtime/traces.py)",
 )

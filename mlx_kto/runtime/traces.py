@@ -15,13 +15,15 @@ as an eighth of the budget). A dropped one is freed and MLX erases its trace wit
 (`PyCompiledFun`'s destructor). The mode is part of the key because a trace keeps the ops it
 was traced with (runtime/fastops.py `fast_ops`). A signature that comes back after being
 dropped is traced again (~10% of a real step's time, bench/RESULTS.md), against a heap that
-otherwise only grows. $MLX_KTO_TRACES sets the budget in MB (0 = MLX's own unbounded cache).
+otherwise only grows. $MLX_KTO_TRACES sets the budget in MB (0 = MLX's own unbounded cache);
+`scoped(mb)` sets it for what runs inside (a run with gradient checkpointing keeps less).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 
 from mlx_kto.runtime import fastops, heap
 from mlx_kto.runtime.switches import TRACES
@@ -30,6 +32,7 @@ import mlx.core as mx
 
 BUDGET_MB = 128  # per compiled function: the fixture's gradient pass keeps ~28, SmolLM2's ~7
 MIN_TRACE = 1 << 18  # a trace counts as at least 256 KB (measuring is noisy)
+_scoped: list[int] = []  # budgets (MB) of the `scoped` contexts entered, innermost last
 
 
 def signature(tree) -> Hashable:
@@ -45,14 +48,26 @@ def signature(tree) -> Hashable:
 
 
 def budget_default() -> int:
-    """The budget in bytes from $MLX_KTO_TRACES (MB; 0 = unbounded), else BUDGET_MB."""
+    """The budget in bytes from $MLX_KTO_TRACES (MB; 0 = unbounded), else the innermost
+    `scoped` one, else BUDGET_MB."""
     raw = TRACES.raw()
     if raw is not None:
         try:
             return max(0, int(float(raw) * (1 << 20)))
         except ValueError:
             pass
-    return BUDGET_MB << 20
+    return (_scoped[-1] if _scoped else BUDGET_MB) << 20
+
+
+@contextmanager
+def scoped(mb: int) -> Iterator[None]:
+    """Inside, bounded functions made without a budget of their own keep `mb` MB of traces
+    each ($MLX_KTO_TRACES still decides where it is set)."""
+    _scoped.append(mb)
+    try:
+        yield
+    finally:
+        _scoped.pop()
 
 
 class Bounded:
@@ -62,11 +77,16 @@ class Bounded:
 
     def __init__(self, make: Callable[[], Callable], budget: int | None = None):
         self.make = make
-        self.budget = budget_default() if budget is None else budget
+        self._budget = budget
         self.fns: OrderedDict[Hashable, tuple[Callable, int]] = OrderedDict()
         self.traced = 0
         self.dropped = 0
         self.held = 0
+
+    @property
+    def budget(self) -> int:
+        """Bytes of traces kept: the one given, else `budget_default()` where it is called."""
+        return budget_default() if self._budget is None else self._budget
 
     def key(self, args: tuple, kwargs: dict) -> Hashable:
         stream = repr(mx.default_stream(mx.default_device()))  # "Stream(Device(cpu, 0), 1)"
@@ -78,18 +98,18 @@ class Bounded:
         if kept is not None:
             self.fns.move_to_end(key)
             return kept[0](*args, **kwargs)
-        fn = self.make()
+        fn, budget = self.make(), self.budget
         before = heap.in_use()
         out = fn(*args, **kwargs)  # traces (lazily: nothing is computed yet)
         after = heap.in_use()
         if before is None or after is None:
-            size = max(self.budget // 8, MIN_TRACE)
+            size = max(budget // 8, MIN_TRACE)
         else:
             size = max(after - before, MIN_TRACE)
         self.fns[key] = (fn, size)
         self.traced += 1
         self.held += size
-        while self.budget and self.held > self.budget and len(self.fns) > 1:
+        while budget and self.held > budget and len(self.fns) > 1:
             _, (_, freed) = self.fns.popitem(last=False)  # least recently used: MLX erases it
             self.held -= freed
             self.dropped += 1
@@ -98,6 +118,6 @@ class Bounded:
 
 def bounded(make: Callable[[], Callable], budget: int | None = None) -> Bounded:
     """`make()`'s compiled function, one per mode, stream and input signature, its traces
-    kept within `budget` bytes (default $MLX_KTO_TRACES MB or BUDGET_MB). `make` must build a
+    kept within `budget` bytes (default: `budget_default()` at each call). `make` must build a
     new function object each call (MLX keys its trace cache by the Python function)."""
     return Bounded(make, budget)

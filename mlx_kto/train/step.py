@@ -80,7 +80,7 @@ def iterate_steps(
             shards = split_global_batch(order[b], dist.size, cfg.batch_size)
             mine = [
                 make_batch(
-                    rows, idx, cfg.pad_multiple, pad_id, with_kl, cfg.packing, cfg.pass_tokens
+                    rows, idx, cfg.pad_multiple, pad_id, with_kl, cfg.packing, cfg.pass_budget
                 )
                 for idx in shards[dist.rank]
             ]

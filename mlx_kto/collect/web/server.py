@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
+import signal
 import socket
-import threading
 from importlib import resources
 
 from mlx_kto.collect.session import ChatSession
@@ -34,6 +35,7 @@ from mlx_kto.collect.web.inputs import (
     fields,
     read_json,
 )
+from mlx_kto.collect.worker import StopFlag
 from mlx_kto.data.feedback import append_row, read_ratings, retraction_row
 from mlx_kto.errors import UserError
 
@@ -123,7 +125,7 @@ async def _refused(request: Request, exc: Exception) -> JSONResponse:
 def create_app(session: ChatSession, port: int):
     """The starlette app for `session`; `port` is the one the guard accepts in Host."""
     gen_lock = asyncio.Lock()  # one generation at a time: one model, one CPU/GPU
-    streaming: set[threading.Event] = set()  # the stop flags of replies in flight
+    streaming: set[StopFlag] = set()  # the stop flags of replies in flight
     system = [m for m in session.messages if m["role"] == "system"]
     pages = {
         route: (resources.files("mlx_kto.collect.web").joinpath("static", name).read_bytes(), kind)
@@ -153,7 +155,7 @@ def create_app(session: ChatSession, port: int):
         prompt = system + conversation(fields(await read_json(request), "reply")["messages"])
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+        stop = StopFlag()  # also set by the Ctrl-C handler: no lock (collect/worker.py)
 
         def emit(kind, value):  # on the MLX thread: hand over to the event loop
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
@@ -240,6 +242,25 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _exit_on_second_ctrl_c() -> None:
+    """SIGINT for the rest of the process, outside uvicorn's own handler: the first raises
+    KeyboardInterrupt (as Python's default does; uvicorn re-raises the Ctrl-C it stopped on),
+    any later one ends the process at once with 130. Every rating is on disk already, and
+    Ctrl-C held down would otherwise interrupt asyncio's and the interpreter's teardown
+    (tracebacks from atexit). Installed before uvicorn runs, so that asyncio's runner keeps
+    out (it installs its own only over Python's default)."""
+    fired = []
+
+    def on_sigint(signum, frame):
+        if fired:
+            os.write(2, b"\n")  # no print in a handler: stderr's buffer may be mid-write
+            os._exit(130)
+        fired.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765, echo=print) -> None:
     """Serve the web chat until interrupted; prints the URL first."""
     import uvicorn
@@ -257,12 +278,17 @@ def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765, echo=
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             # Ctrl-C: replies still streaming end at their next token (sent as done),
-            # so the graceful shutdown does not wait for them to run to max_tokens.
+            # so the graceful shutdown does not wait for them to run to max_tokens. A
+            # signal handler, maybe re-entered by the next Ctrl-C: it takes no lock.
             app.stop_streams()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    # A client that keeps its connection open cannot hold a stop up for more than 5 s.
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
     server = Server(config)
+    _exit_on_second_ctrl_c()
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: a normal stop
