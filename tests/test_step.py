@@ -2,12 +2,9 @@
 same update as one micro-batch of 8 (gradients and adapters), with the reference cache cold and
 warm; the split of global batches; the config rules for micro-batch 1."""
 
-import random
-
 import mlx_kto  # noqa: F401  (OpenBLAS before mlx.core)
 from mlx_kto.config.core import KTOConfig, make_config
 from mlx_kto.data.batches import batch_order, make_batch
-from mlx_kto.data.tokenize import Row, assign_kl_partners
 from mlx_kto.errors import UserError
 from mlx_kto.model.load import apply_lora, load_base
 from mlx_kto.reference.cache import RefCache
@@ -24,17 +21,11 @@ import numpy as np
 import pytest
 from feedback_fixtures import write_feedback
 from mlx.utils import tree_flatten, tree_unflatten
+from toy import mixed_rows
 
 
 def _rows(n=8, seed=0, vocab=500):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(6, 20))]
-        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 12))]
-        rows.append(Row(prompt, completion, label=i % 3 != 0))
-    assign_kl_partners(rows, seed=seed, max_length=64)
-    return rows
+    return mixed_rows(n, seed, vocab, (6, 20), (3, 12), undesirable=0, max_length=64)
 
 
 @pytest.fixture(scope="module")

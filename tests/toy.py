@@ -180,14 +180,23 @@ def build_model(
     return out_dir
 
 
-def mixed_rows(n: int = 8, seed: int = 0, vocab: int = 500) -> list:
-    """Feedback rows of mixed lengths (prompts 2-40 tokens, completions 1-50, one in three
-    undesirable) with KL partners: the packing and trace tests' micro-batches."""
+def mixed_rows(
+    n: int = 8,
+    seed: int = 0,
+    vocab: int = 500,
+    prompt: tuple[int, int] = (1, 40),
+    completion: tuple[int, int] = (1, 50),
+    undesirable: int = 1,
+    max_length: int = 128,
+) -> list:
+    """Feedback rows of mixed lengths (prompt and completion tokens drawn from the given
+    ranges after a BOS; row i undesirable when i % 3 == `undesirable`) with KL partners:
+    the step, packing and trace tests' micro-batches."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
-        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 50))]
-        rows.append(Row(prompt, completion, label=i % 3 != 1))
-    assign_kl_partners(rows, seed=seed, max_length=128)
+        p = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt))]
+        c = [rng.randrange(3, vocab) for _ in range(rng.randint(*completion))]
+        rows.append(Row(p, c, label=i % 3 != undesirable))
+    assign_kl_partners(rows, seed=seed, max_length=max_length)
     return rows
